@@ -1,0 +1,251 @@
+// Lock wrappers with thread-safety annotations and lock-order checks.
+//
+// svm::mutex        a 4-byte spin-then-futex mutex (std::atomic wait/notify);
+//                   used for page-table nodes and every short critical section.
+// svm::shared_mutex a reader-writer lock (std::shared_mutex underneath), for
+//                   vm.lock and mmap_lock.
+// lock_guard, shared_lock_guard, unique_lock: scoped holders the clang-tsa
+//                   build understands.
+//
+// Each lock carries a rank and a key from svm/base/lock_order.h; debug builds
+// (SVM_LOCK_CHECKS) check every acquisition against the declared order and
+// record the call site, so a violation names both acquisition sites.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <mutex>
+#include <shared_mutex>
+
+#include "svm/base/lock_order.h"
+#include "svm/base/thread_annotations.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define SVM_CPU_RELAX() _mm_pause()
+#elif defined(__aarch64__)
+#define SVM_CPU_RELAX() asm volatile("yield" ::: "memory")
+#else
+#define SVM_CPU_RELAX() ((void)0)
+#endif
+
+namespace svm {
+
+#define SVM_HERE_DEFAULT ::svm::lockdep::site s = {__builtin_FILE(), __builtin_LINE()}
+
+/// Describes a class of locks and where it sits in the lock order. Lock
+/// objects refer to their class, so a class must have static storage
+/// duration (declare it `static constexpr` or at namespace scope).
+struct lock_class {
+  const char* name = "lock";
+  lockdep::rank rank = lockdep::rank::leaf;
+  bool nestable = false;  ///< may nest with other nestable locks of its rank
+};
+
+inline constexpr lock_class default_lock_class{};
+
+/// Spin-then-futex mutex. State: 0 free, 1 held, 2 held with sleepers.
+/// A contended locker spins briefly (a critical section here is a few
+/// hundred nanoseconds), then sleeps in std::atomic::wait; unlock wakes one
+/// sleeper only when the state says there is one.
+class CAPABILITY("mutex") mutex {
+ public:
+  constexpr mutex() noexcept = default;
+  /// `key` orders locks of one rank (ascending); see lock_order.h.
+  explicit mutex(const lock_class& c, [[maybe_unused]] std::uint64_t key = 0) noexcept
+#if SVM_LOCK_CHECKS
+      : cls_(&c), key_(key)
+#endif
+  {
+    (void)c;
+  }
+  mutex(const mutex&) = delete;
+  mutex& operator=(const mutex&) = delete;
+
+  void lock(SVM_HERE_DEFAULT) ACQUIRE() {
+#if SVM_LOCK_CHECKS
+    lockdep::on_acquire(this, cls_->name, cls_->rank, key_, cls_->nestable, false, s);
+#else
+    (void)s;
+#endif
+    std::uint32_t c = 0;
+    // acquire: pairs with the release exchange in unlock().
+    if (state_.compare_exchange_strong(c, 1, std::memory_order_acquire, std::memory_order_relaxed))
+      return;
+    lock_slow();
+  }
+
+  bool try_lock(SVM_HERE_DEFAULT) TRY_ACQUIRE(true) {
+    std::uint32_t c = 0;
+    if (!state_.compare_exchange_strong(c, 1, std::memory_order_acquire, std::memory_order_relaxed))
+      return false;
+#if SVM_LOCK_CHECKS
+    lockdep::on_acquire(this, cls_->name, cls_->rank, key_, cls_->nestable, true, s);
+#else
+    (void)s;
+#endif
+    return true;
+  }
+
+  void unlock(SVM_HERE_DEFAULT) RELEASE() {
+#if SVM_LOCK_CHECKS
+    lockdep::on_release(this, s);
+#else
+    (void)s;
+#endif
+    // release: pairs with the acquire CAS/exchange in lock()/lock_slow().
+    if (state_.exchange(0, std::memory_order_release) == 2) state_.notify_one();
+  }
+
+  /// Debug builds check that the calling thread holds this lock.
+  void assert_held(SVM_HERE_DEFAULT) const ASSERT_CAPABILITY(this) {
+#if SVM_LOCK_CHECKS
+    lockdep::check_held(this, cls_->name, s);
+#else
+    (void)s;
+#endif
+  }
+
+  /// A racy hint for tests and assertions: somebody holds it.
+  [[nodiscard]] bool is_locked() const noexcept {
+    return state_.load(std::memory_order_relaxed) != 0;
+  }
+
+ private:
+  void lock_slow() {
+    for (int i = 0; i < 128; ++i) {
+      SVM_CPU_RELAX();
+      std::uint32_t c = 0;
+      if (state_.load(std::memory_order_relaxed) == 0 &&
+          state_.compare_exchange_weak(c, 1, std::memory_order_acquire, std::memory_order_relaxed))
+        return;
+    }
+    // Mark "held with sleepers" and sleep until it is free; whoever takes it
+    // from here leaves it at 2 so that its unlock wakes the next sleeper.
+    while (state_.exchange(2, std::memory_order_acquire) != 0) state_.wait(2, std::memory_order_relaxed);
+  }
+
+  std::atomic<std::uint32_t> state_{0};
+#if SVM_LOCK_CHECKS
+  const lock_class* cls_ = &default_lock_class;  // immutable after construction
+  std::uint64_t key_ = 0;                         // immutable after construction
+#endif
+};
+
+/// Reader-writer lock over std::shared_mutex, ranked like svm::mutex.
+class CAPABILITY("shared_mutex") shared_mutex {
+ public:
+  shared_mutex() = default;
+  explicit shared_mutex(const lock_class& c, std::uint64_t key = 0) : cls_(&c), key_(key) {}
+  shared_mutex(const shared_mutex&) = delete;
+  shared_mutex& operator=(const shared_mutex&) = delete;
+
+  void lock(SVM_HERE_DEFAULT) ACQUIRE() {
+    check_acquire(false, s);
+    m_.lock();
+  }
+  bool try_lock(SVM_HERE_DEFAULT) TRY_ACQUIRE(true) {
+    if (!m_.try_lock()) return false;
+    check_acquire(true, s);
+    return true;
+  }
+  void unlock(SVM_HERE_DEFAULT) RELEASE() {
+    check_release(s);
+    m_.unlock();
+  }
+  void lock_shared(SVM_HERE_DEFAULT) ACQUIRE_SHARED() {
+    check_acquire(false, s);
+    m_.lock_shared();
+  }
+  bool try_lock_shared(SVM_HERE_DEFAULT) TRY_ACQUIRE_SHARED(true) {
+    if (!m_.try_lock_shared()) return false;
+    check_acquire(true, s);
+    return true;
+  }
+  void unlock_shared(SVM_HERE_DEFAULT) RELEASE_SHARED() {
+    check_release(s);
+    m_.unlock_shared();
+  }
+  /// Debug builds check that the calling thread holds it (shared or exclusive).
+  void assert_held(SVM_HERE_DEFAULT) const ASSERT_CAPABILITY(this) { check_held(s); }
+  void assert_held_shared(SVM_HERE_DEFAULT) const ASSERT_SHARED_CAPABILITY(this) { check_held(s); }
+
+ private:
+  void check_acquire([[maybe_unused]] bool try_lock, [[maybe_unused]] lockdep::site s) {
+#if SVM_LOCK_CHECKS
+    lockdep::on_acquire(this, cls_->name, cls_->rank, key_, cls_->nestable, try_lock, s);
+#endif
+  }
+  void check_release([[maybe_unused]] lockdep::site s) {
+#if SVM_LOCK_CHECKS
+    lockdep::on_release(this, s);
+#endif
+  }
+  void check_held([[maybe_unused]] lockdep::site s) const {
+#if SVM_LOCK_CHECKS
+    lockdep::check_held(this, cls_->name, s);
+#endif
+  }
+
+  std::shared_mutex m_;
+  const lock_class* cls_ = &default_lock_class;  // immutable after construction
+  std::uint64_t key_ = 0;                         // immutable after construction
+};
+
+/// Scoped exclusive holder.
+template <class M>
+class SCOPED_CAPABILITY lock_guard {
+ public:
+  explicit lock_guard(M& m, SVM_HERE_DEFAULT) ACQUIRE(m) : m_(m), s_(s) { m_.lock(s); }
+  ~lock_guard() RELEASE() { m_.unlock(s_); }
+  lock_guard(const lock_guard&) = delete;
+  lock_guard& operator=(const lock_guard&) = delete;
+
+ private:
+  M& m_;
+  lockdep::site s_;
+};
+
+/// Scoped shared holder.
+template <class M>
+class SCOPED_CAPABILITY shared_lock_guard {
+ public:
+  explicit shared_lock_guard(M& m, SVM_HERE_DEFAULT) ACQUIRE_SHARED(m) : m_(m), s_(s) {
+    m_.lock_shared(s);
+  }
+  ~shared_lock_guard() RELEASE() { m_.unlock_shared(s_); }
+  shared_lock_guard(const shared_lock_guard&) = delete;
+  shared_lock_guard& operator=(const shared_lock_guard&) = delete;
+
+ private:
+  M& m_;
+  lockdep::site s_;
+};
+
+/// Scoped exclusive holder that can be released early.
+template <class M>
+class SCOPED_CAPABILITY unique_lock {
+ public:
+  explicit unique_lock(M& m, SVM_HERE_DEFAULT) ACQUIRE(m) : m_(&m), s_(s) { m_->lock(s); owns_ = true; }
+  ~unique_lock() RELEASE() {
+    if (owns_) m_->unlock(s_);
+  }
+  void unlock() RELEASE() {
+    m_->unlock(s_);
+    owns_ = false;
+  }
+  void lock() ACQUIRE() {
+    m_->lock(s_);
+    owns_ = true;
+  }
+  [[nodiscard]] bool owns_lock() const noexcept { return owns_; }
+  unique_lock(const unique_lock&) = delete;
+  unique_lock& operator=(const unique_lock&) = delete;
+
+ private:
+  M* m_;
+  lockdep::site s_;
+  bool owns_ = false;
+};
+
+}  // namespace svm

@@ -1,0 +1,119 @@
+// One page-table page: 512 atomic entries, its own lock, and the counters of
+// the per-page-table sequence mode.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+
+#include "svm/base/mutex.h"
+#include "svm/base/types.h"
+
+namespace svm::pt {
+
+inline constexpr unsigned bits_per_level = 9;
+inline constexpr unsigned entries_per_node = 1u << bits_per_level;
+
+/// Bit 0 of an entry is the table's own: set, it marks a link to a child
+/// node (the node's address | 1). Leaf entries of every encoding keep it clear.
+inline constexpr std::uint64_t link_bit = 1;
+
+/// log2 of the VA span of one entry at `level` (0: 4K, 1: 2M, 2: 1G, ...).
+[[nodiscard]] constexpr unsigned entry_shift(unsigned level) noexcept {
+  return page_shift + bits_per_level * level;
+}
+[[nodiscard]] constexpr std::uint64_t entry_span(unsigned level) noexcept {
+  return std::uint64_t{1} << entry_shift(level);
+}
+[[nodiscard]] constexpr unsigned entry_index(va_t va, unsigned level) noexcept {
+  return static_cast<unsigned>((va >> entry_shift(level)) & (entries_per_node - 1));
+}
+
+struct node;
+[[nodiscard]] inline bool is_link(std::uint64_t e) noexcept { return (e & link_bit) != 0; }
+[[nodiscard]] inline node* link_target(std::uint64_t e) noexcept {
+  return reinterpret_cast<node*>(e & ~link_bit);
+}
+[[nodiscard]] inline std::uint64_t make_link(node* n) noexcept {
+  return reinterpret_cast<std::uint64_t>(n) | link_bit;
+}
+
+/// A page-table page.
+///
+/// Protection:
+///  - entries: written only under `lock` (release stores, so a lock-free
+///    walker's acquire load of a link sees the child's initialised contents);
+///    read lock-free by walkers inside an epoch section (svm/base/epoch.h).
+///  - lock: rank pt_node, key (top level - level, base): parent before child,
+///    ascending address within a level.
+///  - seq: advanced under `lock` by invalidations that reach this node (see
+///    radix_table::zap with bump_seq). Per-page-table sequence mode: a fault
+///    snapshots it (acquire) before walking the CPU page table and compares
+///    it under `lock` before writing; a change means retry. The increment is
+///    a release store under the lock, pairing with that acquire snapshot.
+///  - inval_active: count of invalidations between start and end that
+///    reached this node; incremented/decremented by drivers that track
+///    invalidation per node (atomic; pairs with the acquire load in
+///    invalidation_active()).
+///  - n_links, n_leaves: counts of link and nonzero leaf entries; written
+///    under `lock`, read racily (relaxed) by statistics and by the
+///    empty-node check, which rechecks under the lock.
+///  - pins: holders that keep this node from being freed (a fault's window
+///    leaves, populate in progress). Incremented before taking `lock` and
+///    rechecking `dead`; the free path checks it under `lock`. seq_cst on
+///    both sides so that a pin and a concurrent free cannot miss each other.
+///  - dead: set under `lock` (and the parent's) when the node is unlinked;
+///    whoever finds it set after locking must retry from the root.
+///  - level, base, parent: immutable after publication.
+struct alignas(64) node {
+  std::atomic<std::uint64_t> entries[entries_per_node];
+  std::atomic<std::uint64_t> seq{0};
+  va_t base = 0;
+  node* parent = nullptr;
+  mutable mutex lock;
+  std::atomic<std::uint32_t> pins{0};
+  std::atomic<std::uint16_t> n_links{0};
+  std::atomic<std::uint16_t> n_leaves{0};
+  std::atomic<std::uint16_t> inval_active{0};
+  bool dead GUARDED_BY(lock) = false;
+  std::uint8_t level = 0;
+
+  node(unsigned lvl, va_t b, node* p, unsigned top_level) noexcept;
+
+  /// VA span covered by the whole node.
+  [[nodiscard]] std::uint64_t span() const noexcept { return entry_span(level + 1u); }
+  [[nodiscard]] std::uint32_t valid_count() const noexcept {
+    return n_links.load(std::memory_order_relaxed) + n_leaves.load(std::memory_order_relaxed);
+  }
+
+  /// Locking: requires lock. Advances seq (the per-page-table sequence).
+  void bump_seq_locked() REQUIRES(lock) {
+    seq.store(seq.load(std::memory_order_relaxed) + 1, std::memory_order_release);
+  }
+  /// Adjust the entry counts. Only lock holders write them, so a plain
+  /// load/store pair suffices (no read-modify-write on the populate path).
+  void add_leaves_locked(int d) REQUIRES(lock) {
+    n_leaves.store(static_cast<std::uint16_t>(n_leaves.load(std::memory_order_relaxed) + d),
+                   std::memory_order_relaxed);
+  }
+  void add_links_locked(int d) REQUIRES(lock) {
+    n_links.store(static_cast<std::uint16_t>(n_links.load(std::memory_order_relaxed) + d),
+                  std::memory_order_relaxed);
+  }
+  /// Lock-free snapshot of seq for a later compare under the lock.
+  [[nodiscard]] std::uint64_t read_seq() const noexcept { return seq.load(std::memory_order_acquire); }
+  [[nodiscard]] bool invalidation_active() const noexcept {
+    return inval_active.load(std::memory_order_acquire) != 0;
+  }
+};
+
+/// Lock-order key of a node: parents (higher level) first, then ascending
+/// base address within a level.
+[[nodiscard]] constexpr std::uint64_t node_lock_key(unsigned level, va_t base, unsigned top_level) noexcept {
+  return (static_cast<std::uint64_t>(top_level - level) << 58) | (base >> page_shift);
+}
+
+}  // namespace svm::pt
+
+namespace svm::pt {
+static_assert(sizeof(node) == 4096 + 64, "a node is one page of entries plus one cache line");
+}  // namespace svm::pt
