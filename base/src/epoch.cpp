@@ -113,8 +113,9 @@ void enter() noexcept {
   record* r = my_record();
   if (r->nest++ == 0) {
     std::uint64_t g = dom().global.load(std::memory_order_relaxed);
-    r->state.store((g << 1) | 1, std::memory_order_relaxed);
-    std::atomic_thread_fence(std::memory_order_seq_cst);
+    // seq_cst: see the protocol in epoch.h; pairs with the seq_cst loads
+    // of records in try_advance().
+    r->state.store((g << 1) | 1, std::memory_order_seq_cst);
   }
 }
 
@@ -128,10 +129,9 @@ void quiescent() noexcept {
   if (r->nest != 1) return;
   std::uint64_t g = dom().global.load(std::memory_order_relaxed);
   if (((r->state.load(std::memory_order_relaxed)) >> 1) == g) return;
-  // release: everything this thread read before is done before the
-  // reclaimer can see the newer epoch; then the fence orders later loads.
-  r->state.store((g << 1) | 1, std::memory_order_release);
-  std::atomic_thread_fence(std::memory_order_seq_cst);
+  // seq_cst (a release too): the reads this thread made under the old
+  // epoch happen before a reclaimer that sees the new one.
+  r->state.store((g << 1) | 1, std::memory_order_seq_cst);
 }
 
 bool in_section() noexcept {
@@ -141,7 +141,6 @@ bool in_section() noexcept {
 
 void retire(void* obj, deleter del, void* ctx) noexcept {
   domain& d = dom();
-  std::atomic_thread_fence(std::memory_order_seq_cst);  // pairs with the fence in enter()
   std::size_t n;
   {
     lock_guard g(d.retire_lock);
@@ -165,7 +164,6 @@ void synchronize() noexcept {
     std::abort();
   }
   domain& d = dom();
-  std::atomic_thread_fence(std::memory_order_seq_cst);
   const std::uint64_t target = d.global.load(std::memory_order_seq_cst) + 2;
   while (d.global.load(std::memory_order_seq_cst) < target) {
     if (!try_advance(d)) std::this_thread::yield();

@@ -92,7 +92,7 @@ result<node*> table_base::pin(va_t va, unsigned level, split_fn split) {
     bool restart = false;
     for (unsigned l = top_; l > level && !restart; --l) {
       const unsigned idx = entry_index(va, l);
-      std::uint64_t e = n->entries[idx].load(std::memory_order_acquire);
+      std::uint64_t e = n->entries[idx].load(std::memory_order_seq_cst);  // epoch protocol
       if (is_link(e)) {
         n = link_target(e);
         continue;
@@ -143,7 +143,7 @@ node* table_base::find_node(va_t va, unsigned level) const noexcept {
   if (va >= limit_) return nullptr;
   node* n = root_;
   for (unsigned l = top_; l > level; --l) {
-    std::uint64_t e = n->entries[entry_index(va, l)].load(std::memory_order_acquire);
+    std::uint64_t e = n->entries[entry_index(va, l)].load(std::memory_order_seq_cst);
     if (!is_link(e)) break;
     n = link_target(e);
   }
@@ -155,7 +155,7 @@ void table_base::set_leaf_locked(node& n, unsigned idx, std::uint64_t e) {
   assert(!is_link(e) && "leaf entries keep bit 0 clear");
   std::uint64_t old = n.entries[idx].load(std::memory_order_relaxed);
   assert(!is_link(old) && "set_leaf_locked over a link");
-  // release: pairs with the walkers' acquire loads in translate().
+  // release: pairs with the walkers' loads in translate().
   n.entries[idx].store(e, std::memory_order_release);
   if ((old != 0) != (e != 0)) n.add_leaves_locked(e != 0 ? 1 : -1);
 }
@@ -172,7 +172,9 @@ void table_base::free_if_empty(node* n) {
         const unsigned idx = entry_index(n->base, p->level);
         assert(p->entries[idx].load(std::memory_order_relaxed) == make_link(n));
         n->dead = true;
-        p->entries[idx].store(0, std::memory_order_release);
+        // seq_cst: the unlink half of the epoch protocol (epoch.h); pairs
+        // with the walkers' seq_cst link loads.
+        p->entries[idx].store(0, std::memory_order_seq_cst);
         p->add_links_locked(-1);
         freed = true;
       }
@@ -189,7 +191,7 @@ table_stats table_base::stats() const {
   auto visit = [&](auto& self, const node* n) -> void {
     ++s.nodes;
     for (const auto& ent : n->entries) {
-      std::uint64_t e = ent.load(std::memory_order_acquire);
+      std::uint64_t e = ent.load(std::memory_order_seq_cst);  // epoch protocol
       if (e == 0) continue;
       if (is_link(e)) {
         self(self, link_target(e));

@@ -7,25 +7,31 @@
 //
 // Protocol (one global domain, like the kernel's RCU):
 //
-//   reader (walker)                         writer (zap)
-//   ---------------                         ------------
-//   enter: rec.state = global|ACTIVE        unlink node (store to parent entry)
-//          fence(seq_cst)                   fence(seq_cst)
-//   loads of entries/nodes (acquire)        retire(node) tagged e = global
-//   exit:  rec.state = 0 (release)          ...
-//                                           advance: global g -> g+1 only when
-//                                             every ACTIVE record shows g
-//                                           free items tagged e <= global - 2
+//   reader (walker)                          writer (zap)
+//   ---------------                          ------------
+//   enter: rec.state = global|ACTIVE         unlink: parent entry = 0
+//          (seq_cst store)                           (seq_cst store)
+//   entry/link loads (seq_cst)               retire(node) tagged e = global
+//   exit:  rec.state = 0 (release)           ...
+//                                            advance: global g -> g+1 only when
+//                                              every ACTIVE record (seq_cst
+//                                              loads) shows g
+//                                            free items tagged e <= global - 2
 //
-// The two seq_cst fences make the enter/unlink pair a store-buffering
-// pattern: either the walker's loads see the unlink (and never reach the
-// node), or the reclaimer sees the walker's record and waits for it. An item
-// retired at e survives until global >= e + 2, i.e. until every reader that
-// was active at e or e+1 has left.
+// All four marked operations are seq_cst, so they sit in one total order:
+// either the walker's link load comes after the unlink (and sees 0, never
+// reaching the node), or the reclaimer's scan comes after the walker's
+// announcement and waits for it. An item retired at e survives until
+// global >= e + 2, i.e. until every reader active at e or e+1 has left.
 //
-// Entering is a thread-local nesting check plus, for the outermost guard, a
-// relaxed store and a fence: a few nanoseconds. Engines that walk often keep
-// one guard across many accesses and call quiescent() at access boundaries.
+// Why not fences: ThreadSanitizer does not model atomic_thread_fence. The
+// walker's seq_cst loads compile to the same plain loads as acquire loads on
+// x86-64 (mov) and AArch64 (ldar), so the hardware walk stays "acquire loads
+// only" in cost; the unlink's seq_cst store costs an xchg, off the hot path.
+//
+// Entering is a thread-local nesting check plus, for the outermost guard, one
+// seq_cst store: a few nanoseconds. Engines that walk often keep one guard
+// across many accesses and call quiescent() at access boundaries.
 #pragma once
 
 #include <atomic>

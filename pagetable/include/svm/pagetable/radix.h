@@ -7,7 +7,7 @@
 // bits; the table reserves only bit 0 (links to child nodes).
 //
 // Concurrency:
-//  - translate() takes no lock: acquire loads inside an epoch section. It sees
+//  - translate() takes no lock: plain loads inside an epoch section. It sees
 //    every entry either before or after any single store, never torn, and never
 //    a freed node (nodes are retired through svm/base/epoch.h).
 //  - populate() locks only the nodes whose entries it writes, one at a time,
@@ -77,8 +77,10 @@ class radix_table : public table_base {
     epoch::guard g;
     const node* n = root_;
     for (unsigned l = top_;; --l) {
-      // acquire: pairs with the release stores of entries and links.
-      std::uint64_t e = n->entries[entry_index(va, l)].load(std::memory_order_acquire);
+      // seq_cst (as cheap as acquire on x86-64 and AArch64): pairs with the
+      // release stores of entries and links, and with the seq_cst unlink
+      // store in free_if_empty() under the epoch protocol (epoch.h).
+      std::uint64_t e = n->entries[entry_index(va, l)].load(std::memory_order_seq_cst);
       if (!is_link(e) || l == 0) return {e, l};
       n = link_target(e);
       walk_hook(n);
@@ -174,7 +176,8 @@ class radix_table : public table_base {
       lock_guard lc(c->lock);
       if (c->level == 0 && c->pins.load(std::memory_order_seq_cst) == 0) {
         c->dead = true;
-        n.entries[idx].store(e, std::memory_order_release);
+        // seq_cst: the unlink half of the epoch protocol (epoch.h).
+        n.entries[idx].store(e, std::memory_order_seq_cst);
         n.add_links_locked(-1);
         if (e) n.add_leaves_locked(1);
       } else {
@@ -230,7 +233,7 @@ class radix_table : public table_base {
       const va_t a = std::max(s, slot), b = std::min(e, slot + span);
       const unsigned idx = entry_index(slot, l);
       for (;;) {
-        const std::uint64_t ent = n->entries[idx].load(std::memory_order_acquire);
+        const std::uint64_t ent = n->entries[idx].load(std::memory_order_seq_cst);  // epoch protocol
         if (is_link(ent)) {
           node* child = link_target(ent);
           if (zap_node(child, a, b, c)) break;
