@@ -150,6 +150,27 @@ node* table_base::find_node(va_t va, unsigned level) const noexcept {
   return n;
 }
 
+bool table_base::any_leaf(va_t start, va_t end) const noexcept {
+  if (end > limit_) end = limit_;
+  epoch::guard g;
+  va_t va = start;
+  while (va < end) {
+    const node* n = root_;
+    unsigned l = top_;
+    std::uint64_t e;
+    for (;; --l) {
+      e = n->entries[entry_index(va, l)].load(std::memory_order_seq_cst);  // epoch protocol
+      if (!is_link(e) || l == 0) break;
+      n = link_target(e);
+    }
+    if (e != 0) return true;
+    const va_t next = align_down(va, entry_span(l)) + entry_span(l);
+    if (next <= va) break;  // wrapped at the top of the VA space
+    va = next;
+  }
+  return false;
+}
+
 void table_base::set_leaf_locked(node& n, unsigned idx, std::uint64_t e) {
   n.lock.assert_held();
   assert(!is_link(e) && "leaf entries keep bit 0 clear");
@@ -176,6 +197,10 @@ void table_base::free_if_empty(node* n) {
         // with the walkers' seq_cst link loads.
         p->entries[idx].store(0, std::memory_order_seq_cst);
         p->add_links_locked(-1);
+        // A structural change of the parent: a fault that snapshotted the
+        // parent's seq (to install a huge leaf in this slot) must not miss
+        // invalidations that ended in the child it never saw.
+        p->bump_seq_locked();
         freed = true;
       }
     }

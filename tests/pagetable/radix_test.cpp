@@ -340,6 +340,28 @@ TEST(PageTable, AccountingCountsNodesAndLeaves) {
   EXPECT_LE(static_cast<double>(s2.bytes) / (512.0 * 512), 0.05);  // P7 with 2M leaves
 }
 
+TEST(PageTable, AnyLeafSkipsEmptySubtrees) {
+  table t;
+  EXPECT_FALSE(t.any_leaf(0, t.va_limit()));
+  ASSERT_EQ(t.populate(3 * G1 + 5 * K4, 3 * G1 + 6 * K4, 0, ident), errc::ok);
+  EXPECT_TRUE(t.any_leaf(0, t.va_limit()));
+  EXPECT_TRUE(t.any_leaf(3 * G1 + 5 * K4, 3 * G1 + 6 * K4));
+  EXPECT_FALSE(t.any_leaf(3 * G1, 3 * G1 + 5 * K4));
+  EXPECT_FALSE(t.any_leaf(3 * G1 + 6 * K4, 4 * G1));
+}
+
+TEST(PageTable, FreeingAChildAdvancesTheParentSequence) {
+  table t;
+  ASSERT_EQ(t.populate(M2, M2 + K4, 0, ident), errc::ok);
+  auto l1 = t.pin(M2, 1, &table::split_entry);
+  ASSERT_TRUE(l1.ok());
+  const auto before = (*l1)->read_seq();
+  std::vector<va_range> flush;
+  ASSERT_EQ(t.zap(M2, 2 * M2, flush), errc::ok);  // frees the leaf node under l1
+  EXPECT_GT((*l1)->read_seq(), before);
+  t.unpin(*l1);
+}
+
 TEST(PageTable, PinRejectsBadArguments) {
   table t;
   EXPECT_EQ(t.pin(0, 9, &table::split_entry).error(), errc::inval);

@@ -75,6 +75,10 @@ class table_base {
   /// Locking: none held on entry; takes parent and node locks.
   void unpin(node* n);
 
+  /// Lock-free: does any nonzero leaf entry lie in [start, end)? Skips
+  /// empty subtrees. Opens an epoch section. A hint under concurrency.
+  [[nodiscard]] bool any_leaf(va_t start, va_t end) const noexcept;
+
   /// Lock-free lookup of the deepest existing node covering `va` at `level`
   /// or above. Caller must be inside an epoch section (svm/base/epoch.h)
   /// and must not use the pointer after leaving it unless it pinned it.
