@@ -40,10 +40,12 @@ void report(const violation& v) {
 
 const char* to_string(rank r) noexcept {
   switch (r) {
+    case rank::driver: return "driver";
     case rank::vm: return "vm";
     case rank::mmap: return "mmap";
     case rank::resv: return "resv";
     case rank::notifier: return "notifier";
+    case rank::mirror: return "mirror";
     case rank::pt_node: return "pt_node";
     case rank::leaf: return "leaf";
   }

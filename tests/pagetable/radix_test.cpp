@@ -340,6 +340,25 @@ TEST(PageTable, AccountingCountsNodesAndLeaves) {
   EXPECT_LE(static_cast<double>(s2.bytes) / (512.0 * 512), 0.05);  // P7 with 2M leaves
 }
 
+TEST(PageTable, ZapWithMatchClearsOnlyTaggedLeaves) {
+  table t;
+  constexpr std::uint64_t tag = 1u << 11;
+  ASSERT_EQ(t.populate(0, 4 * K4, 0, [](va_t va) { return enc::make(va >> 12) | ((va >> 12) % 2 ? tag : 0); }),
+            errc::ok);
+  ASSERT_EQ(t.populate(M2, 2 * M2, 1, [](va_t va) { return enc::make(va >> 12) | tag; }), errc::ok);
+  std::vector<va_range> flush;
+  int cleared = 0;
+  ASSERT_EQ(t.zap(0, 2 * M2, flush, [&](va_t, std::uint64_t e, unsigned) { cleared += (e & tag) == 0; },
+                  pt::zap_options{.match_mask = tag, .match_value = 0}),
+            errc::ok);
+  EXPECT_EQ(cleared, 2);
+  EXPECT_FALSE(t.translate(0));
+  EXPECT_TRUE(t.translate(K4));
+  EXPECT_FALSE(t.translate(2 * K4));
+  EXPECT_TRUE(t.translate(3 * K4));
+  EXPECT_EQ(t.translate(M2 + K4).level, 1u);  // the tagged huge leaf stays whole
+}
+
 TEST(PageTable, AnyLeafSkipsEmptySubtrees) {
   table t;
   EXPECT_FALSE(t.any_leaf(0, t.va_limit()));

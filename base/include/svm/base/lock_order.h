@@ -2,10 +2,14 @@
 //
 // Locking order, outermost first (ARCHITECTURE.md, "Locking order"):
 //
+//   rank::driver      svm::device registry   VM table of the fault handler, r/w
 //   rank::vm          gpu_vm::lock_          BO VA tree, reader-writer
 //   rank::mmap        mm::mmap_lock_         VMAs, reader-writer
 //   rank::resv        reservation locks      wound-wait style, several at once
 //   rank::notifier    mm notifier state      short, never held across a callback
+//   rank::mirror      svm mirror locks       the notifier-wide mode's per-notifier
+//                                            lock (callbacks take it exclusive,
+//                                            fault commits shared)
 //   rank::pt_node     page-table node locks  parent before child, then
 //                                            ascending address within a level
 //   rank::leaf        everything else        innermost: frame pools, fault
@@ -41,10 +45,12 @@
 namespace svm::lockdep {
 
 enum class rank : std::uint16_t {
+  driver = 50,
   vm = 100,
   mmap = 200,
   resv = 300,
   notifier = 400,
+  mirror = 450,
   pt_node = 500,
   leaf = 900,
 };

@@ -62,6 +62,12 @@ struct zap_options {
   /// whole leaf and reports its whole span for flushing (a device mirror may
   /// simply refault the rest).
   bool split_huge = true;
+  /// Only leaves with (entry & match_mask) == match_value are cleared (and
+  /// reported); others are left alone. The default matches everything. A
+  /// driver that keeps two kinds of mapping in one table (SVM and BO) tags
+  /// them with a software bit and zaps one kind.
+  std::uint64_t match_mask = 0;
+  std::uint64_t match_value = 0;
 };
 
 template <entry_encoding E>
@@ -216,7 +222,7 @@ class radix_table : public table_base {
         for (va_t va = s; va < e; va += span) {
           const unsigned idx = entry_index(va, 0);
           const std::uint64_t old = n->entries[idx].load(std::memory_order_relaxed);
-          if (old == 0) continue;
+          if (old == 0 || (old & c.opts.match_mask) != c.opts.match_value) continue;
           set_leaf_locked(*n, idx, 0);
           c.on_clear(va, old, 0u);
           lo = std::min(lo, va);
@@ -249,6 +255,7 @@ class radix_table : public table_base {
           }
           break;
         }
+        if ((ent & c.opts.match_mask) != c.opts.match_value) break;  // not ours to clear
         const bool whole = (a == slot && b == slot + span) || !c.opts.split_huge;
         if (whole) {
           lock_guard lk(n->lock);
