@@ -1,0 +1,67 @@
+// The CPU page-table entry encoding of the mm model, for pt::radix_table.
+#pragma once
+
+#include <cstdint>
+
+#include "svm/base/types.h"
+#include "svm/pagetable/radix.h"
+
+namespace svm {
+
+/// CPU PTE bits (bit 0 belongs to the radix table: links).
+///
+///   bit 1      present: a translation the CPU may use (is_valid)
+///   bit 2      writable
+///   bit 3      the pool's zero page (present, never writable)
+///   bit 4      swap entry (not present): bits 12.. hold the swap slot
+///   bit 5      device-private entry (not present to the CPU): bits 12.. hold
+///              a frame of pool `pool`, owned by that pool's owner
+///   bit 6      PROT_NONE (not present): keeps the frame, like x86's
+///              _PAGE_PROTNONE, so mprotect back restores it
+///   bits 8-11  pool index of the frame (0: the mm's system pool)
+///   bits 12-63 frame number, or swap slot
+///
+/// A huge leaf (level 1) is present (or PROT_NONE) and maps 512 frames with
+/// consecutive numbers starting at its pfn.
+struct cpu_pte {
+  static constexpr std::uint64_t present = 1u << 1;
+  static constexpr std::uint64_t write = 1u << 2;
+  static constexpr std::uint64_t zero = 1u << 3;
+  static constexpr std::uint64_t swap = 1u << 4;
+  static constexpr std::uint64_t devpriv = 1u << 5;
+  static constexpr std::uint64_t protnone = 1u << 6;
+  static constexpr unsigned pool_shift = 8;
+  static constexpr std::uint64_t pool_mask = 0xf;
+  static constexpr unsigned max_pools = 16;
+
+  [[nodiscard]] static constexpr std::uint64_t make(pfn_t pfn, unsigned pool, std::uint64_t flags) noexcept {
+    return (pfn << page_shift) | (std::uint64_t{pool} << pool_shift) | flags;
+  }
+  [[nodiscard]] static constexpr pfn_t pfn(std::uint64_t e) noexcept { return e >> page_shift; }
+  [[nodiscard]] static constexpr unsigned pool(std::uint64_t e) noexcept {
+    return static_cast<unsigned>((e >> pool_shift) & pool_mask);
+  }
+  [[nodiscard]] static constexpr bool is_valid(std::uint64_t e) noexcept { return (e & present) != 0; }
+  [[nodiscard]] static constexpr bool is_writable(std::uint64_t e) noexcept { return (e & write) != 0; }
+  [[nodiscard]] static constexpr bool is_zero(std::uint64_t e) noexcept { return (e & zero) != 0; }
+  [[nodiscard]] static constexpr bool is_swap(std::uint64_t e) noexcept { return (e & swap) != 0; }
+  [[nodiscard]] static constexpr bool is_devpriv(std::uint64_t e) noexcept { return (e & devpriv) != 0; }
+  [[nodiscard]] static constexpr bool is_protnone(std::uint64_t e) noexcept { return (e & protnone) != 0; }
+  /// An entry that holds a frame reference (present non-zero, PROT_NONE or
+  /// device-private).
+  [[nodiscard]] static constexpr bool holds_frame(std::uint64_t e) noexcept {
+    return ((e & (present | protnone | devpriv)) != 0) && !is_zero(e);
+  }
+  /// Split of a huge leaf at `level` into sub-slot `index` one level down.
+  [[nodiscard]] static constexpr std::uint64_t split(std::uint64_t e, unsigned level, unsigned index) noexcept {
+    if (is_zero(e)) return e;
+    const std::uint64_t pages = std::uint64_t{1} << (9 * (level - 1));
+    return e + ((index * pages) << page_shift);
+  }
+};
+static_assert(pt::entry_encoding<cpu_pte>);
+
+/// The CPU page table type.
+using cpu_page_table = pt::radix_table<cpu_pte>;
+
+}  // namespace svm

@@ -1,0 +1,448 @@
+// The simulated process address space (kernel: struct mm_struct and the mm
+// system calls that change it), CONTRACTS.md §0.
+//
+// An mm owns VMAs (a Boost.Intrusive rb-tree), a CPU page table built on
+// pt::radix_table with 4K and 2M leaves, its notifier subscriptions, and
+// references to frame pools that hold real bytes. Each CPU operation raises
+// its notifier event before any PTE is cleared and frees frames only after
+// invalidate_range_end.
+//
+// Deliberate simplifications (each documented where it applies):
+//  - no fault-around, no readahead; a fault maps exactly one page (or one
+//    2M block on a THP-enabled private anonymous VMA, on read and write);
+//  - adjacent VMAs are never merged;
+//  - reclaim swaps out only private anonymous pages mapped once;
+//  - migration moves only private anonymous pages mapped once.
+#pragma once
+
+#include <array>
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <span>
+#include <type_traits>
+#include <vector>
+
+#include <boost/intrusive/set.hpp>
+
+#include "svm/base/errc.h"
+#include "svm/base/mutex.h"
+#include "svm/base/types.h"
+#include "svm/notifier/cpu_pte.h"
+#include "svm/notifier/frame_pool.h"
+#include "svm/notifier/mmu_notifier.h"
+
+namespace svm {
+
+/// Bitmask operators for the flag enums below.
+template <class E>
+concept flag_enum = std::is_enum_v<E> && requires { E::is_flag_enum_; };
+template <flag_enum E>
+constexpr E operator|(E a, E b) noexcept {
+  return E(std::underlying_type_t<E>(a) | std::underlying_type_t<E>(b));
+}
+template <flag_enum E>
+constexpr E operator&(E a, E b) noexcept {
+  return E(std::underlying_type_t<E>(a) & std::underlying_type_t<E>(b));
+}
+template <flag_enum E>
+constexpr E operator~(E a) noexcept {
+  return E(~std::underlying_type_t<E>(a));
+}
+template <flag_enum E>
+constexpr bool any(E a) noexcept {
+  return std::underlying_type_t<E>(a) != 0;
+}
+
+/// Protections (PROT_*).
+enum class prot : std::uint32_t { none = 0, read = 1, write = 2, exec = 4, is_flag_enum_ = 0 };
+/// mmap flags (MAP_*). `io` is our stand-in for a driver's remap_pfn_range:
+/// an I/O / PFN-map VMA with no struct pages, which hmm_range_fault refuses.
+enum class map : std::uint32_t {
+  none = 0,
+  shared = 1,
+  private_ = 2,
+  anonymous = 4,
+  fixed = 8,
+  fixed_noreplace = 16,
+  io = 32,
+  is_flag_enum_ = 0
+};
+/// mremap flags (MREMAP_*).
+enum class mremap_flags : std::uint32_t { none = 0, maymove = 1, fixed = 2, dontunmap = 4, is_flag_enum_ = 0 };
+/// madvise advice handled by the model.
+enum class madvice : std::uint8_t { dontneed, hugepage, nohugepage };
+/// Transparent-huge-page policy (/sys/kernel/mm/transparent_hugepage/enabled).
+enum class thp_mode : std::uint8_t { never, madvise, always };
+
+enum class vma_kind : std::uint8_t { anonymous, file, io };
+enum class huge_advice : std::uint8_t { none, hugepage, nohugepage };
+
+/// A simple in-memory file: its page cache is its content. Pages are
+/// allocated (zeroed) from `pool` on first access and live until the file is
+/// destroyed. Used for file-backed mappings and, internally, for shared
+/// anonymous memory (as shmem does).
+/// Thread safety: all members may be called concurrently.
+class file {
+ public:
+  /// A file of `size` bytes (rounded up to pages) in `pool`.
+  file(std::shared_ptr<frame_pool> pool, std::uint64_t size);
+  ~file();
+  file(const file&) = delete;
+  file& operator=(const file&) = delete;
+
+  /// Size in bytes. Locking: takes the file lock.
+  [[nodiscard]] std::uint64_t size() const;
+  /// The page-cache frame for page `pgoff`, allocated on first use, with one
+  /// extra reference for the caller (a mapping). EFAULT past the end (SIGBUS),
+  /// ENOMEM when the pool is empty.
+  /// Locking: takes the file lock (rank leaf).
+  [[nodiscard]] result<pfn_t> get_page(std::uint64_t pgoff);
+  /// Copy bytes in/out through the page cache (pread/pwrite). EFAULT past
+  /// the end. Locking: takes the file lock.
+  [[nodiscard]] errc pwrite(std::uint64_t off, std::span<const std::byte> data);
+  [[nodiscard]] errc pread(std::uint64_t off, std::span<std::byte> out);
+  [[nodiscard]] const std::shared_ptr<frame_pool>& pool() const noexcept { return pool_; }
+  /// Grow to at least `size` bytes (mremap of shared anonymous memory).
+  /// Locking: takes the file lock.
+  void grow(std::uint64_t size);
+
+ private:
+  static constexpr lock_class lock_class_{"file", lockdep::rank::leaf};
+  std::shared_ptr<frame_pool> pool_;  // immutable
+  mutable mutex lock_{lock_class_};
+  /// 0: not cached yet (frame 0 is the zero page, never a cache page).
+  std::vector<pfn_t> pages_ GUARDED_BY(lock_);
+};
+
+/// What find_vma reports about one VMA.
+struct vma_info {
+  va_t start = 0, end = 0;
+  prot protection = prot::none;
+  vma_kind kind = vma_kind::anonymous;
+  bool shared = false;
+  huge_advice advice = huge_advice::none;
+  std::shared_ptr<svm::file> backing;  ///< file or shmem object, if any
+  std::uint64_t pgoff = 0;             ///< file offset of `start`, in pages
+};
+
+/// What the CPU maps at one VA now (lock-free query, for the access oracle).
+struct cpu_translation {
+  bool present = false;   ///< the CPU can use it (PROT_NONE/swap/device: false)
+  bool writable = false;
+  bool zero_page = false;
+  unsigned pool = 0;      ///< index of the frame's pool in the mm
+  pfn_t pfn = 0;          ///< the 4K frame mapping `va` (huge leaves resolved)
+  std::uint64_t generation = 0;  ///< that frame's generation, read after the PTE
+  unsigned order = 0;     ///< 0 or 9
+};
+
+/// How a pool attached to an mm behaves.
+enum class pool_kind : std::uint8_t {
+  numa,            ///< ordinary memory on another node: CPU-accessible
+  device_private,  ///< device memory: not CPU-accessible; a CPU fault migrates back
+};
+
+/// Construction options.
+struct mm_options {
+  pfn_t frames = 16384;                ///< system pool size (64 MiB)
+  thp_mode thp = thp_mode::madvise;
+  std::size_t swap_slots = 1u << 16;   ///< swap capacity in pages
+  va_t mmap_base = va_t{1} << 36;      ///< where chosen addresses start
+  va_t mmap_limit = va_t{1} << 47;     ///< one past the highest user VA
+};
+
+/// Test hooks (deterministic interleaving). Set before concurrent use; empty
+/// functions cost one branch. They run with the operation's locks held
+/// (mmap_lock; never a page-table node or notifier lock).
+struct mm_test_hooks {
+  /// After every overlapping callback ran, before any CPU PTE is changed.
+  std::function<void(const mmu_notifier_range&)> after_invalidate_start = {};
+  /// After the CPU PTEs changed, before invalidate_range_end.
+  std::function<void(const mmu_notifier_range&)> before_invalidate_end = {};
+  /// In hmm_range_fault, after a walk pass wrote entries [first, last) and
+  /// before it returns or faults.
+  std::function<void(va_t first, va_t last)> hmm_after_walk = {};
+};
+
+/// Counters (relaxed; statistics only).
+struct mm_stats {
+  std::uint64_t faults = 0;        ///< handle_mm_fault calls that changed a PTE
+  std::uint64_t cow_breaks = 0;
+  std::uint64_t thp_faults = 0;
+  std::uint64_t swap_outs = 0;
+  std::uint64_t swap_ins = 0;
+  std::uint64_t migrations = 0;
+  std::uint64_t invalidations = 0;
+};
+
+class swap_space;
+struct hmm_range;
+errc hmm_range_fault(hmm_range& range);
+
+/// A simulated process address space.
+///
+/// Locking (lock_order.h): mmap_lock (rank mmap, reader-writer) → notifier
+/// lock (rank notifier, never held across callbacks) → page-table node locks
+/// (rank pt_node) → frame-pool / file / swap locks (rank leaf).
+///  - mmap_lock exclusive: mmap, munmap, mprotect, mremap, madvise
+///    HUGEPAGE/NOHUGEPAGE, fork (parent), teardown. These change VMAs.
+///  - mmap_lock shared: CPU faults and accesses, hmm_range_fault,
+///    madvise DONTNEED, reclaim, migrate (as in Linux, where DONTNEED runs
+///    under the read lock and reclaim under none: these race with faults and
+///    with mirror faults, which is the hazard ARCHITECTURE.md describes).
+///  - every PTE change happens under its page-table node lock, with the
+///    entry re-read under the lock.
+class mm {
+ public:
+  explicit mm(mm_options o = {});
+  /// Tears down (RELEASE) if not done yet. Notifiers still inserted become
+  /// detached (their remove() is then a no-op).
+  ~mm();
+  mm(const mm&) = delete;
+  mm& operator=(const mm&) = delete;
+
+  // ---- mmap_lock -------------------------------------------------------
+  /// The mmap_lock itself (rank mmap), for annotations and drivers.
+  [[nodiscard]] shared_mutex& mmap_lock() RETURN_CAPABILITY(mmap_lock_) { return mmap_lock_; }
+  /// Scoped shared hold of mmap_lock (kernel: mmap_read_lock).
+  class SCOPED_CAPABILITY read_guard {
+   public:
+    explicit read_guard(mm& m, SVM_HERE_DEFAULT) ACQUIRE_SHARED(m.mmap_lock_) : m_(m), s_(s) {
+      m_.mmap_lock_.lock_shared(s);
+    }
+    ~read_guard() RELEASE() { m_.mmap_lock_.unlock_shared(s_); }
+    read_guard(const read_guard&) = delete;
+    read_guard& operator=(const read_guard&) = delete;
+
+   private:
+    mm& m_;
+    lockdep::site s_;
+  };
+  /// What read_lock() returns: a plain RAII shared hold of mmap_lock.
+  /// Clang's analysis cannot follow a guard returned from a function, so
+  /// this one is deliberately unannotated (the lock validator still checks
+  /// it in debug builds); code that calls REQUIRES_SHARED(mmap_lock)
+  /// functions declares `mm::read_guard g(mm);` instead.
+  class [[nodiscard]] read_lock_holder {
+   public:
+    ~read_lock_holder() NO_THREAD_SAFETY_ANALYSIS { m_.mmap_lock_.unlock_shared(s_); }
+    read_lock_holder(const read_lock_holder&) = delete;
+    read_lock_holder& operator=(const read_lock_holder&) = delete;
+
+   private:
+    friend class mm;
+    read_lock_holder(mm& m, lockdep::site s) NO_THREAD_SAFETY_ANALYSIS : m_(m), s_(s) {
+      m_.mmap_lock_.lock_shared(s);
+    }
+    mm& m_;
+    lockdep::site s_;
+  };
+  /// `auto g = mm.read_lock();` (kernel: mmap_read_lock). Locking: acquires
+  /// mmap_lock shared until `g` goes; blocks.
+  [[nodiscard]] read_lock_holder read_lock(SVM_HERE_DEFAULT) { return read_lock_holder(*this, s); }
+
+  // ---- system calls (Linux semantics and error codes) ------------------
+  /// mmap. `addr` is a hint unless map::fixed / fixed_noreplace. Exactly one
+  /// of map::shared / map::private_; map::anonymous, or a `backing` file with
+  /// a page-aligned `offset`, or map::io.
+  /// Errors: EINVAL (length 0, bad flags, unaligned fixed addr or offset),
+  /// ENOMEM (no room, overflow), EEXIST (fixed_noreplace over a mapping).
+  /// MAP_FIXED over existing mappings unmaps them first (UNMAP).
+  /// Locking: takes mmap_lock exclusive; blocks.
+  [[nodiscard]] result<va_t> mmap(va_t addr, std::uint64_t length, prot p, map flags,
+                                  std::shared_ptr<svm::file> backing = {}, std::uint64_t offset = 0)
+      EXCLUDES(mmap_lock_);
+  /// munmap (UNMAP). Holes are fine. EINVAL: unaligned, zero length, range
+  /// beyond the VA limit or overflowing.
+  /// Locking: takes mmap_lock exclusive; blocks.
+  [[nodiscard]] errc munmap(va_t addr, std::uint64_t length) EXCLUDES(mmap_lock_);
+  /// mprotect (PROTECTION_VMA). Zero length succeeds. EINVAL: unaligned or
+  /// bad prot; ENOMEM: overflow, or a hole — after changing the mapped part
+  /// before the hole (Linux's partial application).
+  /// Locking: takes mmap_lock exclusive; blocks.
+  [[nodiscard]] errc mprotect(va_t addr, std::uint64_t length, prot p) EXCLUDES(mmap_lock_);
+  /// madvise: DONTNEED (CLEAR; private memory reads zeros again, shared
+  /// keeps its data; EINVAL on an I/O VMA), HUGEPAGE / NOHUGEPAGE (advice
+  /// only; existing huge mappings are kept). Zero length succeeds. EINVAL:
+  /// unaligned; ENOMEM: a hole in the range (the mapped parts are still
+  /// advised, as in Linux).
+  /// Locking: DONTNEED takes mmap_lock shared, the others exclusive; blocks.
+  [[nodiscard]] errc madvise(va_t addr, std::uint64_t length, madvice advice) EXCLUDES(mmap_lock_);
+  /// mremap. The old range must lie in one VMA (EFAULT otherwise). Shrinking
+  /// unmaps the tail (UNMAP). Growing extends in place when the VA after it
+  /// is free, else moves with MAYMOVE (ENOMEM without). A move raises UNMAP
+  /// over the old range and moves the PTEs (frames are kept); DONTUNMAP
+  /// leaves the old VMA mapped and empty. EINVAL: unaligned, zero new
+  /// length, bad flags, FIXED or DONTUNMAP without MAYMOVE, DONTUNMAP with a
+  /// size change or on a non-private-anonymous VMA, a FIXED target that
+  /// overlaps the old range (mremap onto itself).
+  /// Locking: takes mmap_lock exclusive; blocks.
+  [[nodiscard]] result<va_t> mremap(va_t old_addr, std::uint64_t old_length, std::uint64_t new_length,
+                                    mremap_flags flags, va_t new_addr = 0) EXCLUDES(mmap_lock_);
+  /// fork: a child mm with the same VMAs sharing the frame pools. Private
+  /// pages are shared copy-on-write: both sides are write-protected
+  /// (PROTECTION_PAGE on the parent); shared mappings are shared. ENOMEM if
+  /// the child's page table cannot be built (nothing changed in the parent
+  /// beyond write protection, which is harmless).
+  /// Locking: takes the parent's mmap_lock exclusive; blocks.
+  [[nodiscard]] result<std::unique_ptr<mm>> fork() EXCLUDES(mmap_lock_);
+  /// Swap out the private anonymous pages in [addr, addr+length) that are
+  /// mapped once (CLEAR); a later fault swaps them back in. Non-blockable
+  /// with `blockable == false`: EAGAIN (and nothing changed) if a notifier
+  /// refuses. Returns the number of pages swapped out. EINVAL: unaligned or
+  /// zero length; ENOMEM: swap full (pages done so far stay swapped).
+  /// Locking: takes mmap_lock shared; blocks unless !blockable.
+  [[nodiscard]] result<std::size_t> reclaim(va_t addr, std::uint64_t length, bool blockable = true)
+      EXCLUDES(mmap_lock_);
+  /// Migrate the private anonymous pages of [addr, addr+length) mapped once
+  /// to pool `target` (MIGRATE, carrying `owner`). To a device-private pool
+  /// the CPU PTEs become device-private entries; a CPU fault migrates them
+  /// back to pool 0. Returns the pages moved. EINVAL: unaligned, zero length
+  /// or bad pool; ENOMEM: target full (pages moved so far stay moved).
+  /// Locking: takes mmap_lock shared; blocks.
+  [[nodiscard]] result<std::size_t> migrate(va_t addr, std::uint64_t length, unsigned target,
+                                            const void* owner) EXCLUDES(mmap_lock_);
+  /// Tear the address space down: RELEASE over the whole VA space
+  /// (blockable), then every VMA and PTE goes. Further inserts get EINVAL,
+  /// further mmaps ENOMEM. Idempotent.
+  /// Locking: takes mmap_lock exclusive; blocks.
+  void teardown() EXCLUDES(mmap_lock_);
+
+  // ---- CPU access ------------------------------------------------------
+  /// Read/write bytes at a CPU VA as a CPU thread would, faulting pages in.
+  /// EFAULT: no VMA, no permission (or an I/O VMA) — SIGSEGV; EPERM: a write
+  /// to a VMA without write permission; ENOMEM: out of frames. On error the
+  /// bytes before the failing page were transferred.
+  /// Locking: takes mmap_lock shared and page-table node locks; blocks.
+  [[nodiscard]] errc read(va_t va, std::span<std::byte> out) EXCLUDES(mmap_lock_);
+  [[nodiscard]] errc write(va_t va, std::span<const std::byte> in) EXCLUDES(mmap_lock_);
+  template <class T>
+    requires std::is_trivially_copyable_v<T>
+  [[nodiscard]] result<T> load(va_t va) {
+    T v{};
+    if (errc e = read(va, std::as_writable_bytes(std::span{&v, 1})); e != errc::ok) return e;
+    return v;
+  }
+  template <class T>
+    requires std::is_trivially_copyable_v<T>
+  [[nodiscard]] errc store(va_t va, const T& v) {
+    return write(va, std::as_bytes(std::span{&v, 1}));
+  }
+  /// Atomic read-modify-write of an 8-byte aligned u64 (EINVAL if
+  /// unaligned), seq_cst, as a locked CPU instruction. Returns the old value.
+  [[nodiscard]] result<std::uint64_t> atomic_fetch_add(va_t va, std::uint64_t v) EXCLUDES(mmap_lock_);
+  [[nodiscard]] result<std::uint64_t> atomic_compare_exchange(va_t va, std::uint64_t expected,
+                                                              std::uint64_t desired) EXCLUDES(mmap_lock_);
+
+  /// Kernel: handle_mm_fault. Make `va` present (and writable for a
+  /// write/atomic access): zero page, new frame, THP, page cache, COW break
+  /// (CLEAR on the page), swap-in, migration back from device memory
+  /// (MIGRATE). EFAULT: no VMA / no permission / I/O VMA; EPERM: write to a
+  /// VMA without write; ENOMEM.
+  /// Locking: requires mmap_lock shared (or exclusive); takes node locks and
+  /// may run invalidations; blocks.
+  [[nodiscard]] errc handle_mm_fault(va_t va, access a) REQUIRES_SHARED(mmap_lock_);
+
+  // ---- queries -----------------------------------------------------------
+  /// The VMA containing `va`. Locking: requires mmap_lock (shared).
+  [[nodiscard]] std::optional<vma_info> find_vma(va_t va) const REQUIRES_SHARED(mmap_lock_);
+  /// Every VMA, in address order. Locking: takes mmap_lock shared.
+  [[nodiscard]] std::vector<vma_info> vmas() EXCLUDES(mmap_lock_);
+  /// Lock-free: what the CPU maps at `va` right now. The generation is read
+  /// after the PTE, so a (pfn, generation) pair that matches the pool later
+  /// names the same lifetime of the frame. Locking: none; may run anywhere.
+  [[nodiscard]] cpu_translation cpu_translate(va_t va) const noexcept;
+  /// The raw CPU PTE (lock-free; for tests).
+  [[nodiscard]] pt::translation raw_pte(va_t va) const noexcept { return pt_.translate(va); }
+
+  // ---- pools -------------------------------------------------------------
+  /// Pool `i` (0: the system pool this mm allocates from).
+  [[nodiscard]] frame_pool& pool(unsigned i = 0) const noexcept { return *pools_->pools[i].pool; }
+  [[nodiscard]] std::shared_ptr<frame_pool> pool_ptr(unsigned i = 0) const noexcept { return pools_->pools[i].pool; }
+  [[nodiscard]] pool_kind kind_of_pool(unsigned i) const noexcept { return pools_->pools[i].kind; }
+  [[nodiscard]] const void* pool_owner(unsigned i) const noexcept { return pools_->pools[i].owner; }
+  [[nodiscard]] unsigned pool_count() const noexcept;
+  /// Attach another pool; returns its index (up to cpu_pte::max_pools). Fork
+  /// children share the attached pools. `owner` names a device-private
+  /// pool's owner (hmm_range's dev_private_owner).
+  /// Locking: takes mmap_lock exclusive. EINVAL: null pool; ENOSPC: full.
+  [[nodiscard]] result<unsigned> attach_pool(std::shared_ptr<frame_pool> p, pool_kind kind,
+                                             const void* owner = nullptr) EXCLUDES(mmap_lock_);
+  [[nodiscard]] static constexpr pfn_t zero_pfn() noexcept { return frame_pool::zero_pfn(); }
+
+  // ---- notifiers -------------------------------------------------------
+  [[nodiscard]] mmu_notifier_subscriptions& notifiers() noexcept { return subs_; }
+  /// Kernel: mmu_notifier_invalidate_range_start/_nonblock (see
+  /// mmu_notifier_subscriptions). `r.mm` is set to this mm.
+  [[nodiscard]] errc invalidate_range_start(mmu_notifier_range& r);
+  void invalidate_range_end(mmu_notifier_range& r);
+  /// Extension: wait until no active invalidation overlaps [start, end).
+  void read_begin_range(va_t start, va_t end) { subs_.read_begin_range(start, end); }
+
+  // ---- statistics, tests -------------------------------------------------
+  [[nodiscard]] mm_stats stats() const noexcept;
+  /// Pages with a present or PROT_NONE 4K/2M PTE (2M counts 512), swap
+  /// entries and device entries are not counted. Lock-free walk (O(table)).
+  [[nodiscard]] std::size_t resident_pages() const;
+  /// Swap slots in use (all mms sharing this swap).
+  [[nodiscard]] std::size_t swap_used() const noexcept;
+  [[nodiscard]] const cpu_page_table& page_table() const noexcept { return pt_; }
+  /// Set before concurrent use.
+  void set_test_hooks(mm_test_hooks h) { hooks_ = std::move(h); }
+  [[nodiscard]] const mm_test_hooks& test_hooks() const noexcept { return hooks_; }
+  [[nodiscard]] va_t va_limit() const noexcept { return opts_.mmap_limit; }
+
+ private:
+  struct vma;
+  struct vma_by_start;
+  struct shared_state;
+  struct pending_free;
+  friend errc hmm_range_fault(hmm_range&);
+  friend struct mm_impl;
+  struct pool_entry {
+    std::shared_ptr<frame_pool> pool;
+    pool_kind kind = pool_kind::numa;
+    const void* owner = nullptr;
+  };
+  /// Pools and swap shared by a fork family. Slot i is written once, before
+  /// `count` is raised past i (release); readers index only below an
+  /// acquire load of `count` (or an index they found in a PTE, which was
+  /// written after the attach), so slots are immutable after publication.
+  struct pool_set {
+    std::array<pool_entry, cpu_pte::max_pools> pools;
+    std::atomic<unsigned> count{0};
+    std::shared_ptr<swap_space> swap;  // immutable
+    mutex attach_lock{attach_class};   // serialises attach_pool across a fork family
+    static constexpr lock_class attach_class{"pool_set.attach", lockdep::rank::leaf};
+  };
+  mm(mm_options o, std::shared_ptr<pool_set> pools);
+
+  mm_options opts_;  // immutable
+  std::shared_ptr<pool_set> pools_;  // immutable pointer
+  static constexpr lock_class mmap_class_{"mmap_lock", lockdep::rank::mmap};
+  /// Keyed per mm (increasing), so that fork may hold parent then child.
+  mutable shared_mutex mmap_lock_;
+  /// VMAs by start; owned (allocated with new). Guarded by mmap_lock_:
+  /// changed only with it held exclusively.
+  struct vma_tree;
+  std::unique_ptr<vma_tree> vmas_ PT_GUARDED_BY(mmap_lock_);
+  bool torn_down_ GUARDED_BY(mmap_lock_) = false;
+  /// The CPU page table. Internally synchronised (node locks, epoch).
+  cpu_page_table pt_;
+  mmu_notifier_subscriptions subs_;
+  mm_test_hooks hooks_;  // set before concurrent use
+  struct counters {
+    std::atomic<std::uint64_t> faults{0}, cow_breaks{0}, thp_faults{0}, swap_outs{0}, swap_ins{0},
+        migrations{0}, invalidations{0};
+  };
+  mutable counters stats_;  // relaxed: statistics only
+};
+
+/// Kernel-style free-function spelling of the extension.
+inline void read_begin_range(mm& m, va_t start, va_t end) { m.read_begin_range(start, end); }
+
+}  // namespace svm

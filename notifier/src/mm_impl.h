@@ -1,0 +1,128 @@
+// Private parts of svm::mm shared by mm.cpp and hmm.cpp.
+#pragma once
+
+#include <memory>
+#include <utility>
+#include <vector>
+
+#include <boost/intrusive/set.hpp>
+
+#include "svm/notifier/mm.h"
+
+namespace svm {
+
+/// One VMA (kernel: struct vm_area_struct).
+/// Protection: every field is guarded by the owning mm's mmap_lock (changed
+/// only with it held exclusively). `hook` is a member of mm::vma_tree::set,
+/// membership guarded by the same lock.
+struct mm::vma {
+  boost::intrusive::set_member_hook<boost::intrusive::link_mode<boost::intrusive::safe_link>> hook;
+  va_t start = 0, end = 0;
+  prot protection = prot::none;
+  vma_kind kind = vma_kind::anonymous;
+  bool shared = false;
+  huge_advice advice = huge_advice::none;
+  std::shared_ptr<svm::file> backing;
+  std::uint64_t pgoff = 0;
+
+  [[nodiscard]] bool readable() const noexcept { return any(protection & prot::read); }
+  [[nodiscard]] bool writable() const noexcept { return any(protection & prot::write); }
+  [[nodiscard]] bool accessible() const noexcept { return any(protection & (prot::read | prot::write)); }
+  [[nodiscard]] bool private_anon() const noexcept { return kind == vma_kind::anonymous && !shared; }
+  [[nodiscard]] vma_info info() const {
+    return {start, end, protection, kind, shared, advice, backing, pgoff};
+  }
+};
+
+struct mm::vma_by_start {
+  bool operator()(const vma& a, const vma& b) const noexcept { return a.start < b.start; }
+};
+
+struct mm::vma_tree {
+  using set_t = boost::intrusive::set<
+      vma, boost::intrusive::member_hook<vma, decltype(vma::hook), &vma::hook>,
+      boost::intrusive::compare<vma_by_start>>;
+  set_t set;
+  ~vma_tree() { set.clear_and_dispose([](vma* v) { delete v; }); }
+};
+
+/// Frames and swap slots whose references drop after invalidate_range_end.
+struct mm::pending_free {
+  std::vector<std::pair<unsigned, pfn_t>> frames;  ///< (pool, pfn)
+  std::vector<std::uint64_t> swap_slots;
+};
+
+/// Swap space shared by a fork family: slots of page_size bytes with a
+/// reference count (each swap PTE holds one).
+/// Thread safety: every member takes the swap lock (rank leaf).
+class swap_space {
+ public:
+  explicit swap_space(std::size_t capacity) : capacity_(capacity) {}
+  /// Copy a frame out into a new slot (refcount 1). ENOMEM when full.
+  [[nodiscard]] result<std::uint64_t> store(const std::byte* frame);
+  /// Copy a slot's bytes into a frame.
+  void load(std::uint64_t slot, std::byte* frame);
+  void get(std::uint64_t slot);
+  void put(std::uint64_t slot);
+  [[nodiscard]] std::uint32_t refs(std::uint64_t slot) const;
+  [[nodiscard]] std::size_t used() const;
+
+ private:
+  static constexpr lock_class lock_class_{"swap_space", lockdep::rank::leaf};
+  struct slot {
+    std::uint32_t refs = 0;
+    std::unique_ptr<std::byte[]> data;
+  };
+  const std::size_t capacity_;
+  mutable mutex lock_{lock_class_};
+  std::vector<slot> slots_ GUARDED_BY(lock_);
+  std::vector<std::uint64_t> free_ GUARDED_BY(lock_);
+  std::size_t used_ GUARDED_BY(lock_) = 0;
+};
+
+/// The mm's internal operations (a friend; keeps the public header small).
+struct mm_impl {
+  using vma = mm::vma;
+  using pending_free = mm::pending_free;
+  static const vma* find_vma(const mm& m, va_t va) REQUIRES_SHARED(m.mmap_lock_);
+  static vma* find_vma_mut(mm& m, va_t va) REQUIRES(m.mmap_lock_);
+  /// The first VMA that ends above `start` (or nullptr).
+  static vma* first_ending_after(const mm& m, va_t start) REQUIRES_SHARED(m.mmap_lock_);
+  static vma* next_vma(const mm& m, vma* v) REQUIRES_SHARED(m.mmap_lock_);
+  /// Make sure no VMA straddles `va` (kernel: split_vma).
+  static void split_at(mm& m, va_t va) REQUIRES(m.mmap_lock_);
+  static bool range_free(const mm& m, va_t start, va_t end) REQUIRES_SHARED(m.mmap_lock_);
+  static result<va_t> get_unmapped_area(const mm& m, std::uint64_t len) REQUIRES_SHARED(m.mmap_lock_);
+  static void insert_vma(mm& m, vma* v) REQUIRES(m.mmap_lock_);
+  static void erase_vma(mm& m, vma* v) REQUIRES(m.mmap_lock_);
+
+  static void collect(const mm& m, pending_free& f, std::uint64_t e, unsigned level);
+  static void release(const mm& m, pending_free& f);
+  /// Clear the PTEs of [start, end), collecting the references to drop.
+  static void zap_range(mm& m, va_t start, va_t end, pending_free& f);
+  static errc do_munmap(mm& m, va_t start, va_t end) REQUIRES(m.mmap_lock_);
+  static void split_huge(mm& m, va_t start, va_t end);
+  /// fn(va, entry, level) -> new entry, for each nonzero leaf in [start,
+  /// end), under that leaf's node lock. Partly covered huge leaves are split.
+  template <class F>
+  static errc walk_locked(mm& m, va_t start, va_t end, F&& fn);
+  /// Replace the 4K entry at `va` by `ne` if it still is `expect`.
+  static result<bool> install_pte(mm& m, va_t va, std::uint64_t expect, std::uint64_t ne);
+  /// A PTE read under its node lock, with a reference taken on the frame
+  /// (4K entries) or swap slot it names.
+  struct pte_snap {
+    std::uint64_t e = 0;
+    unsigned level = 0;
+    bool ref = false;
+  };
+  static pte_snap read_pte_get(mm& m, va_t va);
+  static void put_snap(mm& m, const pte_snap& s);
+  static errc fault_once(mm& m, const vma& v, va_t va, bool write) REQUIRES_SHARED(m.mmap_lock_);
+  template <class Op>
+  static errc access(mm& m, va_t va, bool write, Op&& op) REQUIRES_SHARED(m.mmap_lock_);
+  static errc start_fn(mm& m, mmu_notifier_range& r, mmu_notifier_event ev, va_t s, va_t e,
+                    const void* owner = nullptr, bool blockable = true);
+  static void end_fn(mm& m, mmu_notifier_range& r);
+};
+
+}  // namespace svm
