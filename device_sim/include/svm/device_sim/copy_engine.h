@@ -1,0 +1,80 @@
+// The copy engine: asynchronous frame copies between system memory and
+// VRAM (or within either), on the device's own thread, completed by fences.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <thread>
+
+#include "svm/base/errc.h"
+#include "svm/base/fence.h"
+#include "svm/base/mutex.h"
+#include "svm/base/phys_mem.h"
+
+namespace svm::dev {
+
+/// One side of a copy: `pages` frames starting at `pfn` of `mem`.
+struct frame_span {
+  phys_mem* mem = nullptr;
+  pfn_t pfn = 0;
+};
+
+struct copy_engine_stats {
+  std::uint64_t copies = 0;      ///< requests completed
+  std::uint64_t pages = 0;       ///< frames copied or filled
+  std::uint64_t canceled = 0;    ///< requests dropped at shutdown
+};
+
+class copy_engine {
+ public:
+  copy_engine();
+  /// Stops the thread; requests not yet run are signalled with ECANCELED.
+  ~copy_engine();
+  copy_engine(const copy_engine&) = delete;
+  copy_engine& operator=(const copy_engine&) = delete;
+
+  /// Queue a copy of `pages` frames from `src` to `dst`. Requests run in
+  /// submission order, one at a time; the returned fence signals (ok) once
+  /// every byte is written. The bytes move as 8-byte relaxed atomic units,
+  /// so a racing device access is defined but may see a mix (the caller
+  /// copies only frames no device translates to, see phys_mem.h).
+  /// Errors: EINVAL (null memory, zero pages, a pfn range outside its pool),
+  /// ECANCELED after shutdown began. Nothing is queued on error.
+  /// Locking: takes lock_ (leaf); never blocks; may run in a notifier callback.
+  [[nodiscard]] result<fence_ptr> copy(frame_span src, frame_span dst, std::size_t pages) EXCLUDES(lock_);
+
+  /// Queue a fill of `pages` frames at `dst` with the 8-byte `pattern`
+  /// (0 clears). Same contract as copy().
+  [[nodiscard]] result<fence_ptr> fill(frame_span dst, std::size_t pages, std::uint64_t pattern = 0) EXCLUDES(lock_);
+
+  [[nodiscard]] copy_engine_stats stats() const noexcept;
+
+ private:
+  struct request {
+    frame_span src;  // src.mem == nullptr: a fill
+    frame_span dst;
+    std::size_t pages;
+    std::uint64_t pattern;
+    fence_ptr done;
+  };
+  static constexpr lock_class lock_class_{"device.copy_engine", lockdep::rank::leaf};
+
+  result<fence_ptr> enqueue(request r) EXCLUDES(lock_);
+  void run(std::stop_token st) EXCLUDES(lock_);
+  static void execute(const request& r) noexcept;
+
+  mutable mutex lock_{lock_class_};
+  std::deque<request> queue_ GUARDED_BY(lock_);
+  bool stopping_ GUARDED_BY(lock_) = false;
+  /// Futex word: bumped (seq_cst) after every enqueue and at stop; the
+  /// thread sleeps on it when the queue is empty (read before the queue
+  /// check, so an enqueue after the check changes it).
+  std::atomic<std::uint32_t> work_seq_{0};
+  // Statistics: written by the copy thread only, read racily (relaxed).
+  std::atomic<std::uint64_t> copies_{0}, pages_{0}, canceled_{0};
+  std::jthread thread_;  // last: started after every other member exists
+};
+
+}  // namespace svm::dev

@@ -1,0 +1,340 @@
+// The simulated faulting device: engines that run kernels on GPU virtual
+// addresses, per-engine TLBs over the device page tables, a replayable fault
+// buffer, ranged TLB invalidation, VRAM and a copy engine.
+//
+// The device knows nothing of the driver. For each GPU VM the driver attaches
+// a device page table (dev_page_table, written by the driver, walked here
+// lock-free) and the physical memory its system-aperture PTEs name. Kernels
+// are submitted through queues bound to a VM. Faulting accesses push a
+// fault_record into faults() and stall; the driver fetches records, services
+// them, then calls replay() or cancel().
+//
+// Driver loop, in short:
+//
+//   std::array<fault_record, 256> batch;
+//   while (running) {
+//     auto n = dev.faults().fetch_wait(batch, 10ms);
+//     for (auto& r : std::span(batch).first(n)) service(r);   // write PTEs
+//     dev.replay(serviced);   dev.cancel(bad, errc::fault);
+//   }
+//   // invalidation (e.g. from a notifier callback): clear PTEs, then
+//   dev.invalidate_tlb(vm, range);   // returns once no engine can use them
+//
+// ## Engines and waves
+// Each engine is a std::jthread the device owns; it runs work items of the
+// runnable kernels one at a time (one work item = one wave here). A fault
+// stalls that engine until its record is replayed or cancelled: it waits
+// spin-then-futex on its own 32-bit word (std::atomic wait/notify), never on
+// a condition variable.
+//
+// ## TLB invalidation (the shootdown protocol)
+//   invalidator                              engine (at every access boundary)
+//   -----------                              ---------------------------------
+//   lock inval_lock_; S = ++seq;             if inval_seq_ != seen:      (acquire)
+//   log[S % 64] = {vm, range};                  lock inval_lock_; read S', log;
+//   inval_seq_ = S (seq_cst); unlock            flush matching TLB entries;
+//   for each engine e:                          unlock; status = ack S' (seq_cst)
+//     wait until e.ack >= S                  ... translate, access ...
+//        or e.mode != running (seq_cst)
+// An engine acknowledges at the start of its next access (the boundary, or
+// an explicit work_item::boundary()), so
+// an access that translated before the invalidation has finished its memory
+// operation before invalidate_tlb() returns. An idle or stalled engine
+// (waiting for work, for a fault reply, or for space in the fault buffer)
+// counts as acknowledged; when it becomes `running` again it stores its
+// mode (seq_cst) and then re-reads inval_seq_ (seq_cst) before touching its
+// TLB — a store-buffering pair with the invalidator's seq_cst store and
+// status load, so at least one side sees the other. An engine more than 64
+// invalidations behind flushes its whole TLB. The invalidator's cost is one
+// status read (and maybe a wait) per engine, whatever the accesses in flight.
+//
+// ## Epochs
+// A running engine stays inside an epoch read-side section
+// (svm/base/epoch.h) and announces quiescent points at work-item
+// boundaries, before each page-table walk and when it acknowledges an
+// invalidation; it leaves the section whenever it stalls or idles, so a
+// stalled wave never holds up reclamation or epoch::synchronize().
+#pragma once
+
+#include <atomic>
+#include <bit>
+#include <chrono>
+#include <concepts>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <span>
+#include <type_traits>
+
+#include "svm/base/errc.h"
+#include "svm/base/fence.h"
+#include "svm/base/phys_mem.h"
+#include "svm/base/types.h"
+#include "svm/device_sim/copy_engine.h"
+#include "svm/device_sim/dev_pte.h"
+#include "svm/device_sim/fault_buffer.h"
+#include "svm/device_sim/tlb.h"
+#include "svm/device_sim/vram.h"
+
+namespace svm::dev {
+
+/// A queue handle, bound to one VM.
+using queue_id = std::uint32_t;
+
+struct device_config {
+  unsigned engines = 4;                      ///< 1..256
+  tlb_config tlb{};                          ///< geometry of each engine's TLB
+  /// Optional TLB policy factory (called once per engine); null: set_assoc_tlb(tlb).
+  std::function<std::unique_ptr<tlb_model>(unsigned engine)> make_tlb{};
+  std::size_t fault_buffer_entries = 256;    ///< >= 1
+  std::uint64_t vram_bytes = 64ull << 20;    ///< VRAM capacity
+  /// Pause iterations before a stalled wave sleeps on its futex (0: sleep
+  /// at once). A pause is 10-140 cycles depending on the CPU, so 64 is a
+  /// few microseconds at most: long spins only burn the core the replaying
+  /// driver needs when threads outnumber cores.
+  unsigned fault_spin = 64;
+};
+
+/// How a kernel ended. `error` is ok, or:
+///  - canceled: a fault of the kernel was cancelled; `reason` is the reason
+///    the driver gave (EFAULT, EPERM, ...), `address`/`acc` the access;
+///  - inval:    an access was unaligned or of a size other than 1, 2, 4, 8;
+///  - range:    an access was outside the VM's VA width;
+///  - io:       a PTE named a frame outside its memory, or the kernel threw;
+///  - timedout: wait() gave up (the kernel is still running);
+/// and ECANCELED with reason ECANCELED when the device shut down under it.
+struct kernel_status {
+  errc error = errc::ok;
+  va_t address = 0;
+  errc reason = errc::ok;
+  access acc = access::read;
+  [[nodiscard]] bool ok() const noexcept { return error == errc::ok; }
+};
+
+/// What the oracle hook sees for every translated access, just before the
+/// memory operation.
+struct access_check {
+  vm_id vm = 0;
+  va_t gva = 0;
+  access acc = access::read;
+  unsigned engine = 0;
+  std::uint64_t pte = 0;        ///< the leaf entry the translation came from
+  unsigned level = 0;           ///< its level (0: 4K, 1: 2M, 2: 1G)
+  bool tlb_hit = false;         ///< served from the TLB (else from a fresh walk)
+  aperture ap = aperture::system;
+  pfn_t pfn = 0;                ///< the 4K frame accessed
+  const phys_mem* mem = nullptr;  ///< the memory pfn belongs to
+};
+/// The oracle: runs on the engine thread, inside its access and its epoch
+/// section. It must not block for long, submit work, wait for faults or
+/// invalidate TLBs (the invalidation would wait for this very access).
+using access_validator = std::function<void(const access_check&)>;
+
+struct device_stats {
+  std::uint64_t accesses = 0;
+  std::uint64_t tlb_hits = 0;
+  std::uint64_t tlb_misses = 0;         ///< walks of the device page table
+  std::uint64_t faults = 0;             ///< records pushed to the fault buffer
+  std::uint64_t replays = 0;            ///< stalled accesses woken by replay
+  std::uint64_t cancels = 0;            ///< stalled accesses woken by cancel
+  std::uint64_t tlb_invalidations = 0;  ///< invalidate_tlb() calls completed
+  std::uint64_t tlb_acks = 0;           ///< engine acknowledgements that flushed entries
+  std::uint64_t kernels_completed = 0;  ///< with status ok
+  std::uint64_t kernels_failed = 0;
+  std::uint64_t fault_buffer_full_stalls = 0;
+};
+
+namespace detail {
+struct engine;
+/// Thrown through a kernel when its access failed (the kernel is aborted).
+/// Kernels must let it propagate.
+struct kernel_abort {};
+std::byte* translate(engine& e, va_t va, unsigned size, access acc);
+bool prefetch(engine& e, va_t va);
+void boundary(engine& e);
+std::uint64_t item_engine(const engine& e) noexcept;
+
+template <std::size_t N> struct uint_of;
+template <> struct uint_of<1> { using type = std::uint8_t; };
+template <> struct uint_of<2> { using type = std::uint16_t; };
+template <> struct uint_of<4> { using type = std::uint32_t; };
+template <> struct uint_of<8> { using type = std::uint64_t; };
+}  // namespace detail
+
+/// A value a kernel may load or store: trivially copyable, 1/2/4/8 bytes.
+template <class T>
+concept device_value = std::is_trivially_copyable_v<T> &&
+                       (sizeof(T) == 1 || sizeof(T) == 2 || sizeof(T) == 4 || sizeof(T) == 8);
+
+/// The context of one work item: its id and its memory operations on GPU
+/// virtual addresses of the kernel's VM. A failing access (cancelled fault,
+/// bad address) aborts the kernel by throwing detail::kernel_abort. Plain
+/// loads and stores are relaxed; the atomics are sequentially consistent.
+/// Only valid on the engine thread, during the call it was passed to.
+class work_item {
+ public:
+  [[nodiscard]] std::uint64_t id() const noexcept { return id_; }
+  /// The engine running this item.
+  [[nodiscard]] unsigned engine() const noexcept { return static_cast<unsigned>(detail::item_engine(*e_)); }
+
+  template <device_value T>
+  [[nodiscard]] T load(va_t va) {
+    return std::bit_cast<T>(ref<T>(va, access::read).load(std::memory_order_relaxed));
+  }
+  template <device_value T>
+  void store(va_t va, T v) {
+    ref<T>(va, access::write).store(std::bit_cast<U<T>>(v), std::memory_order_relaxed);
+  }
+  /// Fetch-add (two's complement wrap); returns the old value.
+  template <device_value T>
+    requires std::integral<T>
+  T atomic_add(va_t va, T v) {
+    return static_cast<T>(ref<T>(va, access::atomic).fetch_add(static_cast<U<T>>(v)));
+  }
+  /// Compare-exchange; returns the old value (== expected on success).
+  template <device_value T>
+  T atomic_cmpxchg(va_t va, T expected, T desired) {
+    U<T> e = std::bit_cast<U<T>>(expected);
+    ref<T>(va, access::atomic).compare_exchange_strong(e, std::bit_cast<U<T>>(desired));
+    return std::bit_cast<T>(e);
+  }
+  /// Exchange; returns the old value.
+  template <device_value T>
+  T atomic_exchange(va_t va, T v) {
+    return std::bit_cast<T>(ref<T>(va, access::atomic).exchange(std::bit_cast<U<T>>(v)));
+  }
+
+  /// Accesses of a size known only at run time (1, 2, 4 or 8; anything
+  /// else aborts the kernel with EINVAL). The value is zero-extended.
+  std::uint64_t load_bytes(va_t va, unsigned size);
+  void store_bytes(va_t va, unsigned size, std::uint64_t v);
+
+  /// A prefetch: translates `va`, raising a prefetch fault if it is not
+  /// mapped, and waits for the reply. Never aborts the kernel: returns
+  /// whether `va` was mapped afterwards (one retry after a replay; a cancel
+  /// returns false).
+  bool prefetch(va_t va) { return detail::prefetch(*e_, va); }
+
+  /// An explicit access boundary without an access: acknowledges pending
+  /// TLB invalidations and announces an epoch quiescent point. A work item
+  /// that waits on something other than device memory (host state, say)
+  /// must call it in its loop: invalidate_tlb() waits for running engines to
+  /// reach a boundary.
+  void boundary() { detail::boundary(*e_); }
+
+ private:
+  friend struct detail::engine;
+  work_item(detail::engine& e, std::uint64_t id) noexcept : e_(&e), id_(id) {}
+  template <class T> using U = typename detail::uint_of<sizeof(T)>::type;
+  template <class T>
+  std::atomic_ref<U<T>> ref(va_t va, access acc) {
+    return std::atomic_ref<U<T>>(*reinterpret_cast<U<T>*>(detail::translate(*e_, va, sizeof(T), acc)));
+  }
+
+  detail::engine* e_;
+  std::uint64_t id_;
+};
+
+/// A kernel: called once per work item, on engine threads, concurrently.
+using kernel_fn = std::function<void(work_item&)>;
+
+/// Completion handle of a submitted kernel. Copyable; all copies see the
+/// same completion.
+class completion {
+ public:
+  completion() = default;
+  /// Wait at most `timeout` for the kernel to finish. Returns its status,
+  /// or {errc::timedout} if it is still running. Locking: may block; must
+  /// not be called from a kernel or inside a notifier callback.
+  [[nodiscard]] kernel_status wait(std::chrono::nanoseconds timeout = std::chrono::hours(24)) const;
+  [[nodiscard]] bool done() const noexcept { return state_ && state_->done->is_signaled(); }
+  /// The fence signalled at completion (with the status's error).
+  [[nodiscard]] fence_ptr fence() const noexcept { return state_ ? state_->done : nullptr; }
+
+  struct state {
+    fence_ptr done;
+    kernel_status status;  ///< written once before done is signalled (release)
+  };
+  explicit completion(std::shared_ptr<state> s) noexcept : state_(std::move(s)) {}
+
+ private:
+  std::shared_ptr<state> state_;
+};
+
+class device {
+ public:
+  explicit device(device_config cfg = {});
+  /// Stops the engines and the copy engine: waves stalled on faults are
+  /// cancelled (ECANCELED), pending kernels complete with ECANCELED, and
+  /// every thread is joined. The attached page tables and memories must
+  /// outlive the device.
+  ~device();
+  device(const device&) = delete;
+  device& operator=(const device&) = delete;
+
+  // ---- VMs and queues -------------------------------------------------
+  /// Attach VM `id` with its device page table and the system memory its
+  /// system-aperture PTEs name. Both must outlive the attachment.
+  /// Errors: EINVAL (id > max_vm_id), EEXIST (id attached).
+  /// Locking: takes the scheduler lock (leaf); never blocks.
+  errc attach_vm(vm_id id, dev_page_table& table, phys_mem& sysmem);
+  /// Errors: ENOENT (unknown), EBUSY (a queue is still bound to it).
+  errc detach_vm(vm_id id);
+  /// A queue bound to `vm`. Errors: ENOENT (unknown vm).
+  [[nodiscard]] result<queue_id> create_queue(vm_id vm);
+  /// Errors: ENOENT (unknown queue), EBUSY (kernels still queued or running).
+  errc destroy_queue(queue_id q);
+
+  /// Submit `items` work items of `fn` on queue `q`. Kernels of one queue run
+  /// one after another in submission order; kernels of different queues run
+  /// concurrently, their work items spread over all engines.
+  /// Errors: ENOENT (unknown queue), EINVAL (empty fn), ECANCELED (shutting down).
+  /// Locking: takes the scheduler lock (leaf); never blocks; may be called from
+  /// any thread except inside a kernel that waits for the result.
+  [[nodiscard]] result<completion> submit(queue_id q, std::uint64_t items, kernel_fn fn);
+
+  // ---- driver side ----------------------------------------------------
+  /// The fault buffer: the driver fetches records from it.
+  [[nodiscard]] fault_buffer& faults() noexcept;
+  /// Wake the stalled accesses of `records` to retranslate (an access that
+  /// still misses faults again). Records that are not the engine's
+  /// outstanding fault (already replayed or cancelled, stale) are ignored.
+  /// Returns the number woken. Locking: lock-free; never blocks.
+  std::size_t replay(std::span<const fault_record> records) noexcept;
+  /// Abort the kernels of the stalled accesses of `records` with `reason`
+  /// (the kernel's status: ECANCELED, the address, `reason`). Other engines
+  /// of that kernel stop taking its work items; the queue's next kernel runs
+  /// normally. Returns the number cancelled. Locking: lock-free; never blocks.
+  std::size_t cancel(std::span<const fault_record> records, errc reason) noexcept;
+
+  /// Invalidate the TLB entries of `vm` overlapping `r` on every engine and
+  /// return once no engine can still use one: every access that began before
+  /// the call has completed, and every later access retranslates. Clear the
+  /// PTEs first. An empty range is a no-op.
+  /// Errors: EINVAL if called on an engine thread (from a kernel or the
+  /// oracle: it would wait for itself).
+  /// Locking: takes inval_lock_ (leaf) briefly; holds nothing while it waits
+  /// (spin, then futex) for the engines. May run inside a notifier callback:
+  /// it never waits for the fault handler, only for accesses in flight.
+  errc invalidate_tlb(vm_id vm, va_range r);
+
+  /// The oracle hook: `v` is called for every translated access (see
+  /// access_check). Pass nullptr to turn it off. Validators set earlier stay
+  /// alive until the device is destroyed, so a racing access never calls a
+  /// freed one. Off, it costs one predictable branch per access.
+  void set_oracle(access_validator v);
+
+  // ---- memory -----------------------------------------------------------
+  [[nodiscard]] vram_pool& vram() noexcept;
+  [[nodiscard]] copy_engine& copier() noexcept;
+
+  [[nodiscard]] unsigned engine_count() const noexcept;
+  [[nodiscard]] device_stats stats() const;
+
+  class impl;
+
+ private:
+  std::unique_ptr<impl> impl_;
+};
+
+}  // namespace svm::dev

@@ -1,0 +1,115 @@
+// The replayable fault buffer: a bounded multi-producer ring of fault
+// records, written by the engines, drained by the driver.
+//
+// Producers (engines) push one record per faulting access and then stall
+// until the driver replays or cancels it (device::replay / device::cancel).
+// When the ring is full a producer stalls too, until the driver fetches:
+// nothing is ever dropped. The driver fetches batches with fetch() or
+// fetch_wait().
+//
+// Waiting is spin-then-futex on std::atomic counters (never a condition
+// variable): `pushed_` for fetchers waiting for records, `popped_` for
+// producers waiting for space.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "svm/base/errc.h"
+#include "svm/base/mutex.h"
+#include "svm/base/types.h"
+#include "svm/device_sim/tlb.h"
+
+namespace svm::dev {
+
+/// One device fault, as the hardware reports it.
+struct fault_record {
+  vm_id vm = 0;
+  va_t gva = 0;                    ///< the faulting address (not page aligned)
+  access acc = access::read;       ///< what the access needed
+  std::uint32_t engine = 0;        ///< the engine whose wave stalls on it
+  std::uint64_t time_ns = 0;       ///< steady_clock time of the fault
+  /// The engine's fault serial: replay/cancel of a record whose token is no
+  /// longer the engine's outstanding fault is ignored (a stale duplicate).
+  std::uint64_t token = 0;
+
+  [[nodiscard]] va_t page() const noexcept { return align_down(gva, page_size); }
+};
+
+struct fault_buffer_stats {
+  std::uint64_t pushed = 0;        ///< records written
+  std::uint64_t fetched = 0;       ///< records handed to the driver
+  std::uint64_t full_stalls = 0;   ///< pushes that found the ring full and waited
+  std::size_t high_water = 0;      ///< most records held at once
+};
+
+class fault_buffer {
+ public:
+  /// A ring of `capacity` records (>= 1; 0 is taken as 1).
+  explicit fault_buffer(std::size_t capacity);
+  fault_buffer(const fault_buffer&) = delete;
+  fault_buffer& operator=(const fault_buffer&) = delete;
+
+  /// Producer side (engines). Append `r`, stalling while the ring is full.
+  /// Returns false, without appending, once close() was called.
+  /// Locking: takes lock_ (leaf) briefly; holds none on return. May block
+  /// (spin, then futex) while full. Must not be called by the consumer.
+  bool push(const fault_record& r) EXCLUDES(lock_);
+
+  /// Driver side: move up to out.size() records, oldest first, into `out`.
+  /// Never blocks. Returns how many. Locking: takes lock_ (leaf).
+  std::size_t fetch(std::span<fault_record> out) EXCLUDES(lock_);
+
+  /// Like fetch(), but waits up to `timeout` for at least one record
+  /// (spin, then futex). Returns 0 on timeout, after close(), or when woken by
+  /// wake_fetchers(). Locking: takes lock_ (leaf); may block; must not be
+  /// called inside a notifier callback.
+  std::size_t fetch_wait(std::span<fault_record> out, std::chrono::nanoseconds timeout) EXCLUDES(lock_);
+
+  /// Make fetchers blocked in fetch_wait() return now (e.g. to stop a
+  /// handler thread). Never blocks.
+  void wake_fetchers() noexcept;
+
+  /// Refuse further pushes and wake every waiter (device shutdown).
+  void close() noexcept;
+
+  [[nodiscard]] std::size_t capacity() const noexcept { return capacity_; }
+  /// Records held now (racy snapshot).
+  [[nodiscard]] std::size_t size() const noexcept { return count_hint_.load(std::memory_order_relaxed); }
+  [[nodiscard]] fault_buffer_stats stats() const EXCLUDES(lock_);
+
+ private:
+  static constexpr lock_class lock_class_{"device.fault_buffer", lockdep::rank::leaf};
+
+  const std::size_t capacity_;  // immutable
+  mutable mutex lock_{lock_class_};
+  std::vector<fault_record> ring_ GUARDED_BY(lock_);  // size fixed at construction
+  std::size_t head_ GUARDED_BY(lock_) = 0;            // oldest record
+  std::size_t count_ GUARDED_BY(lock_) = 0;
+  fault_buffer_stats stats_ GUARDED_BY(lock_);
+  /// Mirrors count_ for size(); relaxed, statistics only.
+  std::atomic<std::size_t> count_hint_{0};
+  /// Futex words. pushed_ (raw futex, bounded waits: wake with
+  /// futex_wake_all) is bumped (seq_cst) after every push and by
+  /// wake_fetchers()/close(); fetch_wait() sleeps on it. popped_ is bumped
+  /// (seq_cst) after every fetch that removed records and by close(); a
+  /// producer facing a full ring sleeps on it. Each is read before the
+  /// ring is checked under lock_, so a change after that check is never missed.
+  std::atomic<std::uint32_t> pushed_{0};
+  std::atomic<std::uint32_t> popped_{0};
+  /// Sleepers on pushed_ / popped_: the bumping side calls notify_all only
+  /// when nonzero. seq_cst on both sides (Dekker pair with the bump).
+  std::atomic<std::uint32_t> fetch_sleepers_{0};
+  std::atomic<std::uint32_t> push_sleepers_{0};
+  /// Bumped (seq_cst) by wake_fetchers()/close(); a fetch_wait() that sees
+  /// it change since its start returns 0.
+  std::atomic<std::uint32_t> wakes_{0};
+  /// Set once by close(); seq_cst, checked by push() before each attempt.
+  std::atomic<bool> closed_{false};
+};
+
+}  // namespace svm::dev

@@ -1,0 +1,108 @@
+#include "svm/device_sim/fault_buffer.h"
+
+#include <algorithm>
+#include <thread>
+
+#include "futex.h"
+
+namespace svm::dev {
+namespace {
+constexpr int spin_iterations = 64;  // a few microseconds at most (see device_config::fault_spin)
+}
+
+fault_buffer::fault_buffer(std::size_t capacity) : capacity_(std::max<std::size_t>(capacity, 1)) {
+  lock_guard g(lock_);
+  ring_.resize(capacity_);
+}
+
+bool fault_buffer::push(const fault_record& r) {
+  bool stalled = false;
+  for (;;) {
+    // Read the futex word before checking for space: a fetch that frees a
+    // slot after our check bumps it, so the wait below cannot miss it.
+    const std::uint32_t seen = popped_.load(std::memory_order_seq_cst);
+    if (closed_.load(std::memory_order_seq_cst)) return false;
+    bool pushed = false;
+    {
+      lock_guard g(lock_);
+      if (count_ < capacity_) {
+        ring_[(head_ + count_) % capacity_] = r;
+        ++count_;
+        ++stats_.pushed;
+        if (stalled) ++stats_.full_stalls;
+        stats_.high_water = std::max(stats_.high_water, count_);
+        count_hint_.store(count_, std::memory_order_relaxed);
+        pushed = true;
+      }
+    }
+    if (pushed) {
+      pushed_.fetch_add(1, std::memory_order_seq_cst);
+      if (fetch_sleepers_.load(std::memory_order_seq_cst) != 0) detail::futex_wake_all(pushed_);
+      return true;
+    }
+    // Full: nothing is dropped; stall until a fetch frees a slot.
+    stalled = true;
+    for (int i = 0; i < spin_iterations && popped_.load(std::memory_order_relaxed) == seen; ++i) SVM_CPU_RELAX();
+    if (popped_.load(std::memory_order_seq_cst) != seen) continue;
+    push_sleepers_.fetch_add(1, std::memory_order_seq_cst);
+    popped_.wait(seen, std::memory_order_seq_cst);
+    push_sleepers_.fetch_sub(1, std::memory_order_seq_cst);
+  }
+}
+
+std::size_t fault_buffer::fetch(std::span<fault_record> out) {
+  std::size_t n = 0;
+  {
+    lock_guard g(lock_);
+    n = std::min(out.size(), count_);
+    for (std::size_t i = 0; i < n; ++i) out[i] = ring_[(head_ + i) % capacity_];
+    head_ = (head_ + n) % capacity_;
+    count_ -= n;
+    stats_.fetched += n;
+    count_hint_.store(count_, std::memory_order_relaxed);
+  }
+  if (n != 0) {
+    popped_.fetch_add(1, std::memory_order_seq_cst);
+    if (push_sleepers_.load(std::memory_order_seq_cst) != 0) popped_.notify_all();
+  }
+  return n;
+}
+
+std::size_t fault_buffer::fetch_wait(std::span<fault_record> out, std::chrono::nanoseconds timeout) {
+  if (out.empty()) return 0;
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  const std::uint32_t wakes = wakes_.load(std::memory_order_seq_cst);
+  for (;;) {
+    // Read the futex word before looking: a push after the look bumps it.
+    const std::uint32_t seen = pushed_.load(std::memory_order_seq_cst);
+    if (std::size_t n = fetch(out)) return n;
+    if (closed_.load(std::memory_order_seq_cst) || wakes_.load(std::memory_order_seq_cst) != wakes) return 0;
+    const auto now = std::chrono::steady_clock::now();
+    if (now >= deadline) return 0;
+    for (int i = 0; i < spin_iterations && pushed_.load(std::memory_order_relaxed) == seen; ++i) SVM_CPU_RELAX();
+    if (pushed_.load(std::memory_order_seq_cst) != seen) continue;
+    fetch_sleepers_.fetch_add(1, std::memory_order_seq_cst);
+    detail::futex_wait_for(pushed_, seen, deadline - now);
+    fetch_sleepers_.fetch_sub(1, std::memory_order_seq_cst);
+  }
+}
+
+void fault_buffer::wake_fetchers() noexcept {
+  wakes_.fetch_add(1, std::memory_order_seq_cst);
+  pushed_.fetch_add(1, std::memory_order_seq_cst);
+  detail::futex_wake_all(pushed_);
+}
+
+void fault_buffer::close() noexcept {
+  closed_.store(true, std::memory_order_seq_cst);
+  wake_fetchers();
+  popped_.fetch_add(1, std::memory_order_seq_cst);
+  popped_.notify_all();
+}
+
+fault_buffer_stats fault_buffer::stats() const {
+  lock_guard g(lock_);
+  return stats_;
+}
+
+}  // namespace svm::dev
