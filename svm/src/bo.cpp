@@ -1,0 +1,265 @@
+// Buffer objects in a gpu_vm: creation, VM_BIND map/unmap over the mirror,
+// CPU access to BO bytes, and eviction under VRAM pressure.
+#include <algorithm>
+#include <cstring>
+
+#include "check.h"
+#include "svm/notifier/frame_pool.h"
+#include "vm_internal.h"
+
+namespace svm {
+
+using dev::dev_pte;
+
+void gpu_vm::free_bo_frames(bo& b) {
+  if (b.where == placement::vram) {
+    for (pfn_t p : b.frames) (void)dev_.hw().vram().free(p);
+  } else {
+    for (pfn_t p : b.frames) mm_.pool(0).put(p);
+  }
+  b.frames.clear();
+}
+
+result<bo_id> gpu_vm::create_bo(std::uint64_t size, placement where) {
+  if (size == 0 || !is_aligned(size, page_size)) return errc::inval;
+  auto b = std::make_unique<bo>();
+  b->size = size;
+  b->where = where;
+  const std::size_t pages = size / page_size;
+  b->frames.reserve(pages);
+  lock_guard g(lock_);
+  for (std::size_t i = 0; i < pages; ++i) {
+    result<pfn_t> f = where == placement::vram ? dev_.hw().vram().alloc() : mm_.pool(0).alloc();
+    if (!f && where == placement::vram && evict_one_locked(nullptr)) f = dev_.hw().vram().alloc();
+    if (!f) {
+      free_bo_frames(*b);
+      return f.error();
+    }
+    b->frames.push_back(*f);
+  }
+  b->id = next_bo_++;
+  const bo_id id = b->id;
+  bos_.emplace(id, std::move(b));
+  return id;
+}
+
+errc gpu_vm::destroy_bo(bo_id id) {
+  std::vector<va_range> ranges;
+  {
+    shared_lock_guard g(lock_);
+    if (!bos_.contains(id)) return errc::noent;
+    tree_.for_each_bo_mapping(id, [&](const gpuva& m) { ranges.push_back(m.range()); });
+  }
+  for (const va_range& r : ranges) (void)unbind(r.start, r.size());
+  lock_guard g(lock_);
+  auto it = bos_.find(id);
+  if (it == bos_.end()) return errc::noent;
+  // Mappings bound again in between still name it: unbind them too.
+  bool mapped = false;
+  tree_.for_each_bo_mapping(id, [&](const gpuva&) { mapped = true; });
+  if (mapped) return errc::busy;
+  free_bo_frames(*it->second);
+  bos_.erase(it);
+  return errc::ok;
+}
+
+resv* gpu_vm::bo_resv(bo_id id) {
+  shared_lock_guard g(lock_);
+  auto it = bos_.find(id);
+  return it == bos_.end() ? nullptr : &it->second->reservation;
+}
+
+result<placement> gpu_vm::bo_placement(bo_id id) {
+  shared_lock_guard g(lock_);
+  auto it = bos_.find(id);
+  if (it == bos_.end()) return errc::noent;
+  return it->second->where;
+}
+
+result<std::uint64_t> gpu_vm::bo_size_locked(bo_id id) const {
+  auto it = bos_.find(id);
+  if (it == bos_.end()) return errc::noent;
+  return it->second->size;
+}
+
+void gpu_vm::write_bo_ptes_locked(const gpuva& m, va_range r) {
+  auto it = bos_.find(m.bo());
+  if (it == bos_.end()) return;
+  const bo& b = *it->second;
+  const aperture ap = b.where == placement::vram ? aperture::vram : aperture::system;
+  // Nodes were pinned at plan time, so this cannot fail for lack of memory.
+  const errc e = pt_.populate(r.start, r.end, 0, [&](va_t va) {
+    const pfn_t f = b.frames[m.bo_offset_at(va) / page_size];
+    return dev_pte::make(ap, ap == aperture::system ? mm_device_pfn(0, f) : f, true) | bo_pte_bit;
+  });
+  SVM_CHECK(e == errc::ok, "BO PTE write failed after its nodes were pinned");
+  ctr_add_ptes_written(r.size() / page_size);
+}
+
+errc gpu_vm::bind(bo_id id, va_t gpu_va, std::uint64_t offset, std::uint64_t size) {
+  lock_guard g(lock_);
+  if (size == 0 || !is_aligned(gpu_va | offset | size, page_size)) return errc::inval;
+  if (gpu_va + size < gpu_va) return errc::overflow;
+  if (gpu_va + size > pt_.va_limit()) return errc::inval;
+  auto sz = bo_size_locked(id);
+  if (!sz) return sz.error();
+  auto plan = tree_.plan_map(gpuva_map_req{gpu_va, size, id, offset, *sz, 0});
+  if (!plan) return plan.error();
+  // Everything that can fail happens before the commit: pin the leaf nodes
+  // the new PTEs go to.
+  std::vector<pt::node*> pins;
+  auto unpin_all = [&] {
+    for (pt::node* n : pins) pt_.unpin(n);
+  };
+  for (va_t va = align_down(gpu_va, huge_size); va < gpu_va + size; va += huge_size) {
+    auto n = pt_.pin(std::max(va, gpu_va), 0, &dev::dev_page_table::split_entry);
+    if (!n) {
+      unpin_all();
+      return n.error();
+    }
+    pins.push_back(*n);
+  }
+  std::vector<va_range> flush;
+  // The SVM PTEs under the new mapping go: BO mappings take precedence.
+  // Whole huge leaves are cleared (no allocation; the mirror refaults).
+  {
+    pt::zap_options o;
+    o.bump_seq = cfg_.seq == seq_mode::pgtable;
+    o.split_huge = false;
+    o.match_mask = bo_pte_bit;
+    o.match_value = 0;
+    (void)pt_.zap(gpu_va, gpu_va + size, flush, o);
+  }
+  tree_.commit(*plan, [&](const gpuva_op& op) noexcept {
+    const va_range clr = op.clear_range();
+    if (!clr.empty()) {
+      pt::zap_options o;
+      o.match_mask = bo_pte_bit;
+      o.match_value = bo_pte_bit;
+      (void)pt_.zap(clr.start, clr.end, flush, o);
+    }
+    const va_range wr = op.write_range();
+    if (!wr.empty() && cfg_.mode == vm_mode::long_running) write_bo_ptes_locked(*op.map, wr);
+  });
+  unpin_all();
+  flush_tlb(flush);
+  return errc::ok;
+}
+
+errc gpu_vm::unbind(va_t gpu_va, std::uint64_t size) {
+  lock_guard g(lock_);
+  auto plan = tree_.plan_unmap(gpu_va, size);
+  if (!plan) return plan.error();
+  std::vector<va_range> flush;
+  tree_.commit(*plan, [&](const gpuva_op& op) noexcept {
+    const va_range clr = op.clear_range();
+    if (clr.empty()) return;
+    pt::zap_options o;
+    o.match_mask = bo_pte_bit;
+    o.match_value = bo_pte_bit;
+    (void)pt_.zap(clr.start, clr.end, flush, o);
+  });
+  flush_tlb(flush);
+  return errc::ok;
+}
+
+errc gpu_vm::bo_write(bo_id id, std::uint64_t offset, std::span<const std::byte> in) {
+  shared_lock_guard g(lock_);
+  auto it = bos_.find(id);
+  if (it == bos_.end()) return errc::noent;
+  bo& b = *it->second;
+  if (offset + in.size() < offset || offset + in.size() > b.size) return errc::inval;
+  phys_mem& mem = b.where == placement::vram ? static_cast<phys_mem&>(dev_.hw().vram()) : mm_.pool(0);
+  std::size_t done = 0;
+  while (done < in.size()) {
+    const std::uint64_t off = offset + done;
+    const std::size_t n = std::min<std::size_t>(in.size() - done, page_size - off % page_size);
+    frame_pool::store_bytes(mem.frame_data(b.frames[off / page_size]) + off % page_size, in.data() + done, n);
+    done += n;
+  }
+  return errc::ok;
+}
+
+errc gpu_vm::bo_read(bo_id id, std::uint64_t offset, std::span<std::byte> out) {
+  shared_lock_guard g(lock_);
+  auto it = bos_.find(id);
+  if (it == bos_.end()) return errc::noent;
+  bo& b = *it->second;
+  if (offset + out.size() < offset || offset + out.size() > b.size) return errc::inval;
+  phys_mem& mem = b.where == placement::vram ? static_cast<phys_mem&>(dev_.hw().vram()) : mm_.pool(0);
+  std::size_t done = 0;
+  while (done < out.size()) {
+    const std::uint64_t off = offset + done;
+    const std::size_t n = std::min<std::size_t>(out.size() - done, page_size - off % page_size);
+    frame_pool::load_bytes(mem.frame_data(b.frames[off / page_size]) + off % page_size, out.data() + done, n);
+    done += n;
+  }
+  return errc::ok;
+}
+
+errc gpu_vm::evict(bo_id id) {
+  lock_guard g(lock_);
+  auto it = bos_.find(id);
+  if (it == bos_.end()) return errc::noent;
+  return evict_locked(*it->second);
+}
+
+bool gpu_vm::evict_one_locked(const bo* keep) {
+  for (auto& [bid, b] : bos_) {
+    if (b.get() == keep || b->where != placement::vram) continue;
+    if (evict_locked(*b) == errc::ok) return true;
+  }
+  return false;
+}
+
+errc gpu_vm::evict_locked(bo& b) {
+  if (b.where != placement::vram) return errc::inval;
+  if (cfg_.mode == vm_mode::long_running && preempt_) {
+    // Suspend the VM's queues: signal the preempt fence (its waiters learn
+    // the VM is off the hardware until the new fence is armed below).
+    preempt_->signal();
+    ctr_add_preemptions();
+  }
+  // Eviction moves the memory: every job using the BO (all usages up to
+  // BOOKKEEP) must be done first.
+  if (b.reservation.wait(resv_usage::bookkeep, cfg_.fault_timeout) != errc::ok) return errc::timedout;
+  // Destination frames first: on ENOMEM nothing has changed.
+  std::vector<pfn_t> sys;
+  sys.reserve(b.frames.size());
+  for (std::size_t i = 0; i < b.frames.size(); ++i) {
+    auto f = mm_.pool(0).alloc();
+    if (!f) {
+      for (pfn_t p : sys) mm_.pool(0).put(p);
+      return f.error();
+    }
+    sys.push_back(*f);
+  }
+  // Clear the BO's PTEs and shoot down the TLBs before the copy, so no
+  // device write lands in VRAM after it was copied.
+  std::vector<va_range> flush;
+  tree_.for_each_bo_mapping(b.id, [&](const gpuva& m) {
+    pt::zap_options o;
+    o.match_mask = bo_pte_bit;
+    o.match_value = bo_pte_bit;
+    (void)pt_.zap(m.start(), m.end(), flush, o);
+  });
+  flush_tlb(flush);
+  for (std::size_t i = 0; i < b.frames.size(); ++i) {
+    auto done = dev_.hw().copier().copy({&dev_.hw().vram(), b.frames[i]}, {&mm_.pool(0), sys[i]}, 1);
+    SVM_CHECK(done.ok(), "copy engine refused a one-page copy");
+    (void)(*done)->wait();
+  }
+  for (pfn_t p : b.frames) (void)dev_.hw().vram().free(p);
+  b.frames = std::move(sys);
+  b.where = placement::system;
+  ctr_add_evictions();
+  if (cfg_.mode == vm_mode::long_running) {
+    // No faults here: rebind at once, then resume with a new preempt fence
+    // (see preempt_fence()).
+    tree_.for_each_bo_mapping(b.id, [&](const gpuva& m) { write_bo_ptes_locked(m, m.range()); });
+    preempt_ = fence::create("preempt");
+  }
+  return errc::ok;
+}
+
+}  // namespace svm

@@ -1,0 +1,176 @@
+// End-to-end: CPU operations between and during kernels, fork, shared
+// memory, huge pages, many engines and submitters.
+#include <atomic>
+#include <thread>
+#include <vector>
+
+#include "e2e/e2e_fixture.h"
+
+namespace svm::test {
+namespace {
+
+using clock_type = std::chrono::steady_clock;
+
+TEST_P(E2E, MprotectReadOnlyThenWriteIsCancelledAndReadStillWorks) {
+  const va_t buf = map_anon(2 * page_size);
+  ASSERT_TRUE(run(1, [=](dev::work_item& wi) { wi.store<int>(buf, 5); }).ok());
+  ASSERT_EQ(m->mprotect(buf, 2 * page_size, prot::read), errc::ok);
+  auto w = run(1, [=](dev::work_item& wi) { wi.store<int>(buf, 6); });
+  EXPECT_EQ(w.error, errc::canceled);
+  EXPECT_EQ(w.reason, errc::perm);
+  std::atomic<int> seen{0};
+  ASSERT_TRUE(run(1, [&, buf](dev::work_item& wi) { seen = wi.load<int>(buf); }).ok());
+  EXPECT_EQ(seen.load(), 5);
+}
+
+TEST_P(E2E, DontneedBetweenKernelsMakesPrivateMemoryReadZero) {
+  const va_t buf = map_anon(8 * page_size);
+  ASSERT_TRUE(run(8, [=](dev::work_item& wi) { wi.store<std::uint64_t>(buf + wi.id() * page_size, 0xabcd); }).ok());
+  ASSERT_EQ(m->madvise(buf, 8 * page_size, madvice::dontneed), errc::ok);
+  std::atomic<std::uint64_t> sum{0};
+  ASSERT_TRUE(run(8, [&, buf](dev::work_item& wi) { sum += wi.load<std::uint64_t>(buf + wi.id() * page_size); }).ok());
+  EXPECT_EQ(sum.load(), 0u);
+  EXPECT_EQ(*m->load<std::uint64_t>(buf), 0u);
+}
+
+TEST_P(E2E, MremapMovesDataAndTheOldAddressFaults) {
+  const va_t buf = map_anon(4 * page_size);
+  ASSERT_TRUE(run(4, [=](dev::work_item& wi) { wi.store<std::uint64_t>(buf + wi.id() * page_size, wi.id() + 1); }).ok());
+  auto moved = m->mremap(buf, 4 * page_size, 8 * page_size, mremap_flags::maymove);
+  ASSERT_TRUE(moved.ok());
+  const va_t nb = *moved;
+  std::atomic<std::uint64_t> sum{0};
+  ASSERT_TRUE(run(4, [&, nb](dev::work_item& wi) { sum += wi.load<std::uint64_t>(nb + wi.id() * page_size); }).ok());
+  EXPECT_EQ(sum.load(), 1u + 2 + 3 + 4);
+  if (nb != buf) {
+    auto old = run(1, [=](dev::work_item& wi) { (void)wi.load<int>(buf); });
+    EXPECT_EQ(old.error, errc::canceled);
+  }
+}
+
+TEST_P(E2E, CopyOnWriteAfterForkKeepsTheParentsDeviceOnParentData) {
+  const va_t buf = map_anon(4 * page_size);
+  ASSERT_EQ(m->store<std::uint64_t>(buf, 11), errc::ok);
+  ASSERT_TRUE(run(1, [=](dev::work_item& wi) { (void)wi.load<std::uint64_t>(buf); }).ok());  // mirrored
+  auto child = m->fork();
+  ASSERT_TRUE(child.ok());
+  ASSERT_EQ((*child)->store<std::uint64_t>(buf, 22), errc::ok);  // the child breaks the share
+  std::atomic<std::uint64_t> seen{0};
+  ASSERT_TRUE(run(1, [&, buf](dev::work_item& wi) { seen = wi.load<std::uint64_t>(buf); }).ok());
+  EXPECT_EQ(seen.load(), 11u);
+  // The parent's device writes: the parent sees it, the child does not.
+  ASSERT_TRUE(run(1, [=](dev::work_item& wi) { wi.store<std::uint64_t>(buf, 33); }).ok());
+  EXPECT_EQ(*m->load<std::uint64_t>(buf), 33u);
+  EXPECT_EQ(*(*child)->load<std::uint64_t>(buf), 22u);
+}
+
+TEST_P(E2E, SharedMappingIsSeenByCpuAndDevice) {
+  auto va = m->mmap(0, 4 * page_size, prot::read | prot::write, map::shared | map::anonymous);
+  ASSERT_TRUE(va.ok());
+  const va_t buf = *va;
+  ASSERT_TRUE(run(4, [=](dev::work_item& wi) { wi.store<std::uint64_t>(buf + wi.id() * page_size, 7 * wi.id()); }).ok());
+  auto child = m->fork();
+  ASSERT_TRUE(child.ok());
+  for (std::uint64_t i = 0; i < 4; ++i) EXPECT_EQ(*(*child)->load<std::uint64_t>(buf + i * page_size), 7 * i);
+  ASSERT_EQ((*child)->store<std::uint64_t>(buf, 99), errc::ok);
+  std::atomic<std::uint64_t> seen{0};
+  ASSERT_TRUE(run(1, [&, buf](dev::work_item& wi) { seen = wi.load<std::uint64_t>(buf); }).ok());
+  EXPECT_EQ(seen.load(), 99u);
+}
+
+TEST_P(E2E, SwappedOutPageComesBackThroughTheDevice) {
+  const va_t buf = map_anon(4 * page_size);
+  ASSERT_EQ(m->store<std::uint64_t>(buf + page_size, 0x5eed), errc::ok);
+  ASSERT_TRUE(run(1, [=](dev::work_item& wi) { (void)wi.load<std::uint64_t>(buf + page_size); }).ok());
+  auto n = m->reclaim(buf, 4 * page_size);
+  ASSERT_TRUE(n.ok());
+  EXPECT_GE(*n, 1u);
+  std::atomic<std::uint64_t> seen{0};
+  ASSERT_TRUE(run(1, [&, buf](dev::work_item& wi) { seen = wi.load<std::uint64_t>(buf + page_size); }).ok());
+  EXPECT_EQ(seen.load(), 0x5eedu);
+}
+
+TEST_P(E2E, HugePageIsMirroredWithOneTwoMegLeaf) {
+  auto va = m->mmap(0, 4 * huge_size, prot::read | prot::write, map::private_ | map::anonymous);
+  ASSERT_TRUE(va.ok());
+  const va_t buf = align_up(*va, huge_size);
+  ASSERT_EQ(m->madvise(*va, 4 * huge_size, madvice::hugepage), errc::ok);
+  ASSERT_EQ(m->store<std::uint64_t>(buf, 1), errc::ok);  // a THP fault on the CPU
+  std::atomic<std::uint64_t> sum{0};
+  ASSERT_TRUE(run(512, [&, buf](dev::work_item& wi) { sum += wi.load<std::uint64_t>(buf + wi.id() * page_size); }).ok());
+  EXPECT_EQ(sum.load(), 1u);
+  ASSERT_EQ(m->cpu_translate(buf).order, order_2m);  // the CPU side is one THP
+  // Every mirror maps it with one 2M device leaf.
+  EXPECT_EQ(vm->stats().huge_leaves, 1u);
+  EXPECT_EQ(vm->page_table().translate(buf + 5 * page_size).level, 1u);
+  EXPECT_EQ(vm->stats().ptes_written, 512u);
+}
+
+TEST_P(E2E, ManyEnginesOnOneBuffer) {
+  make({}, dev::device_config{.engines = 8});
+  constexpr std::uint64_t n = 1 << 14;
+  const va_t buf = map_anon(8 * page_size);
+  auto st = run(n, [=](dev::work_item& wi) { wi.atomic_add<std::uint64_t>(buf + (wi.id() % 8) * page_size, 1); });
+  ASSERT_TRUE(st.ok());
+  std::uint64_t total = 0;
+  for (int i = 0; i < 8; ++i) total += *m->load<std::uint64_t>(buf + i * page_size);
+  EXPECT_EQ(total, n);
+}
+
+TEST_P(E2E, SeveralThreadsSubmitToOneVm) {
+  const va_t buf = map_anon(16 * page_size);
+  {
+    std::vector<std::jthread> ts;
+    for (int t = 0; t < 4; ++t)
+      ts.emplace_back([&, t] {
+        for (int k = 0; k < 5; ++k) {
+          auto c = dev->submit(*vm, 64, [=](dev::work_item& wi) {
+            wi.atomic_add<std::uint64_t>(buf + (static_cast<std::uint64_t>(t) * 4 + wi.id() % 4) * page_size, 1);
+          });
+          ASSERT_TRUE(c.ok());
+          ASSERT_TRUE(c->wait(std::chrono::seconds(60)).ok());
+        }
+      });
+  }
+  std::uint64_t total = 0;
+  for (int i = 0; i < 16; ++i) total += *m->load<std::uint64_t>(buf + i * page_size);
+  EXPECT_EQ(total, 4u * 5 * 64);
+}
+
+// CPU operations while a kernel runs: the kernel either sees the data or
+// fails with a fault error naming an address in the buffer; it never
+// crashes, hangs or reads another buffer's bytes.
+TEST_P(E2E, MunmapAndDontneedDuringKernels) {
+  const va_t buf = map_anon(64 * page_size);
+  for (std::uint64_t i = 0; i < 64; ++i) ASSERT_EQ(m->store<std::uint64_t>(buf + i * page_size, 42), errc::ok);
+  std::atomic<bool> stop{false};
+  std::jthread cpu([&] {
+    int k = 0;
+    while (!stop) {
+      const va_t p = buf + (k++ % 64) * page_size;
+      ASSERT_EQ(m->madvise(p, page_size, madvice::dontneed), errc::ok);
+      ASSERT_EQ(m->store<std::uint64_t>(p, 42), errc::ok);
+    }
+  });
+  for (int rep = 0; rep < 20; ++rep) {
+    std::atomic<int> bad{0};
+    auto st = run(256, [&, buf](dev::work_item& wi) {
+      const auto v = wi.load<std::uint64_t>(buf + (wi.id() % 64) * page_size);
+      if (v != 42 && v != 0) ++bad;
+    });
+    ASSERT_TRUE(st.ok()) << errc_name(st.error);
+    EXPECT_EQ(bad.load(), 0);
+  }
+  stop = true;
+  cpu.join();
+  ASSERT_EQ(m->munmap(buf + 32 * page_size, 32 * page_size), errc::ok);
+  auto st = run(64, [=](dev::work_item& wi) { (void)wi.load<std::uint64_t>(buf + wi.id() * page_size); });
+  EXPECT_EQ(st.error, errc::canceled);
+  EXPECT_GE(st.address, buf + 32 * page_size);
+  EXPECT_LT(st.address, buf + 64 * page_size);
+}
+
+
+
+}  // namespace
+}  // namespace svm::test

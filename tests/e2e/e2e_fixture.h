@@ -1,0 +1,63 @@
+// Shared fixture of the end-to-end tests: an mm, a device with its fault
+// handler, and a gpu_vm, parameterised by sequence mode and mirror.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <memory>
+#include <string>
+
+#include "svm/svm/gpu_vm.h"
+
+namespace svm::test {
+
+struct e2e_param {
+  seq_mode seq;
+  mirror_impl impl;
+};
+
+inline std::string param_name(const ::testing::TestParamInfo<e2e_param>& p) {
+  return std::string(to_string(p.param.seq)) + "_" + to_string(p.param.impl);
+}
+
+class E2E : public ::testing::TestWithParam<e2e_param> {
+ protected:
+  void SetUp() override { make(); }
+  void TearDown() override {
+    vm.reset();
+    dev.reset();
+    m.reset();
+  }
+  void make(vm_config cfg = {}, dev::device_config hw = {}) {
+    vm.reset();
+    dev.reset();
+    m = std::make_unique<mm>(mm_options{.frames = 8192});
+    if (hw.engines == 4) hw.engines = 2;
+    dev = std::make_unique<device>(device_config{.hw = hw});
+    cfg.seq = GetParam().seq;
+    cfg.impl = GetParam().impl;
+    vm = std::make_unique<gpu_vm>(*dev, *m, cfg);
+  }
+  va_t map_anon(std::uint64_t bytes, prot p = prot::read | prot::write) {
+    auto va = m->mmap(0, bytes, p, map::private_ | map::anonymous);
+    EXPECT_TRUE(va.ok());
+    return va.ok() ? *va : 0;
+  }
+  dev::kernel_status run(std::uint64_t n, dev::kernel_fn fn) {
+    auto c = dev->submit(*vm, n, std::move(fn));
+    EXPECT_TRUE(c.ok());
+    if (!c.ok()) return {c.error()};
+    return c->wait(std::chrono::seconds(60));
+  }
+
+  std::unique_ptr<mm> m;
+  std::unique_ptr<device> dev;
+  std::unique_ptr<gpu_vm> vm;
+};
+
+#define SVM_E2E_MODES                                                                              \
+  ::testing::Values(::svm::test::e2e_param{::svm::seq_mode::pgtable, ::svm::mirror_impl::page},   \
+                    ::svm::test::e2e_param{::svm::seq_mode::notifier, ::svm::mirror_impl::page}, \
+                    ::svm::test::e2e_param{::svm::seq_mode::notifier, ::svm::mirror_impl::range})
+
+}  // namespace svm::test
