@@ -139,6 +139,7 @@ errc gpu_vm::bind(bo_id id, va_t gpu_va, std::uint64_t offset, std::uint64_t siz
       (void)pt_.zap(clr.start, clr.end, flush, o);
     }
     const va_range wr = op.write_range();
+    lock_.assert_held();  // commit runs the step under our exclusive hold
     if (!wr.empty() && cfg_.mode == vm_mode::long_running) write_bo_ptes_locked(*op.map, wr);
   });
   unpin_all();
@@ -256,7 +257,10 @@ errc gpu_vm::evict_locked(bo& b) {
   if (cfg_.mode == vm_mode::long_running) {
     // No faults here: rebind at once, then resume with a new preempt fence
     // (see preempt_fence()).
-    tree_.for_each_bo_mapping(b.id, [&](const gpuva& m) { write_bo_ptes_locked(m, m.range()); });
+    tree_.for_each_bo_mapping(b.id, [&](const gpuva& m) {
+      lock_.assert_held();  // evict_locked's caller holds it exclusive
+      write_bo_ptes_locked(m, m.range());
+    });
     preempt_ = fence::create("preempt");
   }
   return errc::ok;

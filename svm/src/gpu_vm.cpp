@@ -341,6 +341,11 @@ void gpu_vm::put_chunk(chunk* c) {
 
 std::size_t gpu_vm::gc_notifiers() {
   std::vector<std::unique_ptr<chunk>> dead;
+  std::vector<window> windows;
+  if (cfg_.mirror == mirror_kind::windows) {
+    lock_guard lg(log_lock_);  // not under chunks_lock_: both are leaves
+    windows = windows_snapshot_;
+  }
   {
     lock_guard g(chunks_lock_);
     for (auto it = chunks_.begin(); it != chunks_.end();) {
@@ -352,8 +357,7 @@ std::size_t gpu_vm::gc_notifiers() {
         if (cfg_.mirror == mirror_kind::full_mm) {
           idle = !pt_.any_leaf(c.cpu.start, c.cpu.end);
         } else {
-          lock_guard lg(log_lock_);
-          for (const window& w : windows_snapshot_) {
+          for (const window& w : windows) {
             const va_range o = intersect(c.cpu, {w.cpu, w.cpu + w.size});
             if (!o.empty() && pt_.any_leaf(w.gpu + (o.start - w.cpu), w.gpu + (o.end - w.cpu))) idle = false;
           }
@@ -579,7 +583,7 @@ errc gpu_vm::service_svm_locked(va_t gva, va_t cpu, access acc, va_range allowed
     va_range win;
     bool aim_huge = false;
     {
-      auto rd = mm_.read_lock();
+      mm::read_guard rd(mm_);
       auto vma = mm_.find_vma(cpu);
       if (!vma || cpu < vma->start) return errc::fault;
       const va_range vma_gpu{vma->start - static_cast<va_t>(delta), vma->end - static_cast<va_t>(delta)};
@@ -628,7 +632,7 @@ errc gpu_vm::service_svm_locked(va_t gva, va_t cpu, access acc, va_range allowed
     if (pgtable) range.is_valid = [n, snap] { return n->read_seq() == snap; };
     errc err;
     {
-      auto rd = mm_.read_lock();
+      mm::read_guard rd(mm_);
       bump(ctr_->hmm_calls);
       span_scope sp(dev_.trace(), "hmm_range_fault", npages);
       err = hmm_range_fault(range);

@@ -8,7 +8,7 @@
 #include <cstdio>
 
 #include "svm/notifier/cpu_pte.h"
-#include "vm_internal.h"
+#include "svm/svm/gpu_vm.h"
 
 namespace svm {
 

@@ -27,11 +27,5 @@ struct gpu_vm::bo {
   resv reservation;
 };
 
-/// The device pfn of frame `pfn` of the mm's pool `pool` (the system
-/// aperture spans every pool of the mm: see mm_memory in gpu_vm.cpp).
-inline constexpr unsigned mm_pool_shift = 32;
-[[nodiscard]] constexpr pfn_t mm_device_pfn(unsigned pool, pfn_t pfn) noexcept {
-  return (pfn_t{pool} << mm_pool_shift) | pfn;
-}
 
 }  // namespace svm

@@ -174,3 +174,143 @@ TEST_P(E2E, MunmapAndDontneedDuringKernels) {
 
 }  // namespace
 }  // namespace svm::test
+
+namespace svm::test {
+namespace {
+
+TEST_P(E2E, ReadThenWriteUpgradesTheDevicePte) {
+  const va_t buf = map_anon(page_size);
+  ASSERT_EQ(m->store<std::uint64_t>(buf, 3), errc::ok);
+  std::atomic<std::uint64_t> seen{0};
+  ASSERT_TRUE(run(1, [&, buf](dev::work_item& wi) { seen = wi.load<std::uint64_t>(buf); }).ok());
+  EXPECT_EQ(seen.load(), 3u);
+  ASSERT_TRUE(run(1, [=](dev::work_item& wi) { wi.store<std::uint64_t>(buf, 4); }).ok());
+  EXPECT_EQ(*m->load<std::uint64_t>(buf), 4u);
+  EXPECT_TRUE(dev::dev_pte::is_writable(vm->page_table().translate(buf).entry));
+}
+
+TEST_P(E2E, ZeroPageReadThenDeviceWriteGetsItsOwnFrame) {
+  const va_t buf = map_anon(2 * page_size);
+  std::atomic<std::uint64_t> seen{1};
+  ASSERT_TRUE(run(1, [&, buf](dev::work_item& wi) { seen = wi.load<std::uint64_t>(buf); }).ok());
+  EXPECT_EQ(seen.load(), 0u);  // the shared zero page, read-only
+  EXPECT_FALSE(dev::dev_pte::is_writable(vm->page_table().translate(buf).entry));
+  ASSERT_TRUE(run(1, [=](dev::work_item& wi) { wi.store<std::uint64_t>(buf, 8); }).ok());
+  EXPECT_EQ(*m->load<std::uint64_t>(buf), 8u);
+  EXPECT_EQ(*m->load<std::uint64_t>(buf + page_size), 0u);  // the neighbour still reads zero
+}
+
+// mprotect and mremap while kernels run: every kernel either completes with
+// the right data or fails with a fault error at an address of the buffer.
+TEST_P(E2E, MprotectAndMremapDuringKernels) {
+  const va_t buf = map_anon(16 * page_size);
+  for (std::uint64_t i = 0; i < 16; ++i) ASSERT_EQ(m->store<std::uint64_t>(buf + i * page_size, 9), errc::ok);
+  std::atomic<bool> stop{false};
+  std::jthread cpu([&] {
+    bool ro = false;
+    while (!stop) {
+      ro = !ro;
+      ASSERT_EQ(m->mprotect(buf, 8 * page_size, ro ? prot::read : prot::read | prot::write), errc::ok);
+      // Move the second half away and back (MAYMOVE|FIXED to a scratch place).
+      auto there = m->mremap(buf + 8 * page_size, 8 * page_size, 8 * page_size,
+                             mremap_flags::maymove | mremap_flags::fixed, buf + 64 * page_size);
+      ASSERT_TRUE(there.ok());
+      auto back = m->mremap(*there, 8 * page_size, 8 * page_size, mremap_flags::maymove | mremap_flags::fixed,
+                            buf + 8 * page_size);
+      ASSERT_TRUE(back.ok());
+    }
+  });
+  int ok = 0, failed = 0;
+  for (int rep = 0; rep < 30; ++rep) {
+    std::atomic<int> bad{0};
+    auto st = run(64, [&, buf](dev::work_item& wi) {
+      if (wi.load<std::uint64_t>(buf + (wi.id() % 16) * page_size) != 9) ++bad;
+    });
+    EXPECT_EQ(bad.load(), 0);
+    if (st.ok()) {
+      ++ok;
+    } else {
+      ++failed;
+      EXPECT_EQ(st.error, errc::canceled);
+      EXPECT_EQ(st.reason, errc::fault);
+      EXPECT_GE(st.address, buf + 8 * page_size);  // only the moving half can be missing
+      EXPECT_LT(st.address, buf + 16 * page_size);
+    }
+  }
+  stop = true;
+  cpu.join();
+  EXPECT_EQ(ok + failed, 30);
+  // Quiet again: everything reads back.
+  std::atomic<std::uint64_t> sum{0};
+  ASSERT_TRUE(run(16, [&, buf](dev::work_item& wi) { sum += wi.load<std::uint64_t>(buf + wi.id() * page_size); }).ok());
+  EXPECT_EQ(sum.load(), 16u * 9);
+}
+
+TEST_P(E2E, NonBlockableInvalidationIsRefusedWhileMirrored) {
+  const va_t buf = map_anon(4 * page_size);
+  for (int i = 0; i < 4; ++i) ASSERT_EQ(m->store<std::uint64_t>(buf + i * page_size, 1), errc::ok);
+  ASSERT_TRUE(run(1, [=](dev::work_item& wi) { (void)wi.load<std::uint64_t>(buf); }).ok());
+  // A non-blockable reclaim meets mirrored pages: the driver may not wait
+  // for its TLB shootdown, so it refuses and nothing is reclaimed.
+  auto r = m->reclaim(buf, 4 * page_size, /*blockable=*/false);
+  EXPECT_EQ(r.error(), errc::again);
+  EXPECT_TRUE(vm->page_table().any_leaf(buf, buf + page_size));
+  // Blockable, it goes through.
+  auto r2 = m->reclaim(buf, 4 * page_size, true);
+  ASSERT_TRUE(r2.ok());
+  EXPECT_GE(*r2, 1u);
+  std::atomic<std::uint64_t> seen{0};
+  ASSERT_TRUE(run(1, [&, buf](dev::work_item& wi) { seen = wi.load<std::uint64_t>(buf); }).ok());
+  EXPECT_EQ(seen.load(), 1u);
+}
+
+TEST_P(E2E, TwoMmsAndTwoVmsOnOneDeviceStayApart) {
+  mm other(mm_options{.frames = 2048});
+  vm_config c;
+  c.seq = GetParam().seq;
+  c.impl = GetParam().impl;
+  gpu_vm vm2(*dev, other, c);
+  EXPECT_NE(vm2.id(), vm->id());
+  auto va2 = other.mmap(0, page_size, prot::read | prot::write, map::private_ | map::anonymous);
+  ASSERT_TRUE(va2.ok());
+  ASSERT_EQ(other.store<std::uint64_t>(*va2, 222), errc::ok);
+  const va_t buf = map_anon(page_size);
+  ASSERT_EQ(m->store<std::uint64_t>(buf, 111), errc::ok);
+  std::atomic<std::uint64_t> a{0}, b{0};
+  ASSERT_TRUE(run(1, [&, buf](dev::work_item& wi) { a = wi.load<std::uint64_t>(buf); }).ok());
+  const va_t v2 = *va2;
+  auto k = dev->submit(vm2, 1, [&, v2](dev::work_item& wi) { b = wi.load<std::uint64_t>(v2); });
+  ASSERT_TRUE(k.ok());
+  ASSERT_TRUE(k->wait(std::chrono::seconds(30)).ok());
+  EXPECT_EQ(a.load(), 111u);
+  EXPECT_EQ(b.load(), 222u);
+  // The other VM's address means nothing in this one (unless both mms
+  // happen to map it, which they do here at the same chosen address: then
+  // each VM still sees its own mm's bytes).
+  if (v2 == buf) {
+    ASSERT_TRUE(run(1, [&, buf](dev::work_item& wi) { a = wi.load<std::uint64_t>(buf); }).ok());
+    EXPECT_EQ(a.load(), 111u);
+  }
+}
+
+TEST_P(E2E, MigrationByAnotherOwnerIsFollowedThroughTheDevice) {
+  auto node1 = std::make_shared<frame_pool>(2048);
+  auto pool = m->attach_pool(node1, pool_kind::numa);
+  ASSERT_TRUE(pool.ok());
+  const va_t buf = map_anon(4 * page_size);
+  for (int i = 0; i < 4; ++i) ASSERT_EQ(m->store<std::uint64_t>(buf + i * page_size, 50 + i), errc::ok);
+  ASSERT_TRUE(run(4, [=](dev::work_item& wi) { (void)wi.load<std::uint64_t>(buf + wi.id() * page_size); }).ok());
+  static const int other_owner = 0;
+  auto moved = m->migrate(buf, 4 * page_size, *pool, &other_owner);
+  ASSERT_TRUE(moved.ok());
+  EXPECT_EQ(*moved, 4u);
+  std::atomic<std::uint64_t> sum{0};
+  ASSERT_TRUE(run(4, [&, buf](dev::work_item& wi) { sum += wi.load<std::uint64_t>(buf + wi.id() * page_size); }).ok());
+  EXPECT_EQ(sum.load(), 50u + 51 + 52 + 53);
+  // The device now reaches the frames of pool 1.
+  const auto e = vm->page_table().translate(buf).entry;
+  EXPECT_EQ(dev::dev_pte::pfn(e) >> 32, *pool);
+}
+
+}  // namespace
+}  // namespace svm::test

@@ -231,6 +231,13 @@ class device {
   std::vector<std::jthread> handlers_;  // started last, joined first
 };
 
+/// The device's system aperture spans every frame pool of the mm: the
+/// device pfn of frame `pfn` of the mm's pool `pool` is (pool << 32) | pfn.
+inline constexpr unsigned mm_pool_shift = 32;
+[[nodiscard]] constexpr pfn_t mm_device_pfn(unsigned pool, pfn_t pfn) noexcept {
+  return (pfn_t{pool} << mm_pool_shift) | pfn;
+}
+
 /// A BO handle as the user sees it.
 using bo_id = bo_handle;
 

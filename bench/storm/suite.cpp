@@ -1,0 +1,290 @@
+#include "suite.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <thread>
+
+#include "scenario.h"
+
+namespace svm::storm {
+namespace {
+
+double pps_ratio(const run_result& a, const run_result& b) { return b.pages_per_s > 0 ? a.pages_per_s / b.pages_per_s : 0; }
+double ns_ratio(const run_result& a, const run_result& b) { return b.ns_per_page > 0 ? a.ns_per_page / b.ns_per_page : 0; }
+
+unsigned max_threads() { return std::clamp(std::thread::hardware_concurrency(), 1u, 64u); }
+
+std::string fmt(const char* f, double a, double b = 0, double c = 0, double d = 0) {
+  char buf[256];
+  std::snprintf(buf, sizeof buf, f, a, b, c, d);
+  return buf;
+}
+
+std::string spread(const comparison& c) {
+  if (c.samples.empty()) return "";
+  const auto [lo, hi] = std::minmax_element(c.samples.begin(), c.samples.end());
+  return fmt("; %.0f reps, spread %.3f..%.3f", static_cast<double>(c.samples.size()), *lo, *hi);
+}
+
+const run_result* find_run(const std::vector<run_result>& runs, const std::string& scenario) {
+  for (const run_result& r : runs)
+    if (r.config.scenario == scenario) return &r;
+  return nullptr;
+}
+
+target_figure make_target(std::string id, std::string figure, std::string unit, std::optional<double> value,
+                          std::string first_bar, std::string goal) {
+  target_figure t;
+  t.id = std::move(id);
+  t.figure = std::move(figure);
+  t.unit = std::move(unit);
+  t.value = value;
+  t.first_bar = std::move(first_bar);
+  t.goal = std::move(goal);
+  return t;
+}
+
+}  // namespace
+
+void comparison_sides(const options& o, const std::string& name, run_config& a, run_config& b) {
+  a = o.base;
+  if (name == "seq") {
+    a.scenario = o.scenario.value_or("invalidate-disjoint");
+    b = a;
+    a.seq = seq_mode::pgtable;
+    b.seq = seq_mode::notifier;
+    a.label = "seq pgtable";
+    b.label = "seq notifier";
+  } else if (name == "mirror") {
+    a.scenario = o.scenario.value_or("invalidate-overlap");
+    if (!o.threads_given) a.handler_threads = max_threads();
+    b = a;
+    a.mirror = mirror_impl::page;
+    b.mirror = mirror_impl::range;
+    b.seq = seq_mode::notifier;  // the baseline always uses the notifier-wide sequence
+    a.label = "mirror page";
+    b.label = "mirror range";
+  } else {  // host
+    a.scenario = o.scenario.value_or("cpu-populated");
+    if (!o.engines_given) a.engines = 1;
+    if (!o.window_given) a.window = window_choice::w4k;
+    b = a;
+    b.scenario = "host-minor-fault";
+    a.label = "svm";
+    b.label = "host";
+  }
+}
+
+comparison run_comparison(const options& o, const std::string& name, const runner_options& ro) {
+  run_config a, b;
+  comparison_sides(o, name, a, b);
+  if (name == "host")
+    return compare(name, "svm ns/page / host ns/page (P1: <= 1.0)", a, b, o.reps, ro, ns_ratio);
+  if (name == "seq") return compare(name, "pages/s pgtable / pages/s notifier", a, b, o.reps, ro, pps_ratio);
+  return compare(name, "pages/s page / pages/s range (P5: >= 2)", a, b, o.reps, ro, pps_ratio);
+}
+
+suite_result run_suite(const options& o, const runner_options& ro) {
+  suite_result s;
+  run_config base = o.base;
+  if (!o.seconds_given) base.seconds = 1.0;
+  // Each side of a comparison gets twice a scenario run's budget, split
+  // over the interleaved repetitions (the ratios are what is noisy).
+  run_config cbase = base;
+  cbase.seconds = 2 * base.seconds;
+  const unsigned reps = o.reps;
+  auto say = [&](const char* what) {
+    if (!ro.quiet) std::fprintf(stderr, "svm-storm: %s\n", what);
+  };
+
+  // ---- every scenario -------------------------------------------------------
+  say("the scenarios, one run each");
+  for (const scenario_info& si : scenarios()) {
+    run_config c = base;
+    c.scenario = si.name;
+    s.table.push_back(run_one(c, ro));
+  }
+
+  // ---- P1: svm's 4K fault path against the host's minor fault ---------------
+  say("P1: --compare host (cpu-populated, 1 engine, 4K windows, against host-minor-fault)");
+  {
+    options p = o;
+    p.base = cbase;
+    p.scenario = "cpu-populated";
+    p.engines_given = p.window_given = false;
+    p.reps = reps;
+    s.comps.push_back(run_comparison(p, "host", ro));
+  }
+
+  // ---- P4: seq modes with and without the disjoint invalidation storm --------
+  say("P4: --compare seq on invalidate-disjoint, with the CPU storm and without (quiet)");
+  comparison seq, quiet;
+  {
+    options p = o;
+    p.base = cbase;
+    p.scenario = "invalidate-disjoint";
+    run_config pg, nf;
+    comparison_sides(p, "seq", pg, nf);
+    run_config pgq = pg, nfq = nf;
+    pgq.cpu_storm = nfq.cpu_storm = false;
+    pgq.label = "seq pgtable, quiet";
+    nfq.label = "seq notifier, quiet";
+    std::vector<std::vector<run_result>> per;
+    auto merged = interleave({pg, nf, pgq, nfq}, reps, ro, &per);
+    seq.name = "seq";
+    seq.ratio_of = "pages/s pgtable / pages/s notifier, with the disjoint invalidation storm";
+    seq.runs = {merged[0], merged[1]};
+    quiet.name = "seq-quiet";
+    quiet.ratio_of = "pages/s pgtable / pages/s notifier, no CPU storm (P4's baseline)";
+    quiet.runs = {merged[2], merged[3]};
+    for (std::size_t i = 0; i < per[0].size(); ++i) {
+      seq.samples.push_back(pps_ratio(per[0][i], per[1][i]));
+      quiet.samples.push_back(pps_ratio(per[2][i], per[3][i]));
+    }
+    seq.ratio = median(seq.samples);
+    quiet.ratio = median(quiet.samples);
+    s.comps.push_back(seq);
+    s.comps.push_back(quiet);
+  }
+
+  // ---- P5: page-centric against the range-based baseline ----------------------
+  say("P5: --compare mirror on invalidate-overlap, max handler threads");
+  {
+    options p = o;
+    p.base = cbase;
+    p.scenario = "invalidate-overlap";
+    p.threads_given = false;
+    p.reps = reps;
+    s.comps.push_back(run_comparison(p, "mirror", ro));
+  }
+
+  // ---- P6: scaling of disjoint fault storms, 1 against 2 threads -------------
+  say("P6: cpu-populated with 4K windows, 2 engines + 2 handler threads against 1 + 1");
+  {
+    run_config two = cbase, one = cbase;
+    two.scenario = one.scenario = "cpu-populated";
+    two.window = one.window = window_choice::w4k;
+    two.engines = two.handler_threads = 2;
+    one.engines = one.handler_threads = 1;
+    two.label = "2 threads";
+    one.label = "1 thread";
+    s.comps.push_back(compare("scaling", "pages/s with 2 engines + 2 handler threads / with 1 + 1 (P6: >= 1.7)", two,
+                              one, reps, ro, pps_ratio));
+  }
+
+  // ---- P7: page-table bytes per page over a larger mapping -------------------
+  say("P7: cpu-populated over 256M, 4K leaves (one round)");
+  run_result p7;
+  {
+    run_config c = base;
+    c.scenario = "cpu-populated";
+    c.size = std::uint64_t{256} << 20;
+    c.seconds = 0.001;  // one round
+    c.label = "P7 256M";
+    p7 = run_one(c, ro);
+  }
+
+  // ---- the targets -------------------------------------------------------------
+  const comparison& host = s.comps[0];
+  const comparison& mirror = s.comps[3];
+  const comparison& scaling = s.comps[4];
+  auto both_clean = [](const comparison& c) { return std::all_of(c.runs.begin(), c.runs.end(), [](auto& r) { return clean(r); }); };
+  {
+    target_figure t = make_target("P1", "svm 4K fault / host minor fault (same run)", "x", host.ratio, "<= 1.0", "<= 0.2");
+    t.met = host.ratio <= 1.0;
+    t.clean = both_clean(host);
+    t.note = fmt("svm %.0f ns/page (cpu-populated, 1 engine, 4K windows, raise->service->replay per page) vs host %.0f ns/page",
+                 host.runs[0].ns_per_page, host.runs[1].ns_per_page) + spread(host);
+    s.targets.push_back(t);
+  }
+  if (const run_result* r = find_run(s.table, "cpu-populated")) {
+    const double v = r->pages_per_s / r->config.handler_threads;
+    target_figure t = make_target("P2", "batched 2M windows, 4K PTEs: pages/s per handler thread", "pages/s", v, ">= 10 M", ">= 50 M");
+    t.met = v >= 10e6;
+    t.clean = clean(*r);
+    t.note = fmt("cpu-populated, largest windows, %.0f engines, %.0f handler thread(s): %.1f ns/page end to end; "
+                 "single run, see the table",
+                 r->config.engines, r->config.handler_threads, r->ns_per_page);
+    s.targets.push_back(t);
+  }
+  if (const run_result* r = find_run(s.table, "thp")) {
+    const double v = r->wall_s > 0 ? static_cast<double>(r->pages_mapped) * page_size / r->wall_s / double(1 << 30) : 0;
+    target_figure t = make_target("P3", "2M CPU huge pages as 2M device leaves: GiB of VA/s", "GiB/s", v, ">= 100", ">= 1000");
+    t.met = v >= 100 && r->huge_leaves > 0;
+    t.clean = clean(*r);
+    t.note = fmt("thp scenario: %.0f 2M leaves written, %.0f pages, %.3f s timed", static_cast<double>(r->huge_leaves),
+                 static_cast<double>(r->pages_mapped), r->wall_s) +
+             (r->huge_leaves ? "" : " -- NO 2M leaves: the figure is not P3's");
+    s.targets.push_back(t);
+  }
+  {
+    const run_result &pg = seq.runs[0], &nf = seq.runs[1], &pgq = quiet.runs[0], &nfq = quiet.runs[1];
+    target_figure t = make_target("P4a", "disjoint invalidation storm: false retries, pgtable mode", "retries",
+                    static_cast<double>(pg.false_retries), "0", "0 at 16 threads");
+    t.met = pg.false_retries == 0 && pg.cpu_ops > 0;
+    t.clean = clean(pg) && clean(nf);
+    t.note = fmt("notifier mode beside it: %.0f false retries (of %.0f retries); CPU unmap+remap ops: pgtable %.0f, notifier %.0f",
+                 static_cast<double>(nf.false_retries), static_cast<double>(nf.retries_busy + nf.retries_seq),
+                 static_cast<double>(pg.cpu_ops), static_cast<double>(nf.cpu_ops));
+    s.targets.push_back(t);
+    const double lost = pgq.pages_per_s > 0 ? 100.0 * (1.0 - pg.pages_per_s / pgq.pages_per_s) : 0;
+    const double lost_nf = nfq.pages_per_s > 0 ? 100.0 * (1.0 - nf.pages_per_s / nfq.pages_per_s) : 0;
+    target_figure l = make_target("P4b", "disjoint invalidation storm: throughput lost, pgtable mode", "%", lost, "<= 10 %", "the same at 16 threads");
+    l.met = lost <= 10.0;
+    l.clean = clean(pg) && clean(pgq) && clean(nf) && clean(nfq);
+    l.note = fmt("pgtable %.2f M pages/s with the storm vs %.2f quiet; notifier mode loses %.1f %%", pg.pages_per_s / 1e6,
+                 pgq.pages_per_s / 1e6, lost_nf) +
+             fmt(" (%.2f vs %.2f M pages/s); seq ratio with storm %.3f", nf.pages_per_s / 1e6, nfq.pages_per_s / 1e6,
+                 seq.ratio) + spread(seq) + "; the CPU storm also takes a core of 2";
+    s.targets.push_back(l);
+  }
+  {
+    target_figure t = make_target("P5", "page-centric / range baseline, overlapping storm, max threads", "x", mirror.ratio, ">= 2", ">= 5");
+    t.met = mirror.ratio >= 2.0;
+    t.clean = both_clean(mirror);
+    t.note = fmt("invalidate-overlap, %.0f handler threads, %.0f engines: page %.2f M pages/s vs range %.2f M pages/s",
+                 mirror.runs[0].config.handler_threads, mirror.runs[0].config.engines, mirror.runs[0].pages_per_s / 1e6,
+                 mirror.runs[1].pages_per_s / 1e6) + spread(mirror);
+    s.targets.push_back(t);
+  }
+  {
+    target_figure t = make_target("P6", "scaling of disjoint fault storms, 2 threads / 1", "x", scaling.ratio, ">= 1.7 on 2", ">= 12 on 16");
+    t.met = scaling.ratio >= 1.7;
+    t.clean = both_clean(scaling);
+    t.note = fmt("cpu-populated, 4K windows: %.2f vs %.2f M pages/s", scaling.runs[0].pages_per_s / 1e6,
+                 scaling.runs[1].pages_per_s / 1e6) + spread(scaling) +
+             fmt("; this machine has %.0f hardware threads, so 16 is not measured", max_threads());
+    s.targets.push_back(t);
+  }
+  {
+    target_figure t = make_target("P7", "device page-table bytes per mirrored 4K page, 4K leaves", "B/page", p7.pt_bytes_per_page,
+                    "<= 8.2", "-");
+    t.met = p7.pt_bytes_per_page <= 8.2 && p7.pt_mapped_pages > 0;
+    t.clean = clean(p7);
+    t.note = fmt("cpu-populated over 256M: %.0f bytes for %.0f mapped pages (root and upper levels included)",
+                 static_cast<double>(p7.pt_bytes), static_cast<double>(p7.pt_mapped_pages));
+    if (const run_result* r = find_run(s.table, "cpu-populated"))
+      t.note += fmt("; at the table's %.0f M: %.2f B/page", static_cast<double>(r->config.size >> 20), r->pt_bytes_per_page);
+    s.targets.push_back(t);
+  }
+  if (const run_result* r = find_run(s.table, "thp")) {
+    target_figure t = make_target("P7h", "device page-table bytes per mirrored 4K page, 2M leaves", "B/page", r->pt_bytes_per_page, "-", "<= 0.05");
+    t.met = std::nullopt;
+    t.clean = clean(*r);
+    t.note = fmt("thp scenario over %.0f M: %.0f bytes for %.0f mapped pages; the fixed upper levels dominate "
+                 "at this size (%.0f 2M leaves written over the run)",
+                 static_cast<double>(r->config.size >> 20), static_cast<double>(r->pt_bytes),
+                 static_cast<double>(r->pt_mapped_pages), static_cast<double>(r->huge_leaves));
+    s.targets.push_back(t);
+  }
+  {
+    target_figure t = make_target("P8", "device access: TLB hit; TLB miss that finds a PTE", "ns", std::nullopt, "<= 5; <= 50", "<= 2; <= 20");
+    t.note = "measured by the device micro-benchmark, not here: svm_device_sim_bench "
+             "--benchmark_filter='BM_DeviceSim_Tlb(Hit|MissWalk)' (release preset)";
+    s.targets.push_back(t);
+  }
+  s.table.push_back(std::move(p7));
+  return s;
+}
+
+}  // namespace svm::storm
