@@ -135,6 +135,11 @@ std::optional<int> parse_options(int argc, char** argv, options& o) {
   app.add_option("--huge-leaves", huge, "Map 2M device leaves over CPU huge pages: on or off")
       ->check(CLI::IsMember({"on", "off"}))
       ->capture_default_str();
+  app.add_option("--wait-spin", b.wait_spin_ns,
+                 "ns a faulted wave and an idle fault handler keep spinning for their reply before they sleep on "
+                 "a futex (0: sleep after a short pause spin)")
+      ->capture_default_str()
+      ->check(CLI::Range(0u, 10'000'000u));
   app.add_option("--stride", b.stride, "Bytes between accesses in the stride scenario (multiple of 8)")
       ->capture_default_str()
       ->transform(CLI::AsSizeValue(false));

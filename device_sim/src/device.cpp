@@ -196,7 +196,11 @@ thread_local engine* tl_engine = nullptr;
 /// their comments); the counters are owner-written, read racily (relaxed).
 struct engine {
   engine(device::impl& d, unsigned i, std::unique_ptr<tlb_model> t)
-      : dev(d), index(i), tlb(std::move(t)), fast_tlb(dynamic_cast<set_assoc_tlb*>(tlb.get())) {}
+      : dev(d), index(i), tlb(std::move(t)), fast_tlb(dynamic_cast<set_assoc_tlb*>(tlb.get())) {
+    l0.inval_seq = &d.inval_seq_;
+    l0.oracle = &d.oracle_;
+    l0.hits = &hits;
+  }
 
   void run();
   std::byte* do_access(va_t va, unsigned size, svm::access acc);
@@ -217,6 +221,10 @@ struct engine {
   vm_id vmid = 0;
   va_t limit = 0;
   std::uint64_t seen_inval = 0;   // owner: last invalidation sequence processed
+  /// owner: the micro-TLB work_item checks inline (see micro_tlb in
+  /// device.h); used only with fast_tlb. Emptied by process_invalidations()
+  /// and at every new chunk of work.
+  micro_tlb l0;
   std::uint64_t fault_serial = 0; // owner
   bool running = false;           // owner: mode_running published and epoch entered
 
@@ -286,6 +294,7 @@ void engine::process_invalidations() {
     s = dev.read_invalidations_locked(seen_inval, *tlb);
   }
   seen_inval = s;
+  l0.vpn = ~std::uint64_t{0};
   bump(acks);
   epoch::quiescent();  // an invalidation usually follows a zap that retired nodes
   // The acknowledgement: everything this engine accessed so far happens
@@ -334,6 +343,13 @@ inline std::byte* engine::finish(const tlb_entry& t, va_t va, svm::access acc, b
   }
   if (const access_validator* o = dev.oracle_.load(std::memory_order_acquire)) [[unlikely]] {
     (*o)(access_check{vmid, va, acc, index, t.pte, t.level, hit, dev_pte::aperture_of(t.pte), pfn, t.mem});
+  } else if (t.level == 0 && fast_tlb) {
+    // t is valid as of seen_inval (the caller checked the sequence): so is
+    // the micro-TLB copy, until the sequence moves.
+    l0.vpn = va >> page_shift;
+    l0.host = frame;
+    l0.writable = dev_pte::is_writable(t.pte);
+    l0.seen_inval = seen_inval;
   }
   return frame + (va & (page_size - 1));
 }
@@ -432,6 +448,16 @@ std::uint32_t engine::raise_fault(va_t va, svm::access acc) {
     SVM_CPU_RELAX();
     w = fault_word.load(std::memory_order_acquire);
   }
+  // Then keep spinning, by the clock (see device_config::wait_spin_ns): a
+  // reply within it needs no futex wake.
+  if (dev.cfg_.wait_spin_ns != 0 && ((w & 3) == f_pending || (w & 3) == f_claimed)) {
+    const auto end = std::chrono::steady_clock::now() + std::chrono::nanoseconds(dev.cfg_.wait_spin_ns);
+    for (unsigned i = 1; (w & 3) == f_pending || (w & 3) == f_claimed; ++i) {
+      SVM_CPU_RELAX();
+      w = fault_word.load(std::memory_order_acquire);
+      if (i % 32 == 0 && std::chrono::steady_clock::now() >= end) break;
+    }
+  }
   while ((w & 3) == f_pending || (w & 3) == f_claimed) {
     fault_word.wait(w, std::memory_order_acquire);
     w = fault_word.load(std::memory_order_acquire);
@@ -443,13 +469,14 @@ std::uint32_t engine::raise_fault(va_t va, svm::access acc) {
 void engine::run_chunk(const claim& c) {
   cur = c.j;
   vm = c.j->vm;
+  l0.vpn = ~std::uint64_t{0};  // another kernel may run on another VM
   vmid = vm->id;
   limit = vm->limit;
   try {
     for (std::uint64_t i = c.begin; i < c.end; ++i) {
       if (cur->aborted.load(std::memory_order_relaxed)) break;
       epoch::quiescent();
-      work_item wi(*this, i);
+      work_item wi(*this, fast_tlb ? &l0 : nullptr, i);
       cur->fn(wi);
     }
   } catch (const kernel_abort&) {
@@ -536,7 +563,7 @@ kernel_status completion::wait(std::chrono::nanoseconds timeout) const {
 device::impl::impl(device_config c)
     : cfg_(std::move(c)),
       vram_(cfg_.vram_bytes),
-      faults_(cfg_.fault_buffer_entries) {
+      faults_(cfg_.fault_buffer_entries, cfg_.wait_spin_ns) {
   const unsigned n = std::clamp(cfg_.engines, 1u, 256u);
   cfg_.engines = n;
   engines_.reserve(n);

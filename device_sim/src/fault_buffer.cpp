@@ -10,7 +10,8 @@ namespace {
 constexpr int spin_iterations = 64;  // a few microseconds at most (see device_config::fault_spin)
 }
 
-fault_buffer::fault_buffer(std::size_t capacity) : capacity_(std::max<std::size_t>(capacity, 1)) {
+fault_buffer::fault_buffer(std::size_t capacity, std::uint32_t spin_ns)
+    : capacity_(std::max<std::size_t>(capacity, 1)), spin_ns_(spin_ns) {
   lock_guard g(lock_);
   ring_.resize(capacity_);
 }
@@ -81,6 +82,15 @@ std::size_t fault_buffer::fetch_wait(std::span<fault_record> out, std::chrono::n
     if (now >= deadline) return 0;
     for (int i = 0; i < spin_iterations && pushed_.load(std::memory_order_relaxed) == seen; ++i) SVM_CPU_RELAX();
     if (pushed_.load(std::memory_order_seq_cst) != seen) continue;
+    // Timed spin: a push soon after costs the pusher no futex wake.
+    if (spin_ns_ != 0) {
+      const auto spin_end = std::min(deadline, now + std::chrono::nanoseconds(spin_ns_));
+      for (unsigned i = 1; pushed_.load(std::memory_order_relaxed) == seen; ++i) {
+        SVM_CPU_RELAX();
+        if (i % 32 == 0 && std::chrono::steady_clock::now() >= spin_end) break;
+      }
+      if (pushed_.load(std::memory_order_seq_cst) != seen) continue;
+    }
     fetch_sleepers_.fetch_add(1, std::memory_order_seq_cst);
     detail::futex_wait_for(pushed_, seen, deadline - now);
     fetch_sleepers_.fetch_sub(1, std::memory_order_seq_cst);

@@ -1,5 +1,9 @@
 // Shared fixture of the end-to-end tests: an mm, a device with its fault
 // handler, and a gpu_vm, parameterised by sequence mode and mirror.
+//
+// The access oracle is on for every test (issue 7: on in test builds): it
+// watches the fixture's VM (full-mm mirror; a windows mirror must call
+// watch_windows()) and TearDown fails the test on any stale access.
 #pragma once
 
 #include <gtest/gtest.h>
@@ -8,6 +12,7 @@
 #include <string>
 
 #include "svm/svm/gpu_vm.h"
+#include "svm/svm/oracle.h"
 
 namespace svm::test {
 
@@ -24,11 +29,19 @@ class E2E : public ::testing::TestWithParam<e2e_param> {
  protected:
   void SetUp() override { make(); }
   void TearDown() override {
+    if (oracle) {
+      EXPECT_EQ(oracle->stale(), 0u) << stale_text();
+      oracle.reset();
+    }
     vm.reset();
     dev.reset();
     m.reset();
   }
   void make(vm_config cfg = {}, dev::device_config hw = {}) {
+    if (oracle) {
+      EXPECT_EQ(oracle->stale(), 0u) << stale_text();
+      oracle.reset();
+    }
     vm.reset();
     dev.reset();
     m = std::make_unique<mm>(mm_options{.frames = 8192});
@@ -37,6 +50,19 @@ class E2E : public ::testing::TestWithParam<e2e_param> {
     cfg.seq = GetParam().seq;
     cfg.impl = GetParam().impl;
     vm = std::make_unique<gpu_vm>(*dev, *m, cfg);
+    oracle = std::make_unique<access_oracle>(*dev);
+    if (cfg.mirror != mirror_kind::windows) {
+      EXPECT_EQ(oracle->watch(*vm, *m), errc::ok);
+    }
+  }
+  /// A windows-mirror test tells the oracle its windows after add_window().
+  void watch_windows(std::vector<oracle_window> w) {
+    EXPECT_EQ(oracle->watch(*vm, *m, std::move(w)), errc::ok);
+  }
+  std::string stale_text() const {
+    std::string out;
+    for (const auto& r : oracle->reports()) out += describe(r) + "\n";
+    return out;
   }
   va_t map_anon(std::uint64_t bytes, prot p = prot::read | prot::write) {
     auto va = m->mmap(0, bytes, p, map::private_ | map::anonymous);
@@ -53,6 +79,7 @@ class E2E : public ::testing::TestWithParam<e2e_param> {
   std::unique_ptr<mm> m;
   std::unique_ptr<device> dev;
   std::unique_ptr<gpu_vm> vm;
+  std::unique_ptr<access_oracle> oracle;  ///< destroyed before the device
 };
 
 #define SVM_E2E_MODES                                                                              \

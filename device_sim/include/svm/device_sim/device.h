@@ -93,6 +93,13 @@ struct device_config {
   /// few microseconds at most: long spins only burn the core the replaying
   /// driver needs when threads outnumber cores.
   unsigned fault_spin = 64;
+  /// After those pauses, how long a stalled wave (and a handler waiting
+  /// in fault_buffer::fetch_wait) keeps spinning on its word, by the clock,
+  /// before it sleeps on its futex. A reply within it costs no futex wake
+  /// on either side (several µs each on a VM); the price is a core kept
+  /// busy meanwhile, which hurts when threads outnumber cores. 0: sleep
+  /// right after the pauses.
+  std::uint32_t wait_spin_ns = 0;
 };
 
 /// How a kernel ended. `error` is ok, or:
@@ -150,6 +157,41 @@ struct engine;
 /// Kernels must let it propagate.
 struct kernel_abort {};
 std::byte* translate(engine& e, va_t va, unsigned size, access acc);
+
+/// An engine's micro-TLB: the last 4K translation it used, checked inline by
+/// work_item before the out-of-line path (hardware keeps such an L0 in front
+/// of its TLB). Owned by the engine's thread: only that thread reads or
+/// writes the plain fields, so they need no synchronisation.
+///
+/// Protocol. An entry is usable only while the device's invalidation
+/// sequence (*inval_seq, the same acquire load the full path makes at every
+/// access boundary) still equals the engine's processed sequence recorded
+/// in seen_inval; the engine empties the entry whenever it processes
+/// invalidations, changes kernel, or the entry's page is not a plain
+/// 4K system/VRAM leaf. It is filled only while no oracle is installed, and
+/// the inline path re-checks *oracle (relaxed: installing an oracle only
+/// has to be seen eventually, never to order memory), so an installed oracle
+/// sees every access. Only the default TLB model uses it (a custom model
+/// must see every lookup).
+struct micro_tlb {
+  std::uint64_t vpn = ~std::uint64_t{0};  ///< va >> page_shift of the page; ~0: empty
+  std::byte* host = nullptr;              ///< its frame's bytes
+  bool writable = false;
+  std::uint64_t seen_inval = 0;           ///< the engine's processed sequence at fill time
+  const std::atomic<std::uint64_t>* inval_seq = nullptr;  ///< the device's (immutable)
+  const std::atomic<const access_validator*>* oracle = nullptr;  ///< the device's oracle pointer (immutable)
+  std::atomic<std::uint64_t>* hits = nullptr;             ///< the engine's hit counter (owner-written)
+
+  /// The frame bytes for an access of `size` bytes at `va`, or nullptr to
+  /// take the full path.
+  [[nodiscard]] std::byte* lookup(va_t va, unsigned size, access acc) const noexcept {
+    if ((va >> page_shift) != vpn || (va & (size - 1)) != 0 || (acc != access::read && !writable)) return nullptr;
+    if (inval_seq->load(std::memory_order_acquire) != seen_inval) return nullptr;
+    if (oracle->load(std::memory_order_relaxed) != nullptr) return nullptr;
+    hits->store(hits->load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+    return host + (va & (page_size - 1));
+  }
+};
 bool prefetch(engine& e, va_t va);
 void boundary(engine& e);
 std::uint64_t item_engine(const engine& e) noexcept;
@@ -224,14 +266,18 @@ class work_item {
 
  private:
   friend struct detail::engine;
-  work_item(detail::engine& e, std::uint64_t id) noexcept : e_(&e), id_(id) {}
+  work_item(detail::engine& e, const detail::micro_tlb* l0, std::uint64_t id) noexcept : e_(&e), l0_(l0), id_(id) {}
   template <class T> using U = typename detail::uint_of<sizeof(T)>::type;
   template <class T>
   std::atomic_ref<U<T>> ref(va_t va, access acc) {
-    return std::atomic_ref<U<T>>(*reinterpret_cast<U<T>*>(detail::translate(*e_, va, sizeof(T), acc)));
+    std::byte* p = l0_ ? l0_->lookup(va, sizeof(T), acc) : nullptr;
+    if (!p) [[unlikely]]
+      p = detail::translate(*e_, va, sizeof(T), acc);
+    return std::atomic_ref<U<T>>(*reinterpret_cast<U<T>*>(p));
   }
 
   detail::engine* e_;
+  const detail::micro_tlb* l0_;  ///< the engine's micro-TLB, or null (custom TLB model)
   std::uint64_t id_;
 };
 

@@ -49,8 +49,10 @@ struct fault_buffer_stats {
 
 class fault_buffer {
  public:
-  /// A ring of `capacity` records (>= 1; 0 is taken as 1).
-  explicit fault_buffer(std::size_t capacity);
+  /// A ring of `capacity` records (>= 1; 0 is taken as 1). fetch_wait()
+  /// spins a few pauses, then keeps spinning for up to `spin_ns` (see
+  /// device_config::wait_spin_ns), then sleeps on the futex.
+  explicit fault_buffer(std::size_t capacity, std::uint32_t spin_ns = 0);
   fault_buffer(const fault_buffer&) = delete;
   fault_buffer& operator=(const fault_buffer&) = delete;
 
@@ -78,6 +80,7 @@ class fault_buffer {
   void close() noexcept;
 
   [[nodiscard]] std::size_t capacity() const noexcept { return capacity_; }
+  [[nodiscard]] std::uint32_t spin_ns() const noexcept { return spin_ns_; }
   /// Records held now (racy snapshot).
   [[nodiscard]] std::size_t size() const noexcept { return count_hint_.load(std::memory_order_relaxed); }
   [[nodiscard]] fault_buffer_stats stats() const EXCLUDES(lock_);
@@ -86,6 +89,7 @@ class fault_buffer {
   static constexpr lock_class lock_class_{"device.fault_buffer", lockdep::rank::leaf};
 
   const std::size_t capacity_;  // immutable
+  const std::uint32_t spin_ns_;  // immutable
   mutable mutex lock_{lock_class_};
   std::vector<fault_record> ring_ GUARDED_BY(lock_);  // size fixed at construction
   std::size_t head_ GUARDED_BY(lock_) = 0;            // oldest record
