@@ -9,6 +9,17 @@
 namespace svm::test {
 namespace {
 
+/// A few frames of plain memory for a page table the driver does not know.
+class test_frames final : public phys_mem {
+ public:
+  std::byte* frame_data(pfn_t pfn) noexcept override { return pfn < 4 ? bytes_.data() + pfn * page_size : nullptr; }
+  std::uint64_t frame_generation(pfn_t) const noexcept override { return 0; }
+  pfn_t frame_count() const noexcept override { return 4; }
+
+ private:
+  std::vector<std::byte> bytes_ = std::vector<std::byte>(4 * page_size);
+};
+
 using clock_type = std::chrono::steady_clock;
 
 TEST_P(E2E, MprotectReadOnlyThenWriteIsCancelledAndReadStillWorks) {
@@ -271,6 +282,9 @@ TEST_P(E2E, TwoMmsAndTwoVmsOnOneDeviceStayApart) {
   c.impl = GetParam().impl;
   gpu_vm vm2(*dev, other, c);
   EXPECT_NE(vm2.id(), vm->id());
+  // The oracle checks each VM's accesses against its own mm: a frame of the
+  // other mm would be a frame mismatch.
+  ASSERT_EQ(oracle->watch(vm2, other), errc::ok);
   auto va2 = other.mmap(0, page_size, prot::read | prot::write, map::private_ | map::anonymous);
   ASSERT_TRUE(va2.ok());
   ASSERT_EQ(other.store<std::uint64_t>(*va2, 222), errc::ok);
@@ -291,6 +305,37 @@ TEST_P(E2E, TwoMmsAndTwoVmsOnOneDeviceStayApart) {
     ASSERT_TRUE(run(1, [&, buf](dev::work_item& wi) { a = wi.load<std::uint64_t>(buf); }).ok());
     EXPECT_EQ(a.load(), 111u);
   }
+  EXPECT_GE(oracle->svm_checked(), 2u);
+  EXPECT_EQ(oracle->stale(), 0u);
+  ASSERT_EQ(oracle->unwatch(vm2.id()), errc::ok);
+}
+
+// A fault tagged with a VM id the driver does not know (a page table the
+// hardware was given behind the driver's back) is cancelled, and only that
+// kernel fails.
+TEST_P(E2E, FaultOfAnUnknownVmIsCancelled) {
+  constexpr dev::vm_id stranger = 0x4321;
+  dev::dev_page_table pt;
+  test_frames mem;
+  ASSERT_EQ(dev->hw().attach_vm(stranger, pt, mem), errc::ok);
+  auto q = dev->hw().create_queue(stranger);
+  ASSERT_TRUE(q.ok());
+  const va_t addr = 0x10'0000'0000;
+  auto k = dev->hw().submit(*q, 1, [=](dev::work_item& wi) { (void)wi.load<std::uint64_t>(addr); });
+  ASSERT_TRUE(k.ok());
+  const dev::kernel_status st = k->wait(std::chrono::seconds(30));
+  EXPECT_EQ(st.error, errc::canceled);
+  EXPECT_EQ(st.reason, errc::fault);
+  EXPECT_EQ(st.address, addr);
+  EXPECT_GE(dev->stats().unknown_vm, 1u);
+  EXPECT_EQ(dev->hw().destroy_queue(*q), errc::ok);
+  EXPECT_EQ(dev->hw().detach_vm(stranger), errc::ok);
+  // The driver's own VM still works.
+  const va_t buf = map_anon(page_size);
+  ASSERT_EQ(m->store<std::uint64_t>(buf, 5), errc::ok);
+  std::atomic<std::uint64_t> v{0};
+  ASSERT_TRUE(run(1, [&, buf](dev::work_item& wi) { v = wi.load<std::uint64_t>(buf); }).ok());
+  EXPECT_EQ(v.load(), 5u);
 }
 
 TEST_P(E2E, MigrationByAnotherOwnerIsFollowedThroughTheDevice) {
