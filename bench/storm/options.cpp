@@ -135,11 +135,12 @@ std::optional<int> parse_options(int argc, char** argv, options& o) {
   app.add_option("--huge-leaves", huge, "Map 2M device leaves over CPU huge pages: on or off")
       ->check(CLI::IsMember({"on", "off"}))
       ->capture_default_str();
-  app.add_option("--wait-spin", b.wait_spin_ns,
-                 "ns a faulted wave and an idle fault handler keep spinning for their reply before they sleep on "
-                 "a futex (0: sleep after a short pause spin)")
+  std::string wait_spin = "auto";
+  app.add_option("--wait-spin", wait_spin,
+                 "ns a faulted wave and an idle fault handler spin for their reply before they sleep on a futex; "
+                 "auto: 20000 when engines + handler threads fit in the hardware threads, else 0")
       ->capture_default_str()
-      ->check(CLI::Range(0u, 10'000'000u));
+      ->check(CLI::IsMember({"auto"}) | CLI::Range(0u, 10'000'000u));
   app.add_option("--stride", b.stride, "Bytes between accesses in the stride scenario (multiple of 8)")
       ->capture_default_str()
       ->transform(CLI::AsSizeValue(false));
@@ -167,6 +168,7 @@ std::optional<int> parse_options(int argc, char** argv, options& o) {
   b.oracle = oracle == "on";
   b.cpu_storm = storm == "on";
   b.huge_leaves = huge == "on";
+  if (wait_spin != "auto") b.wait_spin_ns = static_cast<std::uint32_t>(std::stoul(wait_spin));
   o.engines_given = eng->count() > 0;
   o.threads_given = thr->count() > 0;
   o.seconds_given = sec->count() > 0;

@@ -23,7 +23,7 @@ nlohmann::json to_json(const run_config& c) {
       {"cpu_storm", c.cpu_storm},
       {"stride", c.stride},
       {"huge_leaves", c.huge_leaves},
-      {"wait_spin_ns", c.wait_spin_ns},
+      {"wait_spin_ns", c.wait_spin_ns ? nlohmann::json(*c.wait_spin_ns) : nlohmann::json("auto")},
   };
 }
 

@@ -108,7 +108,7 @@ run_result run_device(const run_config& c, const runner_options& o) {
   svm::device_config dc;
   dc.hw = sc->hw(c);
   dc.hw.engines = c.engines;
-  dc.hw.wait_spin_ns = c.wait_spin_ns;
+  dc.wait_spin_ns = c.wait_spin_ns;
   dc.handler_threads = c.handler_threads;
   dc.batch = c.batch;
   svm::device dev(dc);

@@ -34,7 +34,7 @@ struct run_config {
   bool cpu_storm = true;       ///< run the scenario's concurrent CPU storm, if it has one
   std::uint64_t stride = 4096; ///< bytes between the accesses of `stride`
   bool huge_leaves = true;
-  std::uint32_t wait_spin_ns = dev::device_config{}.wait_spin_ns;  ///< see dev::device_config
+  std::optional<std::uint32_t> wait_spin_ns;  ///< nullopt: automatic (see svm::device_config)
   std::string label;           ///< shown in the table (e.g. "P6 1 thread")
 
   /// The window the run really uses (automatic resolved for the scenario).

@@ -182,7 +182,21 @@ void gpu_vm::reset_stats() noexcept {
 
 // ---- the device and its fault handler -----------------------------------------
 
-device::device(device_config c) : cfg_(c), hw_(c.hw) {
+std::uint32_t device_config::effective_wait_spin_ns() const noexcept {
+  if (wait_spin_ns) return *wait_spin_ns;
+  const unsigned hw_threads = std::max(1u, std::thread::hardware_concurrency());
+  return hw.engines + handler_threads <= hw_threads ? 20'000u : 0u;
+}
+
+namespace {
+dev::device_config hw_config(const device_config& c) {
+  dev::device_config h = c.hw;
+  h.wait_spin_ns = c.effective_wait_spin_ns();
+  return h;
+}
+}  // namespace
+
+device::device(device_config c) : cfg_(c), hw_(hw_config(c)) {
   SVM_CHECK(cfg_.batch >= 1 && cfg_.batch <= 256, "device_config::batch must be 1..256");
   SVM_CHECK(cfg_.handler_threads >= 1, "device_config::handler_threads must be >= 1");
   for (unsigned i = 0; i < cfg_.handler_threads; ++i)

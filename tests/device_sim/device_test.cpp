@@ -177,6 +177,24 @@ TEST_F(DeviceSim, MapOnFaultDriverServicesEveryFault) {
   EXPECT_EQ(s.cancels, 0u);
 }
 
+// The same storm with the timed spin on both sides (engines waiting for a
+// reply, the driver waiting for records): nothing lost, every fault replayed.
+TEST_F(DeviceSim, MapOnFaultDriverWithTimedSpinServicesEveryFault) {
+  make({.engines = 2, .fault_buffer_entries = 8, .wait_spin_ns = 50'000});
+  test::map_on_fault_driver drv(*dev, {{vm, &pt}}, test::modulo_policy(64));
+  constexpr std::uint64_t pages = 64, items = pages * 16;
+  auto st = run_kernel(*dev, q, items, [](work_item& wi) {
+    const va_t va = base_va + (wi.id() % pages) * page_size + (wi.id() / pages) * 8;
+    wi.store<std::uint64_t>(va, wi.id() + 1);
+  });
+  ASSERT_TRUE(st.ok()) << errc_name(st.error);
+  for (std::uint64_t i = 0; i < items; ++i) ASSERT_EQ(mem.word(i % pages, (i / pages) * 8), i + 1) << i;
+  const auto s = dev->stats();
+  EXPECT_GE(s.faults, pages);
+  EXPECT_EQ(s.replays, s.faults);
+  EXPECT_EQ(s.cancels, 0u);
+}
+
 TEST_F(DeviceSim, FaultRecordsCarryVmAddressAccessEngineAndTime) {
   make({.engines = 1});
   const auto t0 = static_cast<std::uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());

@@ -101,5 +101,31 @@ TEST(FaultBuffer, WakeFetchersEndsAnUnboundedFetchWait) {
   EXPECT_TRUE(returned.load());
 }
 
+// With a timed spin before the futex (device_config::wait_spin_ns): a push
+// during the spin, one after it (the fetcher asleep), wake_fetchers and the
+// timeout all still end the wait correctly.
+TEST(FaultBuffer, TimedSpinBeforeSleepingLosesNoPushAndKeepsTheTimeout) {
+  test::watchdog wd;
+  fault_buffer fb(4, 2'000'000);  // 2 ms of spinning
+  EXPECT_EQ(fb.spin_ns(), 2'000'000u);
+  std::array<fault_record, 4> out;
+  const auto t0 = std::chrono::steady_clock::now();
+  EXPECT_EQ(fb.fetch_wait(out, 5ms), 0u);  // spins, then sleeps, then times out
+  EXPECT_GE(std::chrono::steady_clock::now() - t0, 5ms);
+  for (auto delay : {0ms, 1ms, 30ms}) {  // during the spin, still spinning, asleep
+    std::jthread producer([&] {
+      std::this_thread::sleep_for(delay);
+      EXPECT_TRUE(fb.push({.vm = 1, .gva = page_size, .token = 7}));
+    });
+    ASSERT_EQ(fb.fetch_wait(out, 10s), 1u) << "push after " << delay.count() << " ms was lost";
+    EXPECT_EQ(out[0].token, 7u);
+  }
+  std::jthread waker([&] {
+    std::this_thread::sleep_for(1ms);
+    fb.wake_fetchers();
+  });
+  EXPECT_EQ(fb.fetch_wait(out, 10s), 0u);  // woken during the spin
+}
+
 }  // namespace
 }  // namespace svm::dev

@@ -172,6 +172,22 @@ TEST_P(GpuVm, DisjointInvalidationRetriesOnlyInNotifierWideMode) {
   vm->set_test_hooks({});
 }
 
+// The automatic spin: on only when engines and handler threads fit in the
+// hardware threads; an explicit value always wins.
+TEST(DeviceConfig, WaitSpinIsAutomaticUnlessGiven) {
+  const unsigned hw = std::max(1u, std::thread::hardware_concurrency());
+  device_config c;
+  c.hw.engines = hw + 1;
+  EXPECT_EQ(c.effective_wait_spin_ns(), 0u);
+  c.hw.engines = 1;
+  c.handler_threads = 1;
+  EXPECT_EQ(c.effective_wait_spin_ns(), hw >= 2 ? 20'000u : 0u);
+  c.wait_spin_ns = 123;
+  EXPECT_EQ(c.effective_wait_spin_ns(), 123u);
+  c.hw.engines = hw + 1;
+  EXPECT_EQ(c.effective_wait_spin_ns(), 123u);
+}
+
 TEST_P(GpuVm, ValidFaultIsCountedApart) {
   const va_t va = base + 7 * page_size;
   ASSERT_EQ(m->store<std::uint64_t>(va, 1), errc::ok);

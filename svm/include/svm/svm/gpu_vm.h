@@ -45,6 +45,7 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <thread>
@@ -178,9 +179,16 @@ class trace_sink {
 [[nodiscard]] std::uint64_t trace_now_ns() noexcept;
 
 struct device_config {
-  dev::device_config hw{};
+  dev::device_config hw{};  ///< hw.wait_spin_ns is overridden by wait_spin_ns below
   unsigned handler_threads = 1;
   std::size_t batch = 256;  ///< records fetched per batch (1..256)
+  /// How long a faulted wave and an idle handler spin before they sleep on
+  /// a futex (dev::device_config::wait_spin_ns). nullopt: automatic, 20 µs
+  /// when the engines and handler threads together fit in the machine's
+  /// hardware threads (spinning then costs nobody a core), else 0.
+  std::optional<std::uint32_t> wait_spin_ns{};
+  /// The value the automatic choice gives for this configuration.
+  [[nodiscard]] std::uint32_t effective_wait_spin_ns() const noexcept;
 };
 
 /// A device with its driver: the simulated hardware plus the fault handler
