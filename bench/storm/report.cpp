@@ -68,6 +68,8 @@ nlohmann::json to_json(const run_result& r) {
       {"pt_mapped_pages", r.pt_mapped_pages},
       {"pt_bytes_per_page", r.pt_bytes_per_page},
       {"cpu_ops", r.cpu_ops},
+      {"handler_busy_s", r.handler_busy_s},
+      {"pages_per_handler_s", r.pages_per_handler_s},
       {"tlb_hits", r.tlb_hits},
       {"tlb_misses", r.tlb_misses},
       {"stale_accesses", r.stale_accesses ? nlohmann::json(*r.stale_accesses) : nlohmann::json(nullptr)},

@@ -78,6 +78,7 @@ void finish(run_result& r) {
     r.ns_per_page = 0;
     r.pages_per_s = 0;
   }
+  r.pages_per_handler_s = r.handler_busy_s > 0 ? static_cast<double>(r.pages_mapped) / r.handler_busy_s : 0;
   r.pt_bytes_per_page = r.pt_mapped_pages ? static_cast<double>(r.pt_bytes) / static_cast<double>(r.pt_mapped_pages) : 0;
 }
 
@@ -133,6 +134,7 @@ run_result run_device(const run_config& c, const runner_options& o) {
   sc->setup(env);
   vm.reset_stats();
   const dev::device_stats d0 = dev.hw().stats();
+  const std::uint64_t busy0 = dev.stats().busy_ns;
   std::uint64_t timed_ns = 0;
   std::atomic<std::uint64_t> rounds_done{0};  // read by the progress thread
   progress_line progress(c, o.quiet, [&] {
@@ -212,6 +214,7 @@ run_result run_device(const run_config& c, const runner_options& o) {
   r.latency = s.latency;
   r.pages_mapped = s.ptes_written;
   r.cpu_ops = env.cpu_ops.load();
+  r.handler_busy_s = static_cast<double>(dev.stats().busy_ns - busy0) / 1e9;
   r.data_errors = env.data_errors.load();
   r.kernel_errors = env.op_errors.load();
   r.first_error = env.first_error();
@@ -279,6 +282,7 @@ void merge_into(run_result& a, const run_result& b) {
     a.pt_mapped_pages = b.pt_mapped_pages;
   }
   a.cpu_ops += b.cpu_ops;
+  a.handler_busy_s += b.handler_busy_s;
   a.tlb_hits += b.tlb_hits;
   a.tlb_misses += b.tlb_misses;
   if (a.stale_accesses && b.stale_accesses) *a.stale_accesses += *b.stale_accesses;

@@ -60,6 +60,10 @@ struct run_result {
   std::uint64_t pt_mapped_pages = 0; ///< 4K pages the table mapped at that moment
   double pt_bytes_per_page = 0;
   std::uint64_t cpu_ops = 0;         ///< operations of the concurrent CPU storm
+  /// Handler threads' time servicing batches (svm::handler_stats::busy_ns):
+  /// the driver's CPU cost of the run's faults, summed over threads.
+  double handler_busy_s = 0;
+  double pages_per_handler_s = 0;   ///< pages_mapped / handler_busy_s (P2's "per core")
   std::uint64_t tlb_hits = 0, tlb_misses = 0;
   std::optional<std::uint64_t> stale_accesses;  ///< empty with --oracle off
   std::uint64_t oracle_checked = 0;

@@ -198,22 +198,29 @@ suite_result run_suite(const options& o, const runner_options& ro) {
     s.targets.push_back(t);
   }
   if (const run_result* r = find_run(s.table, "cpu-populated")) {
-    const double v = r->pages_per_s / r->config.handler_threads;
-    target_figure t = make_target("P2", "batched 2M windows, 4K PTEs: pages/s per handler thread", "pages/s", v, ">= 10 M", ">= 50 M");
+    // Per core: pages mapped per second of handler time (the driver's CPU
+    // cost); the end-to-end figure also pays for the simulated device's
+    // accesses of every page, and stands beside it.
+    const double v = r->pages_per_handler_s;
+    target_figure t = make_target("P2", "batched 2M windows, 4K PTEs: pages/s per handler core", "pages/s", v, ">= 10 M", ">= 50 M");
     t.met = v >= 10e6;
     t.clean = clean(*r);
-    t.note = fmt("cpu-populated, largest windows, %.0f engines, %.0f handler thread(s): %.1f ns/page end to end; "
-                 "single run, see the table",
-                 r->config.engines, r->config.handler_threads, r->ns_per_page);
+    t.note = fmt("cpu-populated, largest windows, %.0f engines, %.0f handler thread(s): %.3f s of handler time for %.0f pages; ",
+                 r->config.engines, r->config.handler_threads, r->handler_busy_s, static_cast<double>(r->pages_mapped)) +
+             fmt("end to end (kernel wall time, device accesses included) %.2f M pages/s, %.1f ns/page; single run",
+                 r->pages_per_s / 1e6, r->ns_per_page);
     s.targets.push_back(t);
   }
   if (const run_result* r = find_run(s.table, "thp")) {
-    const double v = r->wall_s > 0 ? static_cast<double>(r->pages_mapped) * page_size / r->wall_s / double(1 << 30) : 0;
-    target_figure t = make_target("P3", "2M CPU huge pages as 2M device leaves: GiB of VA/s", "GiB/s", v, ">= 100", ">= 1000");
+    const double bytes = static_cast<double>(r->pages_mapped) * page_size;
+    const double v = r->handler_busy_s > 0 ? bytes / r->handler_busy_s / double(1 << 30) : 0;
+    const double wall = r->wall_s > 0 ? bytes / r->wall_s / double(1 << 30) : 0;
+    target_figure t = make_target("P3", "2M CPU huge pages as 2M device leaves: GiB of VA/s per handler core", "GiB/s", v, ">= 100", ">= 1000");
     t.met = v >= 100 && r->huge_leaves > 0;
     t.clean = clean(*r);
-    t.note = fmt("thp scenario: %.0f 2M leaves written, %.0f pages, %.3f s timed", static_cast<double>(r->huge_leaves),
-                 static_cast<double>(r->pages_mapped), r->wall_s) +
+    t.note = fmt("thp scenario: %.0f 2M leaves written, %.0f pages, %.4f s of handler time; ", static_cast<double>(r->huge_leaves),
+                 static_cast<double>(r->pages_mapped), r->handler_busy_s) +
+             fmt("end to end (kernel wall time, one device access per 4K page included) %.1f GiB/s", wall) +
              (r->huge_leaves ? "" : " -- NO 2M leaves: the figure is not P3's");
     s.targets.push_back(t);
   }

@@ -217,7 +217,8 @@ result<dev::completion> device::submit(gpu_vm& vm, std::uint64_t items, dev::ker
 
 handler_stats device::stats() const noexcept {
   return {batches_.load(std::memory_order_relaxed), records_.load(std::memory_order_relaxed),
-          coalesced_.load(std::memory_order_relaxed), unknown_.load(std::memory_order_relaxed)};
+          coalesced_.load(std::memory_order_relaxed), unknown_.load(std::memory_order_relaxed),
+          busy_ns_.load(std::memory_order_relaxed)};
 }
 
 result<dev::vm_id> device::register_vm(gpu_vm* vm) {
@@ -247,7 +248,9 @@ void device::handler_loop(std::stop_token st) {
       gc_all();  // idle: drop the notifiers of chunks with nothing mapped
       continue;
     }
+    const std::uint64_t t0 = now_ns();
     process(std::span(buf).first(n));
+    busy_ns_.fetch_add(now_ns() - t0, std::memory_order_relaxed);
   }
 }
 

@@ -162,6 +162,9 @@ struct handler_stats {
   std::uint64_t records = 0;
   std::uint64_t coalesced = 0;        ///< records merged into another of the same page
   std::uint64_t unknown_vm = 0;       ///< records cancelled because no VM had their id
+  /// Time the handler threads spent servicing batches (fetch to replay),
+  /// summed over threads: the driver's CPU cost of the faults.
+  std::uint64_t busy_ns = 0;
 };
 
 /// A sink for trace spans (svm-storm writes them as Chrome trace events).
@@ -235,7 +238,7 @@ class device {
   std::unordered_map<dev::vm_id, gpu_vm*> vms_ GUARDED_BY(reg_lock_);
   dev::vm_id next_id_ GUARDED_BY(reg_lock_) = 1;
   // Counters; relaxed, statistics only.
-  std::atomic<std::uint64_t> batches_{0}, records_{0}, coalesced_{0}, unknown_{0};
+  std::atomic<std::uint64_t> batches_{0}, records_{0}, coalesced_{0}, unknown_{0}, busy_ns_{0};
   std::vector<std::jthread> handlers_;  // started last, joined first
 };
 
