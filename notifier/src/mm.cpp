@@ -702,7 +702,7 @@ errc mm::handle_mm_fault(va_t va, access a) {
     const vma* v = mm_impl::find_vma(*this, va);
     if (!v || v->kind == vma_kind::io) return errc::fault;
     if (write && !v->writable()) return v->accessible() ? errc::perm : errc::fault;
-    if (!write && !v->readable()) return errc::fault;
+    if (!write && !v->accessible()) return errc::fault;  // PROT_WRITE implies read (x86)
     errc r = mm_impl::fault_once(*this, *v, va, write);
     if (r != errc::again) return r;
   }

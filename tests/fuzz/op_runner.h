@@ -1,0 +1,139 @@
+// The op-sequence fuzzer's engine (issue 7): decode an input into a VM
+// configuration and a sequence of API operations, run them against svm and
+// against the reference model (ref_model.h), and report the first
+// disagreement. Used by the libFuzzer target (fuzz_ops.cpp) and by the
+// replay suite (replay_test.cpp); it knows neither.
+//
+// ## Input format (all integers little-endian; reading past the end yields 0)
+//
+//   byte 0   config: bit0 seq_mode (0 pgtable, 1 notifier); bit1 mirror_impl
+//            (0 page, 1 range); bits2-3 window policy (0 largest, 1 fixed 4K,
+//            2 fixed 64K, 3 fixed 2M); bit4 engines (0: 1, 1: 2); bit5 THP
+//            (0 madvise, 1 always); bit6 mirror (0 full mm, 1 one window);
+//            bit7 huge device leaves off
+//   byte 1   VRAM size: 16 + (b % 48) pages
+//   then up to max_ops operations, each an opcode byte (taken mod op_count)
+//   followed by its argument bytes:
+//
+//   op                 args                                 meaning
+//   0  mmap_anon       fl pg:u16 n                          MAP_FIXED anonymous; fl bit0 shared,
+//                                                           bits1-3 prot
+//   1  mmap_file       fl pg:u16 n off                      MAP_FIXED of file (fl bit4) at page off;
+//                                                           fl bit0 shared, bits1-3 prot
+//   2  munmap          pg:u16 n
+//   3  mprotect        pg:u16 n p                           prot = p & 7
+//   4  madvise         pg:u16 n a                           a%3: DONTNEED, HUGEPAGE, NOHUGEPAGE
+//   5  mremap          pg:u16 n n2 fl pg2:u16               fl&7 = MAYMOVE|FIXED|DONTUNMAP bits
+//   6  fork            -                                    replaces the child
+//   7  child_store     pg:u16 off v                         8 bytes at pg + off*16 in the child
+//   8  child_load      pg:u16 off                           8 bytes, compared
+//   9  reclaim         pg:u16 n
+//   10 migrate         pg:u16 n t                           to pool 1 (numa, t even) or 2 (device
+//                                                           private of another owner, t odd)
+//   11 cpu_store       pg:u16 off sz v                      see "CPU bytes" below
+//   12 cpu_load        pg:u16 off sz                        compared
+//   13 cpu_fetch_add   pg:u16 off v                         at pg + off*16 (+4, unaligned: EINVAL,
+//                                                           if v bit7); adds v
+//   14 file_pwrite     f off:u16 v                          8 bytes at byte off*8 of file f&1
+//   15 bo_create       n w                                  1 + n%12 pages, VRAM if w even
+//   16 bo_destroy      b                                    see "BO choice"
+//   17 bo_bind         b gpg:u16 boff n                     bind pages [boff%16, +1+n%16) of the BO
+//   18 bo_unbind       gpg:u16 n
+//   19 bo_evict        b
+//   20 bo_write        b boff off v                         8 bytes at page boff%16, byte off*16
+//   21 bo_read         b boff off                           8 bytes, compared
+//   22 kernel          k, then 1 + k%8 accesses             one work item runs them in order
+//   23 child_exit      -
+//   24 gc_notifiers    -
+//
+//   Addresses: pg is a CPU page index (pg % 1088) in the universe at
+//   cpu_base; gpg a GPU page index (gpg % 1088) at gpu_base (== cpu_base for
+//   the full-mm mirror; the window maps the universe's 1024 pages). n is a
+//   page count: n < 240: 1 + n%16; else 256, 511, 512, 513, 1024, ... (see
+//   decode_pages). Pages 1024..1087 lie past the universe (past the window).
+//   CPU bytes: sz%8 picks 1, 2, 4, 8, 16, 24, 3, 5 bytes; the offset is
+//   off*16 + sz/16, so accesses may be unaligned and may cross a page.
+//   Values: the byte v repeated (v * 0x0101010101010101), plus the op index.
+//   BO choice: b == 255 names a BO that does not exist; otherwise the
+//   (b % live)th live BO in creation order (none live: a bad handle).
+//   Kernel access: kind pg:u16 off v — kind%8: 0 load, 1 store, 2 add,
+//   3 cmpxchg (expected v, desired v+1), 4 exchange, 5-7 load; size 1 <<
+//   ((kind>>3)&3); byte offset off*16 + ((kind>>6)&3)*4, aligned down to the
+//   size unless kind bit5 (then +1: unaligned, EINVAL).
+//
+// Each run makes a fresh mm (+ child), files, device, gpu_vm and access
+// oracle; nothing is shared between runs. A run is deterministic: one work
+// item per kernel, operations one after another.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <span>
+#include <string>
+#include <vector>
+
+namespace svm::fuzz {
+
+inline constexpr std::size_t max_ops = 64;
+inline constexpr unsigned max_kernel_accesses = 8;
+inline constexpr std::uint64_t universe_pages = 1024;
+inline constexpr std::uint64_t address_pages = 1088;  ///< decoder's page index range
+
+enum class op_kind : std::uint8_t {
+  mmap_anon, mmap_file, munmap, mprotect, madvise, mremap, fork, child_store, child_load, reclaim,
+  migrate, cpu_store, cpu_load, cpu_fetch_add, file_pwrite, bo_create, bo_destroy, bo_bind, bo_unbind,
+  bo_evict, bo_write, bo_read, kernel, child_exit, gc_notifiers, count
+};
+inline constexpr unsigned op_count = static_cast<unsigned>(op_kind::count);
+[[nodiscard]] const char* to_string(op_kind k) noexcept;
+
+/// One device access of a kernel, as encoded.
+struct access_desc {
+  std::uint8_t kind = 0;
+  std::uint16_t page = 0;
+  std::uint8_t off = 0;
+  std::uint8_t v = 0;
+};
+
+/// One operation, as encoded (args in order; unused ones are 0).
+struct op_desc {
+  op_kind kind = op_kind::fork;
+  std::vector<std::uint8_t> args;  ///< the raw argument bytes
+  std::vector<access_desc> accesses;  ///< kernel only
+};
+
+struct program {
+  std::uint8_t config = 0;
+  std::uint8_t vram = 0;
+  std::vector<op_desc> ops;
+};
+
+/// Decode (never fails: missing bytes read as 0; at most max_ops ops).
+[[nodiscard]] program decode(std::span<const std::uint8_t> data);
+/// The bytes decode() turns into `p`.
+[[nodiscard]] std::vector<std::uint8_t> encode(const program& p);
+
+struct run_result {
+  bool ok = true;
+  std::string message;        ///< the first mismatch: op index, op, svm's and the model's results
+  std::uint64_t ops = 0;      ///< operations executed
+  std::uint64_t accesses = 0; ///< device accesses executed (kernel items)
+  bool exhausted = false;     ///< ended early: svm ran out of system frames (not a mismatch)
+};
+
+/// Run `data` against svm and the model.
+[[nodiscard]] run_result run_input(std::span<const std::uint8_t> data);
+
+/// Totals over every run_input() of this process (relaxed atomics: read
+/// them once the runs are over, e.g. at exit).
+struct run_totals {
+  std::uint64_t runs = 0, ops = 0, accesses = 0, kernels = 0, exhausted = 0;
+};
+[[nodiscard]] run_totals totals() noexcept;
+
+/// The seed corpus: named inputs covering every op kind (reproducible).
+[[nodiscard]] std::vector<std::pair<std::string, std::vector<std::uint8_t>>> seed_corpus();
+/// Write seed_corpus() into `dir` (one file per seed).
+void write_seed_corpus(const std::filesystem::path& dir);
+
+}  // namespace svm::fuzz
