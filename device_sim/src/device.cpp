@@ -377,7 +377,7 @@ std::byte* engine::access_slow(va_t va, unsigned, svm::access acc) {
     // No node pointer is live here: a good point to let reclamation advance.
     epoch::quiescent();
     bump(walks);
-    const pt::translation tr = vm->table->translate(va);
+    const pt::translation tr = vm->table->translate_in_section(va);  // running: inside the epoch section
     if (dev_pte::is_valid(tr.entry) && (!needs_write(acc) || dev_pte::is_writable(tr.entry))) {
       const tlb_entry e = make_entry(tr, va);
       tlb->insert(e);  // replaces a read-only entry of the same page after an upgrade
@@ -405,7 +405,7 @@ bool engine::prefetch(va_t va) {
   for (int attempt = 0; attempt < 2; ++attempt) {
     epoch::quiescent();
     bump(walks);
-    const pt::translation tr = vm->table->translate(va);
+    const pt::translation tr = vm->table->translate_in_section(va);  // running: inside the epoch section
     if (dev_pte::is_valid(tr.entry)) {
       tlb->insert(make_entry(tr, va));
       return true;

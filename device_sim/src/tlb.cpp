@@ -32,7 +32,7 @@ void set_assoc_tlb::insert(const tlb_entry& e) noexcept {
   }
   if (victim == ways_) {
     victim = next_[s];
-    next_[s] = static_cast<std::uint8_t>((victim + 1) % ways_);
+    next_[s] = static_cast<std::uint8_t>(victim + 1 == ways_ ? 0 : victim + 1);  // no division on the miss path
     ++counters_.evictions;
   }
   set[victim] = e;

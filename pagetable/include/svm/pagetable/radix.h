@@ -19,6 +19,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cassert>
 #include <concepts>
 #include <cstdint>
 #include <vector>
@@ -79,8 +80,17 @@ class radix_table : public table_base {
   /// epoch section unless the caller is in one (nesting is cheap).
   /// Locking: none; may run anywhere, including notifier callbacks.
   [[nodiscard]] translation translate(va_t va) const noexcept {
-    if (va >= limit_) return {};
     epoch::guard g;
+    return translate_in_section(va);
+  }
+
+  /// translate() for a caller already inside an epoch section (a device
+  /// engine while it runs kernels): the same walk without the guard's
+  /// enter/leave. Walking outside a section could read a freed node, so
+  /// debug builds check it.
+  [[nodiscard]] translation translate_in_section(va_t va) const noexcept {
+    assert(epoch::in_section() && "translate_in_section() outside an epoch section");
+    if (va >= limit_) return {};
     const node* n = root_;
     for (unsigned l = top_;; --l) {
       // seq_cst (as cheap as acquire on x86-64 and AArch64): pairs with the
