@@ -102,7 +102,8 @@ BENCHMARK(BM_DeviceSim_TlbMissWalk)->UseRealTime()->Unit(benchmark::kMillisecond
 // stall), fetch, map (populate one 4K PTE), replay, retranslate. One work item
 // touches 256 fresh pages in sequence, so each access is one full round trip.
 void BM_DeviceSim_FaultRoundTrip(benchmark::State& st) {
-  rig r({.engines = 1, .fault_spin = static_cast<unsigned>(st.range(0))});
+  rig r({.engines = 1, .fault_spin = static_cast<unsigned>(st.range(0)),
+         .wait_spin_ns = static_cast<std::uint32_t>(st.range(1))});
   std::atomic<bool> stop{false};
   std::jthread driver([&] {
     std::array<fault_record, 256> buf;
@@ -132,8 +133,16 @@ void BM_DeviceSim_FaultRoundTrip(benchmark::State& st) {
   per_item(st, total);
   st.counters["faults"] = static_cast<double>(r.dev.stats().faults);
 }
-// Arg: spins before a stalled wave sleeps (64: default, 0: always futex).
-BENCHMARK(BM_DeviceSim_FaultRoundTrip)->Arg(64)->Arg(0)->UseRealTime()->Unit(benchmark::kMillisecond);
+// Args: pause spins before a stalled wave sleeps (64: default, 0: none), and
+// the timed spin (device_config::wait_spin_ns) of the wave and the driver's
+// fetch_wait (0: sleep on the futex after the pauses; 20000: what svm::device
+// chooses when the threads fit the cores).
+BENCHMARK(BM_DeviceSim_FaultRoundTrip)
+    ->Args({64, 0})
+    ->Args({0, 0})
+    ->Args({64, 20000})
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
 
 // TLB invalidation latency with N engines. Idle: the engines count as
 // acknowledged (one status read each). Busy: each engine runs a work item
