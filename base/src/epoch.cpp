@@ -31,6 +31,14 @@ struct domain {
   std::vector<retired> items GUARDED_BY(retire_lock);
   /// Mirrors items.size(); relaxed, for pending() and the retire heuristic.
   std::atomic<std::size_t> n_pending{0};
+  /// free_safe() passes that took items off the list and are still running
+  /// their deleters. Incremented under retire_lock by the pass that takes
+  /// the items; decremented (release) once their deleters ran. synchronize()
+  /// waits (acquire) for it to drop to 0 after its own pass: an item retired
+  /// before it may have been taken by another thread's pass, and "freed"
+  /// must mean its deleter has finished (a table destroys its accounting
+  /// right after synchronize() returns).
+  std::atomic<unsigned> freeing{0};
 };
 
 domain& dom() {
@@ -102,8 +110,11 @@ std::size_t free_safe(domain& d) {
     }
     d.items.erase(it, d.items.end());
     d.n_pending.store(d.items.size(), std::memory_order_relaxed);
+    if (ready.empty()) return 0;
+    d.freeing.fetch_add(1, std::memory_order_relaxed);  // ordered by retire_lock
   }
   for (auto& item : ready) item.del(item.obj, item.ctx);
+  d.freeing.fetch_sub(1, std::memory_order_release);
   return ready.size();
 }
 
@@ -169,6 +180,8 @@ void synchronize() noexcept {
     if (!try_advance(d)) std::this_thread::yield();
   }
   free_safe(d);
+  // Items another thread's pass took are freed only when its deleters ran.
+  while (d.freeing.load(std::memory_order_acquire) != 0) std::this_thread::yield();
 }
 
 std::size_t pending() noexcept { return dom().n_pending.load(std::memory_order_relaxed); }

@@ -1,6 +1,7 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <chrono>
 #include <thread>
 
 #include "svm/base/epoch.h"
@@ -61,6 +62,42 @@ TEST(Epoch, SynchronizeFreesEverythingRetiredBefore) {
   for (int i = 0; i < 100; ++i) epoch::retire(new int(i), &count_free, &freed);
   epoch::synchronize();
   EXPECT_EQ(freed.load(), 100);
+}
+
+// Found by the storm stress tests (two forked mms torn down at once under
+// ThreadSanitizer): an item another thread's reclamation pass has taken off
+// the list but not yet freed counts as not freed. synchronize() must wait
+// for that deleter, or a page table destroys its accounting under it.
+TEST(Epoch, SynchronizeWaitsForADeleterRunningOnAnotherThread) {
+  struct item_state {
+    std::atomic<bool> started{false}, release{false}, done{false};
+  } st;
+  epoch::synchronize();  // nothing else pending
+  epoch::retire(&st, [](void*, void* ctx) {
+    auto* s = static_cast<item_state*>(ctx);
+    s->started = true;
+    for (int i = 0; i < 20000 && !s->release.load(); ++i) std::this_thread::sleep_for(std::chrono::microseconds(100));
+    s->done = true;
+  }, &st);
+  std::jthread reclaimer([&] {
+    while (!st.started.load()) {
+      epoch::try_reclaim();
+      std::this_thread::yield();
+    }
+  });
+  while (!st.started.load()) std::this_thread::yield();
+  std::atomic<bool> returned{false}, done_at_return{false};
+  std::jthread sync([&] {
+    epoch::synchronize();
+    done_at_return = st.done.load();
+    returned = true;
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  EXPECT_FALSE(returned.load()) << "synchronize() returned while a deleter of an earlier item was still running";
+  st.release = true;
+  sync.join();
+  reclaimer.join();
+  EXPECT_TRUE(done_at_return.load());
 }
 
 }  // namespace

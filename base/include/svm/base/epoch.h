@@ -88,9 +88,11 @@ void retire(void* obj, deleter del, void* ctx) noexcept;
 /// Returns the number of items freed.
 std::size_t try_reclaim() noexcept;
 
-/// Wait until every item retired before the call is freed: waits for every
-/// reader that is in a section now to leave. Must not be called inside a
-/// read-side section (it would wait for itself: reported and aborted).
+/// Wait until every item retired before the call is freed (its deleter has
+/// returned, on whichever thread ran it): waits for every reader that is in
+/// a section now to leave, and for reclamation passes of other threads in
+/// progress. Must not be called inside a read-side section (it would wait
+/// for itself: reported and aborted), nor from a deleter.
 void synchronize() noexcept;
 
 /// Items retired and not yet freed (all threads).
