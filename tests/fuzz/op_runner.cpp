@@ -392,6 +392,12 @@ bool runner::kernel(std::size_t i, const op_desc& op) {
     std::uint64_t v, desired;
   };
   std::vector<item> items;
+  // Steering: a page index of the decoder's range (< address_pages, as the
+  // seeds write them) is taken as it is; a larger one (almost every random
+  // u16) picks among the pages the device can reach now, so that kernels
+  // mostly get past their first access. Decided before the kernel runs,
+  // from the model alone: the run stays a function of the input.
+  const std::vector<va_t> reachable = model_.reachable_gpu_pages(cpu_base, gpu_base_, address_pages);
   for (const access_desc& d : op.accesses) {
     item it{};
     it.size = 1u << ((d.kind >> 3) & 3);
@@ -399,8 +405,11 @@ bool runner::kernel(std::size_t i, const op_desc& op) {
     it.dop = k == 1 ? dev_op::store : k == 2 ? dev_op::add : k == 3 ? dev_op::cmpxchg : k == 4 ? dev_op::xchg : dev_op::load;
     std::uint64_t off = (d.off % 256) * 16 + ((d.kind >> 6) & 3) * 4;
     off = align_down(off, it.size);
-    if (d.kind & 0x20) off += 1;
-    it.va = page_va(gpu_base_, d.page) + off;
+    // Unaligned (EINVAL) when kind bit5 says so; for a steered access only
+    // one time in eight of those, or most kernels would stop there.
+    const bool steered = d.page >= address_pages && !reachable.empty();
+    if ((d.kind & 0x20) && (!steered || (d.v & 7) == 0)) off += 1;
+    it.va = (steered ? reachable[(d.page - address_pages) % reachable.size()] : page_va(gpu_base_, d.page)) + off;
     it.v = pattern(d.v, i);
     it.desired = pattern(static_cast<std::uint8_t>(d.v + 1), i);
     items.push_back(it);

@@ -56,10 +56,13 @@
 //   Values: the byte v repeated (v * 0x0101010101010101), plus the op index.
 //   BO choice: b == 255 names a BO that does not exist; otherwise the
 //   (b % live)th live BO in creation order (none live: a bad handle).
-//   Kernel access: kind pg:u16 off v — kind%8: 0 load, 1 store, 2 add,
+//   Kernel access: kind pg:u16 off v — pg < 1088: that page; pg >= 1088:
+//   the ((pg - 1088) mod count)th page the device can reach now (a mirrored
+//   page with a CPU VMA, or a BO-bound page; ascending GPU VA). kind%8: 0 load, 1 store, 2 add,
 //   3 cmpxchg (expected v, desired v+1), 4 exchange, 5-7 load; size 1 <<
 //   ((kind>>3)&3); byte offset off*16 + ((kind>>6)&3)*4, aligned down to the
-//   size unless kind bit5 (then +1: unaligned, EINVAL).
+//   size unless kind bit5 (then +1: unaligned, EINVAL; for a steered page
+//   only when v%8 == 0 as well).
 //
 // Each run makes a fresh mm (+ child), files, device, gpu_vm and access
 // oracle; nothing is shared between runs. A run is deterministic: one work

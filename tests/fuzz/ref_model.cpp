@@ -422,4 +422,15 @@ std::string ref_model::describe(const ref_space& s) const {
   return os.str();
 }
 
+std::vector<va_t> ref_model::reachable_gpu_pages(va_t cpu_base, va_t gpu_base, std::uint64_t pages) const {
+  std::vector<va_t> out;
+  const va_t end = gpu_base + pages * page_size;
+  for (va_t g = gpu_base; g < end; g += page_size) {
+    const va_t cpu = g - gpu_base + cpu_base;
+    const bool mirrored = !windows_ || (g >= wgpu_ && g < wgpu_ + wsize_);
+    if (bound_.contains(g) || (mirrored && find_vma(parent, cpu) != nullptr)) out.push_back(g);
+  }
+  return out;
+}
+
 }  // namespace svm::fuzz

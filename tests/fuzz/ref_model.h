@@ -133,6 +133,11 @@ class ref_model {
   }
   ref_dev_result dev_access(va_t gva, unsigned size, dev_op op, std::uint64_t v, std::uint64_t desired);
 
+  /// GPU VAs of the pages in [gpu_base, gpu_base + pages * 4K) the device
+  /// can reach now: mirrored pages with a CPU VMA (any protection) and
+  /// BO-bound pages, ascending. The decoder steers kernel accesses to them.
+  [[nodiscard]] std::vector<va_t> reachable_gpu_pages(va_t cpu_base, va_t gpu_base, std::uint64_t pages) const;
+
   /// A one-line summary of the VMA layout (for mismatch messages).
   [[nodiscard]] std::string describe(const ref_space& s) const;
 
