@@ -181,7 +181,9 @@ class storm {
     std::uint64_t round = 0;
     for (;;) {
       const bool time_up = seconds_ > 0 && std::chrono::steady_clock::now() - start > std::chrono::duration<double>(seconds_);
-      if (seconds_ > 0 ? time_up : round >= rounds_target_) break;
+      // (and not before both CPU threads have done something, however the
+      // scheduler treated them)
+      if ((seconds_ > 0 ? time_up : round >= rounds_target_) && cpu_ops_.load() >= 2) break;
       stable_round(round, kb);
       churn_round(round, kb);
       if (v_.ops & op_bo) bo_round(kb);
@@ -586,6 +588,7 @@ TEST_P(ProgressStress, NonstopInvalidationOfTheFaultedPageNeverHangs) {
     }
   });
   watchdog::beat kb = wd.enroll("kernels");
+  while (drops.load() == 0) std::this_thread::yield();  // the storm is on before the first kernel
   std::uint64_t ok = 0, busy = 0;
   const int kernels = static_cast<int>(std::max(4.0, 40 * sanitizer_scale));
   for (int k = 0; k < kernels; ++k) {
