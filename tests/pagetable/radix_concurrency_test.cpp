@@ -182,7 +182,9 @@ TEST(PageTable, ConcurrentPinAndFreeNeverLosesAPinnedNode) {
   });
   std::jthread zapper([&] {
     std::vector<va_range> flush;
-    for (int i = 0; i < 3000; ++i) {
+    // 3000 rounds, and on until the pinner has pinned at least once beside
+    // them (however the scheduler ran it).
+    for (int i = 0; i < 3000 || (pins.load() == 0 && i < 3'000'000); ++i) {
       ASSERT_EQ(t.populate(base, base + K4, 0, [](va_t v) { return enc::make(v >> 12); }), errc::ok);
       flush.clear();
       ASSERT_EQ(t.zap(base, base + M2, flush), errc::ok);
