@@ -141,6 +141,12 @@ std::optional<int> parse_options(int argc, char** argv, options& o) {
                  "auto: 20000 when engines + handler threads fit in the hardware threads, else 0")
       ->capture_default_str()
       ->check(CLI::IsMember({"auto"}) | CLI::Range(0u, 10'000'000u));
+  std::string disjoint_op = "unmap";
+  app.add_option("--disjoint-op", disjoint_op,
+                 "invalidate-disjoint's CPU operation on the neighbouring 2M block: unmap (munmap + mmap, the "
+                 "mmap_lock for write) or dontneed (MADV_DONTNEED + a store, the read lock)")
+      ->check(CLI::IsMember({"unmap", "dontneed"}))
+      ->capture_default_str();
   app.add_option("--stride", b.stride, "Bytes between accesses in the stride scenario (multiple of 8)")
       ->capture_default_str()
       ->transform(CLI::AsSizeValue(false));
@@ -168,6 +174,7 @@ std::optional<int> parse_options(int argc, char** argv, options& o) {
   b.oracle = oracle == "on";
   b.cpu_storm = storm == "on";
   b.huge_leaves = huge == "on";
+  b.disjoint_dontneed = disjoint_op == "dontneed";
   if (wait_spin != "auto") b.wait_spin_ns = static_cast<std::uint32_t>(std::stoul(wait_spin));
   o.engines_given = eng->count() > 0;
   o.threads_given = thr->count() > 0;

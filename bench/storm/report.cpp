@@ -23,6 +23,7 @@ nlohmann::json to_json(const run_config& c) {
       {"cpu_storm", c.cpu_storm},
       {"stride", c.stride},
       {"huge_leaves", c.huge_leaves},
+      {"disjoint_op", c.disjoint_dontneed ? "dontneed" : "unmap"},
       {"wait_spin_ns", c.wait_spin_ns ? nlohmann::json(*c.wait_spin_ns) : nlohmann::json("auto")},
   };
 }

@@ -291,10 +291,15 @@ class invalidate_disjoint final : public region_scenario {
     if (!base_) return;
     std::uint64_t k = 0;
     while (!st.stop_requested()) {
-      trace_scope t(env.trace, "cpu_unmap_remap", 512);
-      if (!check(env, env.m.munmap(block_, huge_size), "munmap")) return;
-      auto va = env.m.mmap(block_, huge_size, prot::read | prot::write, map::private_ | map::anonymous | map::fixed);
-      if (!check(env, va.ok() ? errc::ok : va.error(), "mmap(MAP_FIXED)")) return;
+      if (env.cfg.disjoint_dontneed) {
+        trace_scope t(env.trace, "cpu_dontneed", 512);
+        if (!check(env, env.m.madvise(block_, huge_size, madvice::dontneed), "madvise(DONTNEED)")) return;
+      } else {
+        trace_scope t(env.trace, "cpu_unmap_remap", 512);
+        if (!check(env, env.m.munmap(block_, huge_size), "munmap")) return;
+        auto va = env.m.mmap(block_, huge_size, prot::read | prot::write, map::private_ | map::anonymous | map::fixed);
+        if (!check(env, va.ok() ? errc::ok : va.error(), "mmap(MAP_FIXED)")) return;
+      }
       if (!check(env, env.m.store<std::uint64_t>(block_ + (k++ % 512) * page_size, k), "CPU store")) return;
       env.cpu_ops.fetch_add(1, std::memory_order_relaxed);
     }

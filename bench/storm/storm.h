@@ -35,6 +35,10 @@ struct run_config {
   std::uint64_t stride = 4096; ///< bytes between the accesses of `stride`
   bool huge_leaves = true;
   std::optional<std::uint32_t> wait_spin_ns;  ///< nullopt: automatic (see svm::device_config)
+  /// invalidate-disjoint's CPU operation on the other 2M block: munmap + mmap
+  /// (mmap_lock for write, as the issue defines it) or MADV_DONTNEED (the
+  /// read lock: isolates the sequence protocol from mmap_lock contention).
+  bool disjoint_dontneed = false;
   std::string label;           ///< shown in the table (e.g. "P6 1 thread")
 
   /// The window the run really uses (automatic resolved for the scenario).
