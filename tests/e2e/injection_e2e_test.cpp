@@ -136,7 +136,7 @@ TEST_P(Inject, VramExhaustion) {
   EXPECT_EQ(*vm->bo_placement(*a), placement::system);
   EXPECT_GE(vm->stats().evictions, 1u);
   std::atomic<std::uint64_t> seen{0};
-  ASSERT_TRUE(run(1, [&, bo_va](dev::work_item& wi) { seen = wi.load<std::uint64_t>(bo_va); }).ok());
+  ASSERT_TRUE(run(1, [&](dev::work_item& wi) { seen = wi.load<std::uint64_t>(bo_va); }).ok());
   EXPECT_EQ(seen.load(), pat);
 }
 
