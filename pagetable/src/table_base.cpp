@@ -200,7 +200,7 @@ void table_base::free_if_empty(node* n) {
         // A structural change of the parent: a fault that snapshotted the
         // parent's seq (to install a huge leaf in this slot) must not miss
         // invalidations that ended in the child it never saw.
-        p->bump_seq_locked();
+        p->bump_seq_locked(idx, idx);
         freed = true;
       }
     }

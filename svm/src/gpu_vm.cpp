@@ -605,8 +605,16 @@ errc gpu_vm::service_svm_locked(va_t gva, va_t cpu, access acc, va_range allowed
       if (!vma || cpu < vma->start) return errc::fault;
       const va_range vma_gpu{vma->start - static_cast<va_t>(delta), vma->end - static_cast<va_t>(delta)};
       const va_range ok = intersect(allowed, vma_gpu);
-      win = shrink ? va_range{align_down(gva, page_size), align_down(gva, page_size) + page_size}
-                   : policy_->choose(gva, ok);
+      const va_range page{align_down(gva, page_size), align_down(gva, page_size) + page_size};
+      win = shrink ? page : policy_->choose(gva, ok);
+      // A policy that breaks its contract (a window that is not a power of
+      // two from 4K to 2M, aligned to its size, holding the fault, inside
+      // `allowed`) gets the fault's page alone: one window must fit one
+      // leaf node and the pfn array.
+      const std::uint64_t wsize = win.size();
+      if (wsize < page_size || wsize > huge_size || (wsize & (wsize - 1)) != 0 || win.start % wsize != 0 ||
+          gva < win.start || gva >= win.end || win.start < ok.start || win.end > ok.end)
+        win = page;
       if (allow_huge && win.size() == huge_size) {
         const cpu_translation ct = mm_.cpu_translate(win.start + static_cast<va_t>(delta));
         aim_huge = ct.present ? ct.order == order_2m : vma->advice == huge_advice::hugepage;
@@ -646,7 +654,11 @@ errc gpu_vm::service_svm_locked(va_t gva, va_t cpu, access acc, va_range allowed
     range.default_flags = acc == access::prefetch ? 0 : hmm_req::fault;
     range.pfn_flags_mask = hmm_req::write;
     range.dev_private_owner = owner();
-    if (pgtable) range.is_valid = [n, snap] { return n->read_seq() == snap; };
+    // The window's entries in its node: an advance of the node's sequence
+    // for other entries of the node (a disjoint invalidation in the same 2M
+    // block) does not make this fault retry.
+    const unsigned first = pt::entry_index(win.start, level), last = pt::entry_index(win.end - 1, level);
+    if (pgtable) range.is_valid = [n, snap, first, last] { return n->unchanged_since(snap, first, last); };
     errc err;
     {
       mm::read_guard rd(mm_);
@@ -682,7 +694,7 @@ errc gpu_vm::service_svm_locked(va_t gva, va_t cpu, access acc, va_range allowed
       if (cfg_.impl == mirror_impl::range) bl.emplace(baseline_lock_);
       else if (!pgtable) ml.emplace(c->mirror_lock);
       lock_guard ln(n->lock);
-      stale = pgtable ? n->seq.load(std::memory_order_relaxed) != snap : c->sub.read_retry(snap);
+      stale = pgtable ? !n->unchanged_since(snap, first, last) : c->sub.read_retry(snap);
       if (!stale && cfg_.impl == mirror_impl::range) {
         // The baseline's bookkeeping: the window becomes one range object
         // holding its page array, replacing what overlapped it.

@@ -219,6 +219,66 @@ TEST(PageTable, AdjacentFlushRangesMerge) {
   EXPECT_EQ(flush, (std::vector<va_range>{{M2 - 2 * K4, M2 + 2 * K4}}));
 }
 
+// The node's log of its last two sequence advances: which entries each
+// covered. A snapshot is still good for a window the advances missed, and
+// never for one they touched or once more than two happened.
+TEST(PageTable, NodeLogTellsDisjointAdvancesFromOverlappingOnes) {
+  table t;
+  auto pinned = t.pin(0, 0, &table::split_entry);
+  ASSERT_TRUE(pinned.ok());
+  pt::node* n = *pinned;
+  const auto snap = n->read_seq();
+  EXPECT_TRUE(n->unchanged_since(snap, 0, 511));
+  {
+    lock_guard g(n->lock);
+    n->bump_seq_locked(10, 19);
+  }
+  EXPECT_TRUE(n->unchanged_since(snap, 0, 9));
+  EXPECT_TRUE(n->unchanged_since(snap, 20, 511));
+  EXPECT_FALSE(n->unchanged_since(snap, 19, 19));
+  EXPECT_FALSE(n->unchanged_since(snap, 0, 10));
+  EXPECT_FALSE(n->unchanged_since(snap, 0, 511));
+  {
+    lock_guard g(n->lock);
+    n->bump_seq_locked(300, 300);
+  }
+  EXPECT_TRUE(n->unchanged_since(snap, 20, 299));
+  EXPECT_FALSE(n->unchanged_since(snap, 15, 15));    // the older advance
+  EXPECT_FALSE(n->unchanged_since(snap, 300, 301));  // the latest one
+  EXPECT_TRUE(n->unchanged_since(snap + 1, 15, 15));  // a later snapshot saw the older one
+  {
+    lock_guard g(n->lock);
+    n->bump_seq_locked();  // no extent: the whole node
+  }
+  EXPECT_FALSE(n->unchanged_since(snap + 2, 0, 0));
+  EXPECT_FALSE(n->unchanged_since(snap, 100, 100));  // three advances: more than the log holds
+  t.unpin(n);
+}
+
+// Zaps log what they covered: a leaf node's advance covers the zapped pages
+// only; an empty 2M-level slot's advance covers the slots zapped.
+TEST(PageTable, ZapLogsTheEntriesItCovered) {
+  table t;
+  ASSERT_EQ(t.populate(0, M2, 0, ident), errc::ok);
+  auto pinned = t.pin(0, 0, &table::split_entry);
+  ASSERT_TRUE(pinned.ok());
+  pt::node* leaf = *pinned;
+  const auto snap = leaf->read_seq();
+  std::vector<va_range> flush;
+  ASSERT_EQ(t.zap(5 * K4, 8 * K4, flush, pt::zap_options{.bump_seq = true}), errc::ok);
+  EXPECT_TRUE(leaf->unchanged_since(snap, 0, 4));
+  EXPECT_FALSE(leaf->unchanged_since(snap, 4, 5));
+  EXPECT_FALSE(leaf->unchanged_since(snap, 7, 7));
+  EXPECT_TRUE(leaf->unchanged_since(snap, 8, 511));
+  pt::node* l1 = leaf->parent;
+  const auto s1 = l1->read_seq();
+  ASSERT_EQ(t.zap(4 * M2, 6 * M2, flush, pt::zap_options{.bump_seq = true}), errc::ok);
+  EXPECT_TRUE(l1->unchanged_since(s1, 0, 3));
+  EXPECT_FALSE(l1->unchanged_since(s1, 5, 5));
+  EXPECT_TRUE(l1->unchanged_since(s1, 6, 511));
+  t.unpin(leaf);
+}
+
 TEST(PageTable, ZapBumpsSequenceOfLeafAndOfEmptyParent) {
   table t;
   ASSERT_EQ(t.populate(0, K4, 0, ident), errc::ok);

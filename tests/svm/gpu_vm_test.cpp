@@ -31,12 +31,14 @@ class GpuVm : public ::testing::TestWithParam<mode> {
     vm_config c;
     c.seq = GetParam().seq;
     c.impl = GetParam().impl;
+    tune(c);
     vm = std::make_unique<gpu_vm>(*dev, *m, c);
     auto va = m->mmap(0, 8 * huge_size, prot::read | prot::write, map::private_ | map::anonymous);
     ASSERT_TRUE(va.ok());
     base = align_up(*va, huge_size);
     ASSERT_EQ(m->madvise(*va, 8 * huge_size, madvice::nohugepage), errc::ok);
   }
+  virtual void tune(vm_config&) {}
   void TearDown() override {
     vm.reset();
     dev.reset();
@@ -301,11 +303,142 @@ TEST_P(GpuVm, BaselineKeepsRangeObjectsThePageMirrorDoesNot) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Modes, GpuVm,
-                         ::testing::Values(mode{seq_mode::pgtable, mirror_impl::page},
-                                           mode{seq_mode::notifier, mirror_impl::page},
-                                           mode{seq_mode::notifier, mirror_impl::range}),
-                         mode_name);
+// With 4K windows, several faults share one leaf node. The node logs which
+// entries its last two sequence advances covered, so an invalidation of
+// another page of the same 2M block does not make a fault retry in
+// per-page-table mode; one of its own page, or more than two advances, does.
+class GpuVm4K : public GpuVm {
+ protected:
+  void tune(vm_config& c) override { c.window = std::make_shared<fixed_window_policy>(page_size); }
+  bool node_log() const { return GetParam().seq == seq_mode::pgtable && GetParam().impl == mirror_impl::page; }
+  // Arms a one-shot before_commit hook on the window of `va` that runs `f`.
+  template <class F>
+  void at_commit_of(va_t va, std::atomic<int>& fired, F f) {
+    vm->set_test_hooks({.before_commit = [&fired, va, f](va_range w) {
+      if (w.contains(va) && fired.exchange(1) == 0) f();
+    }});
+  }
+};
+
+TEST_P(GpuVm4K, OtherPagesOfTheBlockInvalidatedTwiceDoNotRetry) {
+  const va_t va = base + 2 * page_size;
+  ASSERT_EQ(m->store<std::uint64_t>(va, 12), errc::ok);
+  ASSERT_EQ(m->store<std::uint64_t>(va + 7 * page_size, 1), errc::ok);
+  EXPECT_EQ(device_read(va + 7 * page_size), 1u);  // the leaf node exists and maps a neighbour
+  std::atomic<int> fired{0};
+  at_commit_of(va, fired, [&] {
+    dontneed(va + 7 * page_size);  // mapped: its PTE is cleared
+    dontneed(va - page_size);      // not mapped: the node's sequence still advances
+  });
+  EXPECT_EQ(device_read(va), 12u);
+  ASSERT_EQ(fired.load(), 1);
+  const auto s = vm->stats();
+  if (node_log()) {
+    EXPECT_EQ(s.retries_busy + s.retries_seq, 0u) << s;
+  } else {
+    EXPECT_GE(s.retries_seq, 1u) << s;
+    EXPECT_GE(s.false_retries, 1u) << s;
+  }
+  EXPECT_EQ(device_read(va + 7 * page_size), 0u);  // the neighbour really was dropped
+  vm->set_test_hooks({});
+}
+
+// The older of the two logged advances covers the fault's page: the walk
+// found a frame that is now dropped, so the commit must refuse it. A log
+// that looked only at the latest advance would map the freed frame and the
+// device would read 34 instead of 0.
+TEST_P(GpuVm4K, OwnPageInTheOlderLoggedAdvanceRetries) {
+  const va_t va = base + 20 * page_size;
+  ASSERT_EQ(m->store<std::uint64_t>(va, 34), errc::ok);
+  std::atomic<int> fired{0};
+  at_commit_of(va, fired, [&] {
+    dontneed(va);
+    dontneed(va + 100 * page_size);
+  });
+  EXPECT_EQ(device_read(va), 0u) << "mapped the frame of a page dropped between the walk and the commit";
+  ASSERT_EQ(fired.load(), 1);
+  const auto s = vm->stats();
+  EXPECT_GE(s.retries_seq, 1u) << s;
+  EXPECT_EQ(s.false_retries, 0u) << s;
+}
+
+TEST_P(GpuVm4K, OwnPageInTheLatestLoggedAdvanceRetries) {
+  const va_t va = base + 21 * page_size;
+  ASSERT_EQ(m->store<std::uint64_t>(va, 35), errc::ok);
+  std::atomic<int> fired{0};
+  at_commit_of(va, fired, [&] {
+    dontneed(va + 100 * page_size);
+    dontneed(va);
+  });
+  EXPECT_EQ(device_read(va), 0u);
+  ASSERT_EQ(fired.load(), 1);
+  EXPECT_GE(vm->stats().retries_seq, 1u) << vm->stats();
+}
+
+// Three advances overflow the two-entry log: the fault cannot tell, so it
+// retries (and the retry is counted as false, since none overlapped it).
+TEST_P(GpuVm4K, MoreAdvancesThanTheLogHoldsRetry) {
+  const va_t va = base + 30 * page_size;
+  ASSERT_EQ(m->store<std::uint64_t>(va, 36), errc::ok);
+  std::atomic<int> fired{0};
+  at_commit_of(va, fired, [&] {
+    for (unsigned i = 1; i <= 3; ++i) dontneed(va + i * page_size);
+  });
+  EXPECT_EQ(device_read(va), 36u);
+  ASSERT_EQ(fired.load(), 1);
+  const auto s = vm->stats();
+  EXPECT_GE(s.retries_seq, 1u) << s;
+  EXPECT_GE(s.false_retries, 1u) << s;
+}
+
+// The same between the snapshot and the CPU walk: hmm_range_fault's
+// validity check consults the log too, so no -EBUSY for a disjoint page.
+TEST_P(GpuVm4K, DisjointPageDuringTheWalkIsNotBusy) {
+  const va_t va = base + 40 * page_size;
+  ASSERT_EQ(m->store<std::uint64_t>(va, 37), errc::ok);
+  std::atomic<int> fired{0};
+  vm->set_test_hooks({.after_snapshot = [&](va_range w) {
+    if (w.contains(va) && fired.exchange(1) == 0) dontneed(va + page_size);
+  }});
+  EXPECT_EQ(device_read(va), 37u);
+  ASSERT_EQ(fired.load(), 1);
+  const auto s = vm->stats();
+  if (node_log()) {
+    EXPECT_EQ(s.retries_busy + s.retries_seq, 0u) << s;
+  } else {
+    EXPECT_GE(s.retries_busy + s.retries_seq, 1u) << s;
+  }
+  vm->set_test_hooks({});
+}
+
+// A window policy that breaks its contract (here: 4M, larger than a leaf
+// node and the fault's page array) gets the fault's page alone.
+class oversized_policy final : public window_policy {
+ public:
+  va_range choose(va_t fault, va_range) const noexcept override {
+    return {align_down(fault, 2 * huge_size), align_down(fault, 2 * huge_size) + 2 * huge_size};
+  }
+};
+
+TEST_P(GpuVm, WindowPolicyBreakingItsContractGetsOnePage) {
+  vm.reset();
+  vm_config c;
+  c.seq = GetParam().seq;
+  c.impl = GetParam().impl;
+  c.window = std::make_shared<oversized_policy>();
+  vm = std::make_unique<gpu_vm>(*dev, *m, c);
+  const va_t va = base + huge_size + 3 * page_size;
+  ASSERT_EQ(m->store<std::uint64_t>(va, 41), errc::ok);
+  EXPECT_EQ(device_read(va), 41u);
+  EXPECT_EQ(vm->stats().ptes_written, 1u);
+  EXPECT_FALSE(vm->page_table().any_leaf(base, va));
+}
+
+#define SVM_GPU_VM_MODES                                                                   \
+  ::testing::Values(mode{seq_mode::pgtable, mirror_impl::page}, mode{seq_mode::notifier, mirror_impl::page}, \
+                    mode{seq_mode::notifier, mirror_impl::range})
+INSTANTIATE_TEST_SUITE_P(Modes, GpuVm, SVM_GPU_VM_MODES, mode_name);
+INSTANTIATE_TEST_SUITE_P(Modes, GpuVm4K, SVM_GPU_VM_MODES, mode_name);
 
 }  // namespace
 }  // namespace svm::test

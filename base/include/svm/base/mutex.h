@@ -125,11 +125,13 @@ class CAPABILITY("mutex") mutex {
     while (state_.exchange(2, std::memory_order_acquire) != 0) state_.wait(2, std::memory_order_relaxed);
   }
 
-  std::atomic<std::uint32_t> state_{0};
 #if SVM_LOCK_CHECKS
   const lock_class* cls_ = &default_lock_class;  // immutable after construction
   std::uint64_t key_ = 0;                         // immutable after construction
 #endif
+  // Last, so that the validator's build leaves its padding at the tail,
+  // where a [[no_unique_address]] owner (pt::node) packs its next fields.
+  std::atomic<std::uint32_t> state_{0};
 };
 
 /// Reader-writer lock over std::shared_mutex, ranked like svm::mutex.

@@ -238,7 +238,7 @@ class radix_table : public table_base {
           lo = std::min(lo, va);
           hi = va + span;
         }
-        if (c.opts.bump_seq) n->bump_seq_locked();
+        if (c.opts.bump_seq) n->bump_seq_locked(entry_index(s, 0), entry_index(e - 1, 0));
       }
       if (lo < hi) add_flush(c.flush, lo, hi);
       free_if_empty(n);
@@ -260,7 +260,8 @@ class radix_table : public table_base {
             lock_guard lk(n->lock);
             if (n->dead) return false;
             if (n->entries[idx].load(std::memory_order_relaxed) != 0) continue;
-            n->bump_seq_locked();
+            // One advance for the whole walk here: it covers all of [s, e).
+            n->bump_seq_locked(entry_index(s, l), entry_index(e - 1, l));
             bumped = true;
           }
           break;
@@ -273,7 +274,7 @@ class radix_table : public table_base {
           if (n->entries[idx].load(std::memory_order_relaxed) != ent) continue;
           set_leaf_locked(*n, idx, 0);
           c.on_clear(slot, ent, l);
-          if (c.opts.bump_seq) n->bump_seq_locked();
+          if (c.opts.bump_seq) n->bump_seq_locked(idx, idx);
           add_flush(c.flush, slot, slot + span);
           break;
         }
