@@ -523,7 +523,21 @@ void gpu_vm::service(std::span<dev::fault_record> recs) {
 }
 
 errc gpu_vm::service_page(va_t gva, access acc, std::uint64_t*) {
+  if (cfg_.impl == mirror_impl::range) {
+    // The baseline is VM-locked: its faults hold the VM-wide lock
+    // exclusively across the whole service (lookup, hmm_range_fault,
+    // commit), as the range-based drivers hold their VM or svms lock, so
+    // handler threads of one VM take turns. Its invalidations take the
+    // other VM-wide lock, baseline_lock_, never this one: a callback may run
+    // inside this very fault's hmm_range_fault (a copy-on-write break).
+    lock_guard g(lock_);
+    return service_page_locked(gva, acc);
+  }
   shared_lock_guard g(lock_);
+  return service_page_locked(gva, acc);
+}
+
+errc gpu_vm::service_page_locked(va_t gva, access acc) {
   if (const gpuva* m = tree_.find(gva)) return service_bo_locked(*m, gva, acc);
   if (cfg_.mode == vm_mode::long_running) return errc::fault;
   va_t cpu;

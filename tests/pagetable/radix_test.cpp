@@ -219,39 +219,45 @@ TEST(PageTable, AdjacentFlushRangesMerge) {
   EXPECT_EQ(flush, (std::vector<va_range>{{M2 - 2 * K4, M2 + 2 * K4}}));
 }
 
-// The node's log of its last two sequence advances: which entries each
-// covered. A snapshot is still good for a window the advances missed, and
-// never for one they touched or once more than two happened.
+// The node's log of its recent sequence advances: two generations of
+// extents. A snapshot is still good for a window its generation's extent
+// misses, and never for one inside it or older than both generations.
 TEST(PageTable, NodeLogTellsDisjointAdvancesFromOverlappingOnes) {
   table t;
   auto pinned = t.pin(0, 0, &table::split_entry);
   ASSERT_TRUE(pinned.ok());
   pt::node* n = *pinned;
-  const auto snap = n->read_seq();
-  EXPECT_TRUE(n->unchanged_since(snap, 0, 511));
-  {
+  auto bump = [n](unsigned first, unsigned last) {
     lock_guard g(n->lock);
-    n->bump_seq_locked(10, 19);
-  }
+    n->bump_seq_locked(first, last);
+  };
+  const auto snap = n->read_seq();
+  ASSERT_EQ(snap, 0u);
+  EXPECT_TRUE(n->unchanged_since(snap, 0, 511));
+  bump(10, 19);
   EXPECT_TRUE(n->unchanged_since(snap, 0, 9));
   EXPECT_TRUE(n->unchanged_since(snap, 20, 511));
   EXPECT_FALSE(n->unchanged_since(snap, 19, 19));
   EXPECT_FALSE(n->unchanged_since(snap, 0, 10));
   EXPECT_FALSE(n->unchanged_since(snap, 0, 511));
-  {
-    lock_guard g(n->lock);
-    n->bump_seq_locked(300, 300);
-  }
-  EXPECT_TRUE(n->unchanged_since(snap, 20, 299));
+  bump(300, 300);
+  EXPECT_TRUE(n->unchanged_since(snap, 0, 9));
+  EXPECT_TRUE(n->unchanged_since(snap, 301, 511));
   EXPECT_FALSE(n->unchanged_since(snap, 15, 15));    // the older advance
-  EXPECT_FALSE(n->unchanged_since(snap, 300, 301));  // the latest one
-  EXPECT_TRUE(n->unchanged_since(snap + 1, 15, 15));  // a later snapshot saw the older one
-  {
-    lock_guard g(n->lock);
-    n->bump_seq_locked();  // no extent: the whole node
-  }
-  EXPECT_FALSE(n->unchanged_since(snap + 2, 0, 0));
-  EXPECT_FALSE(n->unchanged_since(snap, 100, 100));  // three advances: more than the log holds
+  EXPECT_FALSE(n->unchanged_since(snap, 300, 301));  // the newer one
+  EXPECT_FALSE(n->unchanged_since(snap, 100, 100));  // between them: one extent covers both
+  for (int i = 0; i < 6; ++i) bump(500, 500);        // seq 8: the young generation is full
+  bump(505, 505);                                    // seq 9: a new young generation
+  EXPECT_TRUE(n->unchanged_since(8, 0, 504));        // only the newest advance since 8
+  EXPECT_TRUE(n->unchanged_since(7, 0, 9));          // the old generation covers 7..9
+  EXPECT_FALSE(n->unchanged_since(7, 100, 100));
+  EXPECT_FALSE(n->unchanged_since(8, 505, 505));
+  for (int i = 0; i < 8; ++i) bump(505, 505);        // seq 17: the generations move on again
+  EXPECT_FALSE(n->unchanged_since(7, 0, 9));         // older than both generations
+  EXPECT_TRUE(n->unchanged_since(8, 0, 9));
+  EXPECT_TRUE(n->unchanged_since(17, 505, 505));     // seq still at that snapshot
+  bump(0, 511);                                      // no narrower extent: the whole node
+  EXPECT_FALSE(n->unchanged_since(17, 0, 0));
   t.unpin(n);
 }
 

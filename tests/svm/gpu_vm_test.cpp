@@ -8,6 +8,7 @@
 #include <memory>
 #include <thread>
 
+#include "svm/pagetable/node.h"
 #include "svm/svm/gpu_vm.h"
 
 namespace svm::test {
@@ -304,9 +305,10 @@ TEST_P(GpuVm, BaselineKeepsRangeObjectsThePageMirrorDoesNot) {
 }
 
 // With 4K windows, several faults share one leaf node. The node logs which
-// entries its last two sequence advances covered, so an invalidation of
-// another page of the same 2M block does not make a fault retry in
-// per-page-table mode; one of its own page, or more than two advances, does.
+// entries its recent sequence advances covered (two generations of
+// extents), so an invalidation of other pages of the same 2M block does not
+// make a fault retry in per-page-table mode; one of its own page does, and
+// so do more advances than the log remembers.
 class GpuVm4K : public GpuVm {
  protected:
   void tune(vm_config& c) override { c.window = std::make_shared<fixed_window_policy>(page_size); }
@@ -328,7 +330,7 @@ TEST_P(GpuVm4K, OtherPagesOfTheBlockInvalidatedTwiceDoNotRetry) {
   std::atomic<int> fired{0};
   at_commit_of(va, fired, [&] {
     dontneed(va + 7 * page_size);  // mapped: its PTE is cleared
-    dontneed(va - page_size);      // not mapped: the node's sequence still advances
+    dontneed(va + 9 * page_size);  // not mapped: the node's sequence still advances
   });
   EXPECT_EQ(device_read(va), 12u);
   ASSERT_EQ(fired.load(), 1);
@@ -343,17 +345,18 @@ TEST_P(GpuVm4K, OtherPagesOfTheBlockInvalidatedTwiceDoNotRetry) {
   vm->set_test_hooks({});
 }
 
-// The older of the two logged advances covers the fault's page: the walk
+// The oldest of three advances covers the fault's page: the walk
 // found a frame that is now dropped, so the commit must refuse it. A log
-// that looked only at the latest advance would map the freed frame and the
+// that looked only at the newer advances would map the freed frame and the
 // device would read 34 instead of 0.
-TEST_P(GpuVm4K, OwnPageInTheOlderLoggedAdvanceRetries) {
+TEST_P(GpuVm4K, OwnPageInTheOldestLoggedAdvanceRetries) {
   const va_t va = base + 20 * page_size;
   ASSERT_EQ(m->store<std::uint64_t>(va, 34), errc::ok);
   std::atomic<int> fired{0};
   at_commit_of(va, fired, [&] {
     dontneed(va);
     dontneed(va + 100 * page_size);
+    dontneed(va + 101 * page_size);
   });
   EXPECT_EQ(device_read(va), 0u) << "mapped the frame of a page dropped between the walk and the commit";
   ASSERT_EQ(fired.load(), 1);
@@ -375,14 +378,15 @@ TEST_P(GpuVm4K, OwnPageInTheLatestLoggedAdvanceRetries) {
   EXPECT_GE(vm->stats().retries_seq, 1u) << vm->stats();
 }
 
-// Three advances overflow the two-entry log: the fault cannot tell, so it
-// retries (and the retry is counted as false, since none overlapped it).
+// More advances than both generations span (at most 2 x 8 + 1): the fault
+// cannot tell, so it retries (and the retry is counted as false, since none
+// overlapped it).
 TEST_P(GpuVm4K, MoreAdvancesThanTheLogHoldsRetry) {
   const va_t va = base + 30 * page_size;
   ASSERT_EQ(m->store<std::uint64_t>(va, 36), errc::ok);
   std::atomic<int> fired{0};
   at_commit_of(va, fired, [&] {
-    for (unsigned i = 1; i <= 3; ++i) dontneed(va + i * page_size);
+    for (unsigned i = 1; i <= 2 * pt::node::log_generation + 2; ++i) dontneed(va + i * page_size);
   });
   EXPECT_EQ(device_read(va), 36u);
   ASSERT_EQ(fired.load(), 1);

@@ -50,14 +50,20 @@ struct node;
 ///    snapshots it (acquire) before walking the CPU page table and compares
 ///    it under `lock` before writing; a change means retry. The increment is
 ///    a release store under the lock, pairing with that acquire snapshot.
-///  - inval_log: which entries the last two advances of seq covered, so that
-///    a fault can tell an invalidation of other entries of this node from
-///    one of its own window (see unchanged_since). One word, written (relaxed)
-///    under `lock` just before the seq release store that it describes:
-///      bits  0..8 / 9..17   first / last index of the latest advance,
-///      bits 18..26 / 27..35 first / last index of the one before it,
-///      bits 36..63          the low 28 bits of seq after the latest advance.
-///    Its tag lets a lock-free reader notice that it raced an advance.
+///  - inval_log: which entries the recent advances of seq covered, so that a
+///    fault can tell an invalidation of other entries of this node from one
+///    of its own window (see unchanged_since). Two generations, each the
+///    seq it starts after (its base) and the extent (first..last index) that
+///    covers every advance since: the young one restarts every
+///    log_generation advances, the old one is the young one before that. One
+///    word, written (relaxed) under `lock` just before the seq release store
+///    that it describes:
+///      bits  0..17  young extent (first | last << 9; first > last: none)
+///      bits 18..35  old extent
+///      bits 36..49  young base, low 14 bits
+///      bits 50..63  old base, low 14 bits
+///    Under `lock` the word always describes seq exactly; read lock-free it
+///    may describe a later seq, so that answer is only a hint.
 ///  - inval_active: count of invalidations between start and end that
 ///    reached this node; incremented/decremented by drivers that track
 ///    invalidation per node (atomic; pairs with the acquire load in
@@ -73,10 +79,13 @@ struct node;
 ///    whoever finds it set after locking must retry from the root.
 ///  - level, base, parent: immutable after publication.
 struct alignas(64) node {
-  static constexpr unsigned log_slot_bits = 2 * bits_per_level;
-  static constexpr std::uint64_t log_slot_mask = (std::uint64_t{1} << log_slot_bits) - 1;
-  static constexpr unsigned log_tag_shift = 2 * log_slot_bits;
-  static constexpr std::uint64_t log_tag_mask = (std::uint64_t{1} << (64 - log_tag_shift)) - 1;
+  static constexpr unsigned log_generation = 8;  ///< advances per young generation
+  static constexpr unsigned log_ext_bits = 2 * bits_per_level;
+  static constexpr std::uint64_t log_ext_mask = (std::uint64_t{1} << log_ext_bits) - 1;
+  static constexpr std::uint64_t log_no_extent = entries_per_node - 1;  // first 511, last 0
+  static constexpr unsigned log_base_bits = 14;
+  static constexpr std::uint64_t log_base_mask = (std::uint64_t{1} << log_base_bits) - 1;
+  static constexpr std::uint64_t log_empty = log_no_extent | (log_no_extent << log_ext_bits);  // both bases 0
 
   std::atomic<std::uint64_t> entries[entries_per_node];
   std::atomic<std::uint64_t> seq{0};
@@ -91,7 +100,7 @@ struct alignas(64) node {
   std::atomic<std::uint16_t> inval_active{0};
   bool dead GUARDED_BY(lock) = false;
   std::uint8_t level = 0;
-  std::atomic<std::uint64_t> inval_log{0};
+  std::atomic<std::uint64_t> inval_log{log_empty};
 
   node(unsigned lvl, va_t b, node* p, unsigned top_level) noexcept;
 
@@ -101,38 +110,66 @@ struct alignas(64) node {
     return n_links.load(std::memory_order_relaxed) + n_leaves.load(std::memory_order_relaxed);
   }
 
+  /// An extent grown to cover [first, last] too.
+  [[nodiscard]] static constexpr std::uint64_t widen(std::uint64_t ext, unsigned first, unsigned last) noexcept {
+    unsigned lo = static_cast<unsigned>(ext & (entries_per_node - 1));
+    unsigned hi = static_cast<unsigned>(ext >> bits_per_level);
+    if (lo > hi) {
+      lo = first;
+      hi = last;
+    } else {
+      lo = lo < first ? lo : first;
+      hi = hi > last ? hi : last;
+    }
+    return lo | (std::uint64_t{hi} << bits_per_level);
+  }
+
   /// Locking: requires lock. Advances seq (the per-page-table sequence) for
   /// a change to entries [first, last] (indices in this node; the default is
   /// the whole node, for a change with no narrower extent).
   void bump_seq_locked(unsigned first = 0, unsigned last = entries_per_node - 1) REQUIRES(lock) {
-    const std::uint64_t next = seq.load(std::memory_order_relaxed) + 1;
-    const std::uint64_t prev = inval_log.load(std::memory_order_relaxed) & log_slot_mask;
-    // relaxed: published by the release store of seq just below, and a
-    // reader that sees an older seq rejects the word by its tag.
-    inval_log.store(((next & log_tag_mask) << log_tag_shift) | (prev << log_slot_bits) | first |
-                        (std::uint64_t{last} << bits_per_level),
+    const std::uint64_t cur = seq.load(std::memory_order_relaxed), next = cur + 1;
+    const std::uint64_t w = inval_log.load(std::memory_order_relaxed);
+    std::uint64_t young = w & log_ext_mask, old = (w >> log_ext_bits) & log_ext_mask;
+    std::uint64_t young_base = (w >> (2 * log_ext_bits)) & log_base_mask;
+    std::uint64_t old_base = w >> (2 * log_ext_bits + log_base_bits);
+    if (((next - young_base) & log_base_mask) > log_generation) {  // the young generation is full
+      old = young;
+      old_base = young_base;
+      young = log_no_extent;
+      young_base = cur & log_base_mask;
+    }
+    young = widen(young, first, last);
+    old = widen(old, first, last);
+    // relaxed: published by the release store of seq just below.
+    inval_log.store(young | (old << log_ext_bits) | (young_base << (2 * log_ext_bits)) |
+                        (old_base << (2 * log_ext_bits + log_base_bits)),
                     std::memory_order_relaxed);
     seq.store(next, std::memory_order_release);
   }
 
   /// True when no advance of seq since `snap` touched entries [first, last]:
-  /// either seq is still `snap`, or it moved by at most two and both logged
-  /// extents miss [first, last]. Exact under `lock`. Lock-free it may err
-  /// either way only while racing an advance, so a caller treats a lock-free
-  /// answer as a hint and decides under the lock (the fault's commit does).
+  /// seq is still `snap`, or the youngest generation of the log that began
+  /// at or before `snap` has an extent that misses [first, last]. Exact
+  /// under `lock` (false when `snap` is older than both generations). Read
+  /// lock-free it may err either way while racing an advance, so a caller
+  /// treats that answer as a hint and decides under the lock (the fault's
+  /// commit does).
   [[nodiscard]] bool unchanged_since(std::uint64_t snap, unsigned first, unsigned last) const noexcept {
     const std::uint64_t cur = seq.load(std::memory_order_acquire);  // pairs with bump_seq_locked
     if (cur == snap) return true;
-    if (cur - snap > 2) return false;
     const std::uint64_t w = inval_log.load(std::memory_order_relaxed);
-    if ((w >> log_tag_shift) != (cur & log_tag_mask)) return false;  // an advance raced this read
-    auto hits = [&](std::uint64_t slot) {
-      const auto lo = static_cast<unsigned>(slot & (entries_per_node - 1));
-      const auto hi = static_cast<unsigned>((slot >> bits_per_level) & (entries_per_node - 1));
-      return lo <= last && first <= hi;
-    };
-    if (hits(w & log_slot_mask)) return false;
-    return cur - snap == 1 || !hits((w >> log_slot_bits) & log_slot_mask);
+    // A generation's base: the latest seq at or below cur with its low bits.
+    auto base_of = [cur](std::uint64_t low) { return cur - ((cur - low) & log_base_mask); };
+    const std::uint64_t young_base = base_of((w >> (2 * log_ext_bits)) & log_base_mask);
+    const std::uint64_t old_base = base_of(w >> (2 * log_ext_bits + log_base_bits));
+    std::uint64_t ext;
+    if (snap >= young_base && snap < cur) ext = w & log_ext_mask;
+    else if (snap >= old_base && snap < cur) ext = (w >> log_ext_bits) & log_ext_mask;
+    else return false;
+    const auto lo = static_cast<unsigned>(ext & (entries_per_node - 1));
+    const auto hi = static_cast<unsigned>(ext >> bits_per_level);
+    return lo > hi || hi < first || last < lo;
   }
   /// Adjust the entry counts. Only lock holders write them, so a plain
   /// load/store pair suffices (no read-modify-write on the populate path).

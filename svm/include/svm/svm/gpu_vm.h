@@ -347,7 +347,10 @@ class gpu_vm {
   // The fault path, called by device::process with the registry held shared.
   void service(std::span<dev::fault_record> recs);
   // One 4K page's fault, with the strongest access among its records.
+  // Locking: takes lock_ shared (the page mirror) or exclusive (the
+  // VM-locked baseline) around service_page_locked.
   errc service_page(va_t gva, access acc, std::uint64_t* ptes) EXCLUDES(lock_);
+  errc service_page_locked(va_t gva, access acc) REQUIRES_SHARED(lock_);
   errc service_svm_locked(va_t gva, va_t cpu_va, access acc, va_range allowed) REQUIRES_SHARED(lock_);
   errc service_bo_locked(const gpuva& m, va_t gva, access acc) REQUIRES_SHARED(lock_);
   /// GPU VA -> CPU VA of the mirror, and the GPU range the mirror allows
@@ -392,7 +395,8 @@ class gpu_vm {
 
   static constexpr lock_class vm_class{"gpu_vm.lock", lockdep::rank::vm};
   /// vm.lock: the BO VA tree, the BO table and the mirror windows. Faults
-  /// hold it shared across their service; bind/unbind/evict exclusive.
+  /// hold it shared across their service (the baseline's: exclusive, which
+  /// is what makes it VM-locked); bind/unbind/evict exclusive.
   mutable shared_mutex lock_{vm_class};
   gpuva_tree tree_;  // guarded by lock_ (the tree asserts it)
   std::unordered_map<bo_id, std::unique_ptr<bo>> bos_ GUARDED_BY(lock_);
