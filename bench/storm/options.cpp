@@ -128,8 +128,10 @@ std::optional<int> parse_options(int argc, char** argv, options& o) {
       ->check(CLI::IsMember({"on", "off"}))
       ->capture_default_str();
   std::string storm = "on";
-  app.add_option("--cpu-storm", storm, "The scenario's concurrent CPU storm on or off (off: a quiet baseline)")
-      ->check(CLI::IsMember({"on", "off"}))
+  app.add_option("--cpu-storm", storm,
+                 "The scenario's concurrent CPU storm: on, off (a quiet baseline), or burn (no storm; a thread that "
+                 "only spins in its place: the same CPU taken, nothing invalidated)")
+      ->check(CLI::IsMember({"on", "off", "burn"}))
       ->capture_default_str();
   std::string huge = "on";
   app.add_option("--huge-leaves", huge, "Map 2M device leaves over CPU huge pages: on or off")
@@ -173,6 +175,7 @@ std::optional<int> parse_options(int argc, char** argv, options& o) {
   b.mirror = mirror == "range" ? mirror_impl::range : mirror_impl::page;
   b.oracle = oracle == "on";
   b.cpu_storm = storm == "on";
+  b.cpu_burn = storm == "burn";
   b.huge_leaves = huge == "on";
   b.disjoint_dontneed = disjoint_op == "dontneed";
   if (wait_spin != "auto") b.wait_spin_ns = static_cast<std::uint32_t>(std::stoul(wait_spin));

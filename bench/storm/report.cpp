@@ -20,7 +20,7 @@ nlohmann::json to_json(const run_config& c) {
       {"mirror", c.scenario == "host-minor-fault" ? "n/a" : to_string(c.mirror)},
       {"seed", c.seed},
       {"oracle", c.oracle},
-      {"cpu_storm", c.cpu_storm},
+      {"cpu_storm", c.cpu_storm ? "on" : c.cpu_burn ? "burn" : "off"},
       {"stride", c.stride},
       {"huge_leaves", c.huge_leaves},
       {"disjoint_op", c.disjoint_dontneed ? "dontneed" : "unmap"},

@@ -147,6 +147,16 @@ run_result run_device(const run_config& c, const runner_options& o) {
         if (auto* t = dynamic_cast<chrome_trace*>(o.trace)) t->name_thread("cpu storm");
         sc->storm(env, st);
       });
+    } else if (sc->has_storm() && c.cpu_burn) {
+      storm = std::jthread([&](std::stop_token st) {
+        if (auto* t = dynamic_cast<chrome_trace*>(o.trace)) t->name_thread("cpu burn (control)");
+        std::uint64_t spins = 0;
+        while (!st.stop_requested()) {
+          for (int i = 0; i < 256; ++i) SVM_CPU_RELAX();
+          ++spins;
+        }
+        env.cpu_ops.fetch_add(spins, std::memory_order_relaxed);
+      });
     }
     if (auto* t = dynamic_cast<chrome_trace*>(o.trace)) t->name_thread("main (storm driver)");
     const auto budget = std::chrono::duration<double>(c.seconds);

@@ -32,6 +32,9 @@ struct run_config {
   std::uint64_t seed = 1;
   bool oracle = true;
   bool cpu_storm = true;       ///< run the scenario's concurrent CPU storm, if it has one
+  /// With cpu_storm off: a thread that only spins where the storm thread
+  /// would run (a control that takes the same CPU and invalidates nothing).
+  bool cpu_burn = false;
   std::uint64_t stride = 4096; ///< bytes between the accesses of `stride`
   bool huge_leaves = true;
   std::optional<std::uint32_t> wait_spin_ns;  ///< nullopt: automatic (see svm::device_config)
