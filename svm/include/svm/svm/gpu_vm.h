@@ -21,8 +21,8 @@
 //      pin leaf node N, snap = N.seq           mm registers range R (active)
 //      read_begin_range(window)                for nodes in R: lock,
 //        (waits while an active R overlaps)      N.seq++, clear PTEs, unlock
-//      hmm_range_fault(is_valid: N.seq==snap)  TLB invalidate, wait
-//      lock N; if N.seq != snap: retry         ... CPU PTEs cleared ...
+//      hmm_range_fault(is_valid: W untouched)  TLB invalidate, wait
+//      lock N; if W touched since snap: retry  ... CPU PTEs cleared ...
 //      write PTEs; unlock N; unpin N           mm unregisters R; frees frames
 //
 //    An invalidation registered before read_begin_range has ended before the
@@ -31,7 +31,12 @@
 //    leaf lives in the level-1 node, whose seq is also advanced when a child
 //    node under it is freed (pagetable/), so no invalidation is missed.
 //    Faults and invalidations in different 2M blocks never touch each
-//    other's counters.
+//    other's counters. Inside one block, "W touched since snap" asks N's
+//    invalidation log (pt::node::unchanged_since): did an advance of N.seq
+//    since snap cover an entry of the window W? A fault whose snapshot is
+//    older than the log retries as if it had been touched, so an
+//    invalidation of other pages of the block makes a fault retry only
+//    when many of them land during it.
 //
 // ## BO mappings take precedence
 // BO PTEs carry the software bit `bo_pte_bit`; SVM invalidations clear only
