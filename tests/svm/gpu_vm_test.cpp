@@ -365,6 +365,23 @@ TEST_P(GpuVm4K, OwnPageInTheOldestLoggedAdvanceRetries) {
   EXPECT_EQ(s.false_retries, 0u) << s;
 }
 
+// The fault's page was dropped first, then a dozen other pages: the young
+// generation of the log no longer covers the first advance, only the old
+// one (or neither) does. A check of the young generation alone would accept
+// the commit and map the freed frame.
+TEST_P(GpuVm4K, OwnPageBeforeTheYoungGenerationRetries) {
+  const va_t va = base + 60 * page_size;
+  ASSERT_EQ(m->store<std::uint64_t>(va, 38), errc::ok);
+  std::atomic<int> fired{0};
+  at_commit_of(va, fired, [&] {
+    dontneed(va);
+    for (unsigned i = 1; i <= pt::node::log_generation + 4; ++i) dontneed(va + i * page_size);
+  });
+  EXPECT_EQ(device_read(va), 0u) << "mapped the frame of a page dropped between the walk and the commit";
+  ASSERT_EQ(fired.load(), 1);
+  EXPECT_GE(vm->stats().retries_seq, 1u) << vm->stats();
+}
+
 TEST_P(GpuVm4K, OwnPageInTheLatestLoggedAdvanceRetries) {
   const va_t va = base + 21 * page_size;
   ASSERT_EQ(m->store<std::uint64_t>(va, 35), errc::ok);
