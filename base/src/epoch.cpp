@@ -28,7 +28,7 @@ struct domain {
   /// acquire loads of the walkers of the list.
   std::atomic<record*> head{nullptr};
   mutex retire_lock{retire_class};
-  std::vector<retired> items GUARDED_BY(retire_lock);
+  std::vector<retired> items SVM_GUARDED_BY(retire_lock);
   /// Mirrors items.size(); relaxed, for pending() and the retire heuristic.
   std::atomic<std::size_t> n_pending{0};
   /// free_safe() passes that took items off the list and are still running

@@ -111,24 +111,24 @@ class device::impl {
   explicit impl(device_config c);
   ~impl();
 
-  errc attach_vm(vm_id id, dev_page_table& table, phys_mem& sysmem) EXCLUDES(sched_lock_);
-  errc detach_vm(vm_id id) EXCLUDES(sched_lock_);
-  result<queue_id> create_queue(vm_id vm) EXCLUDES(sched_lock_);
-  errc destroy_queue(queue_id q) EXCLUDES(sched_lock_);
-  result<completion> submit(queue_id q, std::uint64_t items, kernel_fn fn) EXCLUDES(sched_lock_);
+  errc attach_vm(vm_id id, dev_page_table& table, phys_mem& sysmem) SVM_EXCLUDES(sched_lock_);
+  errc detach_vm(vm_id id) SVM_EXCLUDES(sched_lock_);
+  result<queue_id> create_queue(vm_id vm) SVM_EXCLUDES(sched_lock_);
+  errc destroy_queue(queue_id q) SVM_EXCLUDES(sched_lock_);
+  result<completion> submit(queue_id q, std::uint64_t items, kernel_fn fn) SVM_EXCLUDES(sched_lock_);
   std::size_t replay(std::span<const fault_record> records) noexcept;
   std::size_t cancel(std::span<const fault_record> records, errc reason) noexcept;
-  errc invalidate_tlb(vm_id vm, va_range r) EXCLUDES(inval_lock_);
-  void set_oracle(access_validator v) EXCLUDES(oracle_lock_);
+  errc invalidate_tlb(vm_id vm, va_range r) SVM_EXCLUDES(inval_lock_);
+  void set_oracle(access_validator v) SVM_EXCLUDES(oracle_lock_);
   device_stats stats() const;
 
   // ---- used by the engines ----
-  claim claim_work(detail::engine& e, bool& stop) EXCLUDES(sched_lock_);
-  void complete_chunk(const claim& c) EXCLUDES(sched_lock_);
-  void fail_job(job& j, const kernel_status& s) EXCLUDES(sched_lock_);
+  claim claim_work(detail::engine& e, bool& stop) SVM_EXCLUDES(sched_lock_);
+  void complete_chunk(const claim& c) SVM_EXCLUDES(sched_lock_);
+  void fail_job(job& j, const kernel_status& s) SVM_EXCLUDES(sched_lock_);
   /// Locking: requires inval_lock_. The log entries (seen, now] or
   /// "too old" (flush everything).
-  std::uint64_t read_invalidations_locked(std::uint64_t seen, tlb_model& tlb) REQUIRES(inval_lock_);
+  std::uint64_t read_invalidations_locked(std::uint64_t seen, tlb_model& tlb) SVM_REQUIRES(inval_lock_);
   void wait_for_work(std::uint32_t seen);
 
   device_config cfg_;
@@ -152,19 +152,19 @@ class device::impl {
     vm_id vm = 0;
     va_range r;
   };
-  std::array<log_entry, inval_log_size> inval_log_ GUARDED_BY(inval_lock_);
-  std::uint64_t inval_next_ GUARDED_BY(inval_lock_) = 0;
+  std::array<log_entry, inval_log_size> inval_log_ SVM_GUARDED_BY(inval_lock_);
+  std::uint64_t inval_next_ SVM_GUARDED_BY(inval_lock_) = 0;
   /// Invalidators sleeping on an engine's status word; engines notify only
   /// when nonzero. seq_cst on both sides (Dekker pair with the status store).
   std::atomic<std::uint32_t> inval_sleepers_{0};
 
   mutable mutex sched_lock_{sched_class, 1};
-  std::unordered_map<vm_id, std::unique_ptr<vm_ctx>> vms_ GUARDED_BY(sched_lock_);
-  std::unordered_map<queue_id, std::unique_ptr<queue_state>> queues_ GUARDED_BY(sched_lock_);
-  std::vector<job*> runnable_ GUARDED_BY(sched_lock_);  // jobs with unclaimed items
-  std::size_t rr_ GUARDED_BY(sched_lock_) = 0;
-  queue_id next_queue_ GUARDED_BY(sched_lock_) = 1;
-  bool stopping_ GUARDED_BY(sched_lock_) = false;
+  std::unordered_map<vm_id, std::unique_ptr<vm_ctx>> vms_ SVM_GUARDED_BY(sched_lock_);
+  std::unordered_map<queue_id, std::unique_ptr<queue_state>> queues_ SVM_GUARDED_BY(sched_lock_);
+  std::vector<job*> runnable_ SVM_GUARDED_BY(sched_lock_);  // jobs with unclaimed items
+  std::size_t rr_ SVM_GUARDED_BY(sched_lock_) = 0;
+  queue_id next_queue_ SVM_GUARDED_BY(sched_lock_) = 1;
+  bool stopping_ SVM_GUARDED_BY(sched_lock_) = false;
   /// Futex word of idle engines: bumped (seq_cst) whenever work becomes
   /// runnable and at shutdown. An engine reads it before looking for work
   /// under sched_lock_, so work published after the look changes it.
@@ -172,15 +172,15 @@ class device::impl {
   std::atomic<std::uint32_t> idle_sleepers_{0};  // seq_cst; notify only when nonzero
 
   mutable mutex oracle_lock_{oracle_class, 3};
-  std::vector<std::unique_ptr<access_validator>> oracles_ GUARDED_BY(oracle_lock_);
+  std::vector<std::unique_ptr<access_validator>> oracles_ SVM_GUARDED_BY(oracle_lock_);
 
   // Device-level statistics (relaxed; statistics only).
   std::atomic<std::uint64_t> invalidations_{0}, kernels_ok_{0}, kernels_failed_{0};
 
  private:
-  void finalize_locked(job& j, signal_list& sig) REQUIRES(sched_lock_);
-  void activate_next_locked(queue_state& q, signal_list& sig) REQUIRES(sched_lock_);
-  void drop_unclaimed_locked(job& j) REQUIRES(sched_lock_);
+  void finalize_locked(job& j, signal_list& sig) SVM_REQUIRES(sched_lock_);
+  void activate_next_locked(queue_state& q, signal_list& sig) SVM_REQUIRES(sched_lock_);
+  void drop_unclaimed_locked(job& j) SVM_REQUIRES(sched_lock_);
   void publish_work() noexcept;
 };
 

@@ -75,32 +75,32 @@ class swap_space {
   };
   const std::size_t capacity_;
   mutable mutex lock_{lock_class_};
-  std::vector<slot> slots_ GUARDED_BY(lock_);
-  std::vector<std::uint64_t> free_ GUARDED_BY(lock_);
-  std::size_t used_ GUARDED_BY(lock_) = 0;
+  std::vector<slot> slots_ SVM_GUARDED_BY(lock_);
+  std::vector<std::uint64_t> free_ SVM_GUARDED_BY(lock_);
+  std::size_t used_ SVM_GUARDED_BY(lock_) = 0;
 };
 
 /// The mm's internal operations (a friend; keeps the public header small).
 struct mm_impl {
   using vma = mm::vma;
   using pending_free = mm::pending_free;
-  static const vma* find_vma(const mm& m, va_t va) REQUIRES_SHARED(m.mmap_lock_);
-  static vma* find_vma_mut(mm& m, va_t va) REQUIRES(m.mmap_lock_);
+  static const vma* find_vma(const mm& m, va_t va) SVM_REQUIRES_SHARED(m.mmap_lock_);
+  static vma* find_vma_mut(mm& m, va_t va) SVM_REQUIRES(m.mmap_lock_);
   /// The first VMA that ends above `start` (or nullptr).
-  static vma* first_ending_after(const mm& m, va_t start) REQUIRES_SHARED(m.mmap_lock_);
-  static vma* next_vma(const mm& m, vma* v) REQUIRES_SHARED(m.mmap_lock_);
+  static vma* first_ending_after(const mm& m, va_t start) SVM_REQUIRES_SHARED(m.mmap_lock_);
+  static vma* next_vma(const mm& m, vma* v) SVM_REQUIRES_SHARED(m.mmap_lock_);
   /// Make sure no VMA straddles `va` (kernel: split_vma).
-  static void split_at(mm& m, va_t va) REQUIRES(m.mmap_lock_);
-  static bool range_free(const mm& m, va_t start, va_t end) REQUIRES_SHARED(m.mmap_lock_);
-  static result<va_t> get_unmapped_area(const mm& m, std::uint64_t len) REQUIRES_SHARED(m.mmap_lock_);
-  static void insert_vma(mm& m, vma* v) REQUIRES(m.mmap_lock_);
-  static void erase_vma(mm& m, vma* v) REQUIRES(m.mmap_lock_);
+  static void split_at(mm& m, va_t va) SVM_REQUIRES(m.mmap_lock_);
+  static bool range_free(const mm& m, va_t start, va_t end) SVM_REQUIRES_SHARED(m.mmap_lock_);
+  static result<va_t> get_unmapped_area(const mm& m, std::uint64_t len) SVM_REQUIRES_SHARED(m.mmap_lock_);
+  static void insert_vma(mm& m, vma* v) SVM_REQUIRES(m.mmap_lock_);
+  static void erase_vma(mm& m, vma* v) SVM_REQUIRES(m.mmap_lock_);
 
   static void collect(const mm& m, pending_free& f, std::uint64_t e, unsigned level);
   static void release(const mm& m, pending_free& f);
   /// Clear the PTEs of [start, end), collecting the references to drop.
   static void zap_range(mm& m, va_t start, va_t end, pending_free& f);
-  static errc do_munmap(mm& m, va_t start, va_t end) REQUIRES(m.mmap_lock_);
+  static errc do_munmap(mm& m, va_t start, va_t end) SVM_REQUIRES(m.mmap_lock_);
   static void split_huge(mm& m, va_t start, va_t end);
   /// fn(va, entry, level) -> new entry, for each nonzero leaf in [start,
   /// end), under that leaf's node lock. Partly covered huge leaves are split.
@@ -117,9 +117,9 @@ struct mm_impl {
   };
   static pte_snap read_pte_get(mm& m, va_t va);
   static void put_snap(mm& m, const pte_snap& s);
-  static errc fault_once(mm& m, const vma& v, va_t va, bool write) REQUIRES_SHARED(m.mmap_lock_);
+  static errc fault_once(mm& m, const vma& v, va_t va, bool write) SVM_REQUIRES_SHARED(m.mmap_lock_);
   template <class Op>
-  static errc access(mm& m, va_t va, bool write, Op&& op) REQUIRES_SHARED(m.mmap_lock_);
+  static errc access(mm& m, va_t va, bool write, Op&& op) SVM_REQUIRES_SHARED(m.mmap_lock_);
   static errc start_fn(mm& m, mmu_notifier_range& r, mmu_notifier_event ev, va_t s, va_t e,
                     const void* owner = nullptr, bool blockable = true);
   static void end_fn(mm& m, mmu_notifier_range& r);

@@ -32,7 +32,7 @@ mmu_notifier_subscriptions::~mmu_notifier_subscriptions() {
 // Visit every notifier overlapping [start, end). The caller either holds
 // lock_ or is an invalidation that found an overlap (seq odd: tree frozen).
 template <class F>
-void mmu_notifier_subscriptions::for_each_overlap(va_t start, va_t end, F&& f) NO_THREAD_SAFETY_ANALYSIS {
+void mmu_notifier_subscriptions::for_each_overlap(va_t start, va_t end, F&& f) SVM_NO_THREAD_SAFETY_ANALYSIS {
   if (tree_.empty() || end <= start) return;
   const va_t last = end - 1;
   // A notifier overlaps if n.start <= last && n.last >= start. Its length is

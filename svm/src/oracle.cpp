@@ -80,13 +80,13 @@ struct access_oracle::state {
 
   static constexpr lock_class reg_class{"access_oracle.registry", lockdep::rank::leaf};
   mutable mutex reg_lock{reg_class};
-  std::vector<std::unique_ptr<slot_block>> blocks GUARDED_BY(reg_lock);
-  std::vector<std::unique_ptr<vm_entry>> entries GUARDED_BY(reg_lock);
-  bool attached GUARDED_BY(reg_lock) = false;
+  std::vector<std::unique_ptr<slot_block>> blocks SVM_GUARDED_BY(reg_lock);
+  std::vector<std::unique_ptr<vm_entry>> entries SVM_GUARDED_BY(reg_lock);
+  bool attached SVM_GUARDED_BY(reg_lock) = false;
 
   static constexpr lock_class reports_class{"access_oracle.reports", lockdep::rank::leaf};
   mutable mutex reports_lock{reports_class};
-  std::vector<stale_report> reports GUARDED_BY(reports_lock);
+  std::vector<stale_report> reports SVM_GUARDED_BY(reports_lock);
 
   const vm_entry* lookup(dev::vm_id id) const noexcept {
     if (id > dev::max_vm_id) return nullptr;
@@ -97,7 +97,7 @@ struct access_oracle::state {
   }
 
   /// Locking: requires reg_lock.
-  errc publish_locked(dev::vm_id id, std::unique_ptr<vm_entry> e) REQUIRES(reg_lock) {
+  errc publish_locked(dev::vm_id id, std::unique_ptr<vm_entry> e) SVM_REQUIRES(reg_lock) {
     slot_block* b = top[id >> slot_bits].load(std::memory_order_relaxed);  // written under reg_lock only
     if (!b) {
       auto nb = std::make_unique<slot_block>();
@@ -115,7 +115,7 @@ struct access_oracle::state {
   }
 
   void record(const dev::access_check& c, stale_reason why, va_t cpu, const cpu_translation& t)
-      EXCLUDES(reports_lock) {
+      SVM_EXCLUDES(reports_lock) {
     stale.fetch_add(1, std::memory_order_relaxed);
     stale_report r;
     r.vm = c.vm;
@@ -135,7 +135,7 @@ struct access_oracle::state {
     if (reports.size() < opts.max_reports) reports.push_back(r);
   }
 
-  void check(const dev::access_check& c) EXCLUDES(reports_lock, reg_lock) {
+  void check(const dev::access_check& c) SVM_EXCLUDES(reports_lock, reg_lock) {
     // Every access lands in exactly one of svm, not_svm, unwatched; checked()
     // is their sum (one RMW per access on the engine's own line).
     engine_counters& k = ctr[c.engine % ctr.size()];

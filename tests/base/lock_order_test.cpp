@@ -105,7 +105,7 @@ TEST_F(LockOrder, NestableLocksNestInAnyOrder) {
 
 // Deliberately wrong: asserts a lock it does not hold, which the static
 // analysis would (rightly) reject.
-void assert_without_holding(mutex& m) NO_THREAD_SAFETY_ANALYSIS { m.assert_held(); }
+void assert_without_holding(mutex& m) SVM_NO_THREAD_SAFETY_ANALYSIS { m.assert_held(); }
 
 TEST_F(LockOrder, AssertHeldReportsWhenNotHeld) {
   mutex m(k_leaf);

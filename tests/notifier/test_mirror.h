@@ -117,7 +117,7 @@ class test_mirror : public interval_notifier_ops {
 
   interval_notifier sub;
   mutex lock{lock_cls};
-  std::map<va_t, hmm_pfn> pt GUARDED_BY(lock);
+  std::map<va_t, hmm_pfn> pt SVM_GUARDED_BY(lock);
   std::vector<hmm_pfn> last_pfns;
   std::atomic<int> invalidations{0}, ends{0}, refusals{0}, retries{0};
   mmu_notifier_event last_event{};

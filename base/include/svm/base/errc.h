@@ -9,6 +9,7 @@
 #include <cerrno>
 #include <cstdlib>
 #include <cstdio>
+#include <functional>
 #include <string>
 #include <system_error>
 #include <type_traits>
@@ -17,7 +18,9 @@
 
 namespace svm {
 
-enum class errc : int {
+/// [[nodiscard]]: every function returning an errc warns when its result is
+/// dropped; write `(void)f()` where dropping it is deliberate.
+enum class [[nodiscard]] errc : int {
   ok = 0,
   perm = EPERM,          ///< write to read-only memory, operation not permitted
   noent = ENOENT,        ///< unknown handle or object
@@ -45,16 +48,23 @@ inline std::error_code make_error_code(errc e) noexcept {
 /// Short symbolic name ("EFAULT", "ok"), for logs and JSON.
 const char* errc_name(errc e) noexcept;
 
-/// A value or an error. `value()` on an error prints the error and aborts:
-/// svm is built without a hard dependency on exceptions in its hot paths, and
-/// a caller that wants to branch uses `ok()`/`error()` first.
+/// A value or an error, with the vocabulary of std::expected (C++23):
+/// has_value(), value(), error(), value_or(), and_then(), transform(),
+/// or_else(). `value()` on an error prints the error and aborts: svm is
+/// built without a hard dependency on exceptions in its hot paths, so a
+/// caller that may see an error branches on has_value() (or ok()) first.
 template <class T>
 class [[nodiscard]] result {
  public:
+  using value_type = T;
+  using error_type = errc;
+
   result(T v) : v_(std::in_place_index<0>, std::move(v)) {}  // NOLINT: implicit on purpose
   result(errc e) : v_(std::in_place_index<1>, e) {}           // NOLINT
   [[nodiscard]] bool ok() const noexcept { return v_.index() == 0; }
+  [[nodiscard]] bool has_value() const noexcept { return ok(); }
   explicit operator bool() const noexcept { return ok(); }
+  /// errc::ok when a value is held (std::expected leaves that undefined).
   [[nodiscard]] errc error() const noexcept { return ok() ? errc::ok : std::get<1>(v_); }
   T& value() & { check(); return std::get<0>(v_); }
   const T& value() const& { check(); return std::get<0>(v_); }
@@ -64,6 +74,39 @@ class [[nodiscard]] result {
   T& operator*() & { return value(); }
   const T& operator*() const& { return value(); }
   T&& operator*() && { return std::move(*this).value(); }
+
+  /// The value, or `fallback` on an error.
+  template <class U>
+  [[nodiscard]] T value_or(U&& fallback) const& {
+    return ok() ? std::get<0>(v_) : static_cast<T>(std::forward<U>(fallback));
+  }
+  template <class U>
+  [[nodiscard]] T value_or(U&& fallback) && {
+    return ok() ? std::get<0>(std::move(v_)) : static_cast<T>(std::forward<U>(fallback));
+  }
+  /// f(value) when a value is held, which must return a result<U>; else the error.
+  template <class F>
+  auto and_then(F&& f) const& -> std::invoke_result_t<F, const T&> {
+    if (ok()) return std::invoke(std::forward<F>(f), std::get<0>(v_));
+    return std::get<1>(v_);
+  }
+  template <class F>
+  auto and_then(F&& f) && -> std::invoke_result_t<F, T&&> {
+    if (ok()) return std::invoke(std::forward<F>(f), std::get<0>(std::move(v_)));
+    return std::get<1>(v_);
+  }
+  /// result<U> holding f(value) when a value is held; else the error.
+  template <class F>
+  auto transform(F&& f) const& -> result<std::remove_cvref_t<std::invoke_result_t<F, const T&>>> {
+    if (ok()) return std::invoke(std::forward<F>(f), std::get<0>(v_));
+    return std::get<1>(v_);
+  }
+  /// The value when held; else f(error), which must return a result<T>.
+  template <class F>
+  result or_else(F&& f) const& {
+    if (ok()) return *this;
+    return std::invoke(std::forward<F>(f), std::get<1>(v_));
+  }
 
  private:
   void check() const {

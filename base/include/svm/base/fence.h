@@ -77,8 +77,8 @@ class fence {
   /// Written once in signal() before the release store of state_.
   std::atomic<int> err_{0};
   mutable mutex cb_lock_{cb_lock_class};
-  std::vector<callback> callbacks_ GUARDED_BY(cb_lock_);
-  bool signalling_ GUARDED_BY(cb_lock_) = false;
+  std::vector<callback> callbacks_ SVM_GUARDED_BY(cb_lock_);
+  bool signalling_ SVM_GUARDED_BY(cb_lock_) = false;
 
   static constexpr lock_class cb_lock_class{"fence.cb", lockdep::rank::leaf};
 };

@@ -48,7 +48,7 @@ inline constexpr lock_class default_lock_class{};
 /// A contended locker spins briefly (a critical section here is a few
 /// hundred nanoseconds), then sleeps in std::atomic::wait; unlock wakes one
 /// sleeper only when the state says there is one.
-class CAPABILITY("mutex") mutex {
+class SVM_CAPABILITY("mutex") mutex {
  public:
   constexpr mutex() noexcept = default;
   /// `key` orders locks of one rank (ascending); see lock_order.h.
@@ -62,7 +62,7 @@ class CAPABILITY("mutex") mutex {
   mutex(const mutex&) = delete;
   mutex& operator=(const mutex&) = delete;
 
-  void lock(SVM_HERE_DEFAULT) ACQUIRE() {
+  void lock(SVM_HERE_DEFAULT) SVM_ACQUIRE() {
 #if SVM_LOCK_CHECKS
     lockdep::on_acquire(this, cls_->name, cls_->rank, key_, cls_->nestable, false, s);
 #else
@@ -75,7 +75,7 @@ class CAPABILITY("mutex") mutex {
     lock_slow();
   }
 
-  bool try_lock(SVM_HERE_DEFAULT) TRY_ACQUIRE(true) {
+  bool try_lock(SVM_HERE_DEFAULT) SVM_TRY_ACQUIRE(true) {
     std::uint32_t c = 0;
     if (!state_.compare_exchange_strong(c, 1, std::memory_order_acquire, std::memory_order_relaxed))
       return false;
@@ -87,7 +87,7 @@ class CAPABILITY("mutex") mutex {
     return true;
   }
 
-  void unlock(SVM_HERE_DEFAULT) RELEASE() {
+  void unlock(SVM_HERE_DEFAULT) SVM_RELEASE() {
 #if SVM_LOCK_CHECKS
     lockdep::on_release(this, s);
 #else
@@ -98,7 +98,7 @@ class CAPABILITY("mutex") mutex {
   }
 
   /// Debug builds check that the calling thread holds this lock.
-  void assert_held(SVM_HERE_DEFAULT) const ASSERT_CAPABILITY(this) {
+  void assert_held(SVM_HERE_DEFAULT) const SVM_ASSERT_CAPABILITY(this) {
 #if SVM_LOCK_CHECKS
     lockdep::check_held(this, cls_->name, s);
 #else
@@ -135,42 +135,42 @@ class CAPABILITY("mutex") mutex {
 };
 
 /// Reader-writer lock over std::shared_mutex, ranked like svm::mutex.
-class CAPABILITY("shared_mutex") shared_mutex {
+class SVM_CAPABILITY("shared_mutex") shared_mutex {
  public:
   shared_mutex() = default;
   explicit shared_mutex(const lock_class& c, std::uint64_t key = 0) : cls_(&c), key_(key) {}
   shared_mutex(const shared_mutex&) = delete;
   shared_mutex& operator=(const shared_mutex&) = delete;
 
-  void lock(SVM_HERE_DEFAULT) ACQUIRE() {
+  void lock(SVM_HERE_DEFAULT) SVM_ACQUIRE() {
     check_acquire(false, s);
     m_.lock();
   }
-  bool try_lock(SVM_HERE_DEFAULT) TRY_ACQUIRE(true) {
+  bool try_lock(SVM_HERE_DEFAULT) SVM_TRY_ACQUIRE(true) {
     if (!m_.try_lock()) return false;
     check_acquire(true, s);
     return true;
   }
-  void unlock(SVM_HERE_DEFAULT) RELEASE() {
+  void unlock(SVM_HERE_DEFAULT) SVM_RELEASE() {
     check_release(s);
     m_.unlock();
   }
-  void lock_shared(SVM_HERE_DEFAULT) ACQUIRE_SHARED() {
+  void lock_shared(SVM_HERE_DEFAULT) SVM_ACQUIRE_SHARED() {
     check_acquire(false, s);
     m_.lock_shared();
   }
-  bool try_lock_shared(SVM_HERE_DEFAULT) TRY_ACQUIRE_SHARED(true) {
+  bool try_lock_shared(SVM_HERE_DEFAULT) SVM_TRY_ACQUIRE_SHARED(true) {
     if (!m_.try_lock_shared()) return false;
     check_acquire(true, s);
     return true;
   }
-  void unlock_shared(SVM_HERE_DEFAULT) RELEASE_SHARED() {
+  void unlock_shared(SVM_HERE_DEFAULT) SVM_RELEASE_SHARED() {
     check_release(s);
     m_.unlock_shared();
   }
   /// Debug builds check that the calling thread holds it (shared or exclusive).
-  void assert_held(SVM_HERE_DEFAULT) const ASSERT_CAPABILITY(this) { check_held(s); }
-  void assert_held_shared(SVM_HERE_DEFAULT) const ASSERT_SHARED_CAPABILITY(this) { check_held(s); }
+  void assert_held(SVM_HERE_DEFAULT) const SVM_ASSERT_CAPABILITY(this) { check_held(s); }
+  void assert_held_shared(SVM_HERE_DEFAULT) const SVM_ASSERT_SHARED_CAPABILITY(this) { check_held(s); }
 
  private:
   void check_acquire([[maybe_unused]] bool try_lock, [[maybe_unused]] lockdep::site s) {
@@ -196,10 +196,10 @@ class CAPABILITY("shared_mutex") shared_mutex {
 
 /// Scoped exclusive holder.
 template <class M>
-class SCOPED_CAPABILITY lock_guard {
+class SVM_SCOPED_CAPABILITY lock_guard {
  public:
-  explicit lock_guard(M& m, SVM_HERE_DEFAULT) ACQUIRE(m) : m_(m), s_(s) { m_.lock(s); }
-  ~lock_guard() RELEASE() { m_.unlock(s_); }
+  explicit lock_guard(M& m, SVM_HERE_DEFAULT) SVM_ACQUIRE(m) : m_(m), s_(s) { m_.lock(s); }
+  ~lock_guard() SVM_RELEASE() { m_.unlock(s_); }
   lock_guard(const lock_guard&) = delete;
   lock_guard& operator=(const lock_guard&) = delete;
 
@@ -210,12 +210,12 @@ class SCOPED_CAPABILITY lock_guard {
 
 /// Scoped shared holder.
 template <class M>
-class SCOPED_CAPABILITY shared_lock_guard {
+class SVM_SCOPED_CAPABILITY shared_lock_guard {
  public:
-  explicit shared_lock_guard(M& m, SVM_HERE_DEFAULT) ACQUIRE_SHARED(m) : m_(m), s_(s) {
+  explicit shared_lock_guard(M& m, SVM_HERE_DEFAULT) SVM_ACQUIRE_SHARED(m) : m_(m), s_(s) {
     m_.lock_shared(s);
   }
-  ~shared_lock_guard() RELEASE() { m_.unlock_shared(s_); }
+  ~shared_lock_guard() SVM_RELEASE() { m_.unlock_shared(s_); }
   shared_lock_guard(const shared_lock_guard&) = delete;
   shared_lock_guard& operator=(const shared_lock_guard&) = delete;
 
@@ -226,17 +226,17 @@ class SCOPED_CAPABILITY shared_lock_guard {
 
 /// Scoped exclusive holder that can be released early.
 template <class M>
-class SCOPED_CAPABILITY unique_lock {
+class SVM_SCOPED_CAPABILITY unique_lock {
  public:
-  explicit unique_lock(M& m, SVM_HERE_DEFAULT) ACQUIRE(m) : m_(&m), s_(s) { m_->lock(s); owns_ = true; }
-  ~unique_lock() RELEASE() {
+  explicit unique_lock(M& m, SVM_HERE_DEFAULT) SVM_ACQUIRE(m) : m_(&m), s_(s) { m_->lock(s); owns_ = true; }
+  ~unique_lock() SVM_RELEASE() {
     if (owns_) m_->unlock(s_);
   }
-  void unlock() RELEASE() {
+  void unlock() SVM_RELEASE() {
     m_->unlock(s_);
     owns_ = false;
   }
-  void lock() ACQUIRE() {
+  void lock() SVM_ACQUIRE() {
     m_->lock(s_);
     owns_ = true;
   }

@@ -43,11 +43,11 @@ class copy_engine {
   /// Errors: EINVAL (null memory, zero pages, a pfn range outside its pool),
   /// ECANCELED after shutdown began. Nothing is queued on error.
   /// Locking: takes lock_ (leaf); never blocks; may run in a notifier callback.
-  [[nodiscard]] result<fence_ptr> copy(frame_span src, frame_span dst, std::size_t pages) EXCLUDES(lock_);
+  [[nodiscard]] result<fence_ptr> copy(frame_span src, frame_span dst, std::size_t pages) SVM_EXCLUDES(lock_);
 
   /// Queue a fill of `pages` frames at `dst` with the 8-byte `pattern`
   /// (0 clears). Same contract as copy().
-  [[nodiscard]] result<fence_ptr> fill(frame_span dst, std::size_t pages, std::uint64_t pattern = 0) EXCLUDES(lock_);
+  [[nodiscard]] result<fence_ptr> fill(frame_span dst, std::size_t pages, std::uint64_t pattern = 0) SVM_EXCLUDES(lock_);
 
   [[nodiscard]] copy_engine_stats stats() const noexcept;
 
@@ -61,13 +61,13 @@ class copy_engine {
   };
   static constexpr lock_class lock_class_{"device.copy_engine", lockdep::rank::leaf};
 
-  result<fence_ptr> enqueue(request r) EXCLUDES(lock_);
-  void run(std::stop_token st) EXCLUDES(lock_);
+  result<fence_ptr> enqueue(request r) SVM_EXCLUDES(lock_);
+  void run(std::stop_token st) SVM_EXCLUDES(lock_);
   static void execute(const request& r) noexcept;
 
   mutable mutex lock_{lock_class_};
-  std::deque<request> queue_ GUARDED_BY(lock_);
-  bool stopping_ GUARDED_BY(lock_) = false;
+  std::deque<request> queue_ SVM_GUARDED_BY(lock_);
+  bool stopping_ SVM_GUARDED_BY(lock_) = false;
   /// Futex word: bumped (seq_cst) after every enqueue and at stop; the
   /// thread sleeps on it when the queue is empty (read before the queue
   /// check, so an enqueue after the check changes it).

@@ -60,17 +60,17 @@ class fault_buffer {
   /// Returns false, without appending, once close() was called.
   /// Locking: takes lock_ (leaf) briefly; holds none on return. May block
   /// (spin, then futex) while full. Must not be called by the consumer.
-  bool push(const fault_record& r) EXCLUDES(lock_);
+  bool push(const fault_record& r) SVM_EXCLUDES(lock_);
 
   /// Driver side: move up to out.size() records, oldest first, into `out`.
   /// Never blocks. Returns how many. Locking: takes lock_ (leaf).
-  std::size_t fetch(std::span<fault_record> out) EXCLUDES(lock_);
+  std::size_t fetch(std::span<fault_record> out) SVM_EXCLUDES(lock_);
 
   /// Like fetch(), but waits up to `timeout` for at least one record
   /// (spin, then futex). Returns 0 on timeout, after close(), or when woken by
   /// wake_fetchers(). Locking: takes lock_ (leaf); may block; must not be
   /// called inside a notifier callback.
-  std::size_t fetch_wait(std::span<fault_record> out, std::chrono::nanoseconds timeout) EXCLUDES(lock_);
+  std::size_t fetch_wait(std::span<fault_record> out, std::chrono::nanoseconds timeout) SVM_EXCLUDES(lock_);
 
   /// Make fetchers blocked in fetch_wait() return now (e.g. to stop a
   /// handler thread). Never blocks.
@@ -83,7 +83,7 @@ class fault_buffer {
   [[nodiscard]] std::uint32_t spin_ns() const noexcept { return spin_ns_; }
   /// Records held now (racy snapshot).
   [[nodiscard]] std::size_t size() const noexcept { return count_hint_.load(std::memory_order_relaxed); }
-  [[nodiscard]] fault_buffer_stats stats() const EXCLUDES(lock_);
+  [[nodiscard]] fault_buffer_stats stats() const SVM_EXCLUDES(lock_);
 
  private:
   static constexpr lock_class lock_class_{"device.fault_buffer", lockdep::rank::leaf};
@@ -91,10 +91,10 @@ class fault_buffer {
   const std::size_t capacity_;  // immutable
   const std::uint32_t spin_ns_;  // immutable
   mutable mutex lock_{lock_class_};
-  std::vector<fault_record> ring_ GUARDED_BY(lock_);  // size fixed at construction
-  std::size_t head_ GUARDED_BY(lock_) = 0;            // oldest record
-  std::size_t count_ GUARDED_BY(lock_) = 0;
-  fault_buffer_stats stats_ GUARDED_BY(lock_);
+  std::vector<fault_record> ring_ SVM_GUARDED_BY(lock_);  // size fixed at construction
+  std::size_t head_ SVM_GUARDED_BY(lock_) = 0;            // oldest record
+  std::size_t count_ SVM_GUARDED_BY(lock_) = 0;
+  fault_buffer_stats stats_ SVM_GUARDED_BY(lock_);
   /// Mirrors count_ for size(); relaxed, statistics only.
   std::atomic<std::size_t> count_hint_{0};
   /// Futex words. pushed_ (raw futex, bounded waits: wake with

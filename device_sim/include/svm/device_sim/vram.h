@@ -29,14 +29,14 @@ class vram_pool final : public phys_mem {
   /// Errors: ENOMEM when no such run is free (the pool is unchanged);
   /// EINVAL for count 0 or an align that is not a power of two.
   /// Locking: takes lock_ (leaf); never blocks otherwise.
-  [[nodiscard]] result<pfn_t> alloc(std::size_t count = 1, std::size_t align = 1) EXCLUDES(lock_);
+  [[nodiscard]] result<pfn_t> alloc(std::size_t count = 1, std::size_t align = 1) SVM_EXCLUDES(lock_);
 
   /// Free `count` frames from `pfn`, advancing their generations.
   /// Errors: EINVAL if any of them is out of range or not allocated (nothing
   /// is freed then). The caller must have made sure no device can still
   /// translate to them (PTE cleared and TLBs invalidated).
   /// Locking: takes lock_ (leaf).
-  errc free(pfn_t pfn, std::size_t count = 1) EXCLUDES(lock_);
+  errc free(pfn_t pfn, std::size_t count = 1) SVM_EXCLUDES(lock_);
 
   [[nodiscard]] std::byte* frame_data(pfn_t pfn) noexcept override {
     return pfn < frames_ ? bytes_ + pfn * page_size : nullptr;
@@ -58,8 +58,8 @@ class vram_pool final : public phys_mem {
   std::byte* bytes_;              // immutable; frames_ * page_size bytes (calloc: 16-byte aligned)
   std::unique_ptr<std::atomic<std::uint64_t>[]> gen_;  // per frame; see frame_generation()
   mutable mutex lock_{lock_class_};
-  std::vector<bool> used_ GUARDED_BY(lock_);
-  pfn_t hint_ GUARDED_BY(lock_) = 0;  // where the next first-fit scan starts
+  std::vector<bool> used_ SVM_GUARDED_BY(lock_);
+  pfn_t hint_ SVM_GUARDED_BY(lock_) = 0;  // where the next first-fit scan starts
   std::atomic<std::size_t> used_hint_{0};  // mirrors the count of used_; relaxed, statistics
 };
 

@@ -96,8 +96,8 @@ class frame_pool final : public phys_mem {
     /// the acquire load in frame_generation() (the oracle's lock-free query).
     std::atomic<std::uint64_t> gen{0};
   };
-  void release_frame_locked(pfn_t pfn) REQUIRES(lock_);
-  bool take_frame_locked(pfn_t pfn) REQUIRES(lock_);
+  void release_frame_locked(pfn_t pfn) SVM_REQUIRES(lock_);
+  bool take_frame_locked(pfn_t pfn) SVM_REQUIRES(lock_);
 
   static constexpr lock_class lock_class_{"frame_pool", lockdep::rank::leaf};
   const pfn_t count_;               // immutable
@@ -106,10 +106,10 @@ class frame_pool final : public phys_mem {
   std::unique_ptr<frame_meta[]> meta_;  // immutable array; fields atomic
   mutable mutex lock_{lock_class_};
   /// Bit i set: frame i is free.
-  std::vector<std::uint64_t> free_bits_ GUARDED_BY(lock_);
+  std::vector<std::uint64_t> free_bits_ SVM_GUARDED_BY(lock_);
   /// Free frames per 512-frame block (for alloc_huge).
-  std::vector<std::uint16_t> block_free_ GUARDED_BY(lock_);
-  std::size_t cursor_ GUARDED_BY(lock_) = 0;  ///< word where alloc() starts looking
+  std::vector<std::uint16_t> block_free_ SVM_GUARDED_BY(lock_);
+  std::size_t cursor_ SVM_GUARDED_BY(lock_) = 0;  ///< word where alloc() starts looking
   /// atomic, relaxed: statistics only.
   std::atomic<pfn_t> free_count_{0};
   std::function<bool(bool)> alloc_fail_;  // set before concurrent use

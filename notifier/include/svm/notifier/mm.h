@@ -115,7 +115,7 @@ class file {
   std::shared_ptr<frame_pool> pool_;  // immutable
   mutable mutex lock_{lock_class_};
   /// 0: not cached yet (frame 0 is the zero page, never a cache page).
-  std::vector<pfn_t> pages_ GUARDED_BY(lock_);
+  std::vector<pfn_t> pages_ SVM_GUARDED_BY(lock_);
 };
 
 /// What find_vma reports about one VMA.
@@ -207,14 +207,14 @@ class mm {
 
   // ---- mmap_lock -------------------------------------------------------
   /// The mmap_lock itself (rank mmap), for annotations and drivers.
-  [[nodiscard]] shared_mutex& mmap_lock() RETURN_CAPABILITY(mmap_lock_) { return mmap_lock_; }
+  [[nodiscard]] shared_mutex& mmap_lock() SVM_RETURN_CAPABILITY(mmap_lock_) { return mmap_lock_; }
   /// Scoped shared hold of mmap_lock (kernel: mmap_read_lock).
-  class SCOPED_CAPABILITY read_guard {
+  class SVM_SCOPED_CAPABILITY read_guard {
    public:
-    explicit read_guard(mm& m, SVM_HERE_DEFAULT) ACQUIRE_SHARED(m.mmap_lock_) : m_(m), s_(s) {
+    explicit read_guard(mm& m, SVM_HERE_DEFAULT) SVM_ACQUIRE_SHARED(m.mmap_lock_) : m_(m), s_(s) {
       m_.mmap_lock_.lock_shared(s);
     }
-    ~read_guard() RELEASE() { m_.mmap_lock_.unlock_shared(s_); }
+    ~read_guard() SVM_RELEASE() { m_.mmap_lock_.unlock_shared(s_); }
     read_guard(const read_guard&) = delete;
     read_guard& operator=(const read_guard&) = delete;
 
@@ -225,17 +225,17 @@ class mm {
   /// What read_lock() returns: a plain RAII shared hold of mmap_lock.
   /// Clang's analysis cannot follow a guard returned from a function, so
   /// this one is deliberately unannotated (the lock validator still checks
-  /// it in debug builds); code that calls REQUIRES_SHARED(mmap_lock)
+  /// it in debug builds); code that calls SVM_REQUIRES_SHARED(mmap_lock)
   /// functions declares `mm::read_guard g(mm);` instead.
   class [[nodiscard]] read_lock_holder {
    public:
-    ~read_lock_holder() NO_THREAD_SAFETY_ANALYSIS { m_.mmap_lock_.unlock_shared(s_); }
+    ~read_lock_holder() SVM_NO_THREAD_SAFETY_ANALYSIS { m_.mmap_lock_.unlock_shared(s_); }
     read_lock_holder(const read_lock_holder&) = delete;
     read_lock_holder& operator=(const read_lock_holder&) = delete;
 
    private:
     friend class mm;
-    read_lock_holder(mm& m, lockdep::site s) NO_THREAD_SAFETY_ANALYSIS : m_(m), s_(s) {
+    read_lock_holder(mm& m, lockdep::site s) SVM_NO_THREAD_SAFETY_ANALYSIS : m_(m), s_(s) {
       m_.mmap_lock_.lock_shared(s);
     }
     mm& m_;
@@ -255,23 +255,23 @@ class mm {
   /// Locking: takes mmap_lock exclusive; blocks.
   [[nodiscard]] result<va_t> mmap(va_t addr, std::uint64_t length, prot p, map flags,
                                   std::shared_ptr<svm::file> backing = {}, std::uint64_t offset = 0)
-      EXCLUDES(mmap_lock_);
+      SVM_EXCLUDES(mmap_lock_);
   /// munmap (UNMAP). Holes are fine. EINVAL: unaligned, zero length, range
   /// beyond the VA limit or overflowing.
   /// Locking: takes mmap_lock exclusive; blocks.
-  [[nodiscard]] errc munmap(va_t addr, std::uint64_t length) EXCLUDES(mmap_lock_);
+  [[nodiscard]] errc munmap(va_t addr, std::uint64_t length) SVM_EXCLUDES(mmap_lock_);
   /// mprotect (PROTECTION_VMA). Zero length succeeds. EINVAL: unaligned or
   /// bad prot; ENOMEM: overflow, or a hole — after changing the mapped part
   /// before the hole (Linux's partial application).
   /// Locking: takes mmap_lock exclusive; blocks.
-  [[nodiscard]] errc mprotect(va_t addr, std::uint64_t length, prot p) EXCLUDES(mmap_lock_);
+  [[nodiscard]] errc mprotect(va_t addr, std::uint64_t length, prot p) SVM_EXCLUDES(mmap_lock_);
   /// madvise: DONTNEED (CLEAR; private memory reads zeros again, shared
   /// keeps its data; EINVAL on an I/O VMA), HUGEPAGE / NOHUGEPAGE (advice
   /// only; existing huge mappings are kept). Zero length succeeds. EINVAL:
   /// unaligned; ENOMEM: a hole in the range (the mapped parts are still
   /// advised, as in Linux).
   /// Locking: DONTNEED takes mmap_lock shared, the others exclusive; blocks.
-  [[nodiscard]] errc madvise(va_t addr, std::uint64_t length, madvice advice) EXCLUDES(mmap_lock_);
+  [[nodiscard]] errc madvise(va_t addr, std::uint64_t length, madvice advice) SVM_EXCLUDES(mmap_lock_);
   /// mremap. The old range must lie in one VMA (EFAULT otherwise). Shrinking
   /// unmaps the tail (UNMAP). Growing extends in place when the VA after it
   /// is free, else moves with MAYMOVE (ENOMEM without). A move raises UNMAP
@@ -282,14 +282,14 @@ class mm {
   /// overlaps the old range (mremap onto itself).
   /// Locking: takes mmap_lock exclusive; blocks.
   [[nodiscard]] result<va_t> mremap(va_t old_addr, std::uint64_t old_length, std::uint64_t new_length,
-                                    mremap_flags flags, va_t new_addr = 0) EXCLUDES(mmap_lock_);
+                                    mremap_flags flags, va_t new_addr = 0) SVM_EXCLUDES(mmap_lock_);
   /// fork: a child mm with the same VMAs sharing the frame pools. Private
   /// pages are shared copy-on-write: both sides are write-protected
   /// (PROTECTION_PAGE on the parent); shared mappings are shared. ENOMEM if
   /// the child's page table cannot be built (nothing changed in the parent
   /// beyond write protection, which is harmless).
   /// Locking: takes the parent's mmap_lock exclusive; blocks.
-  [[nodiscard]] result<std::unique_ptr<mm>> fork() EXCLUDES(mmap_lock_);
+  [[nodiscard]] result<std::unique_ptr<mm>> fork() SVM_EXCLUDES(mmap_lock_);
   /// Swap out the private anonymous pages in [addr, addr+length) that are
   /// mapped once (CLEAR); a later fault swaps them back in. Non-blockable
   /// with `blockable == false`: EAGAIN (and nothing changed) if a notifier
@@ -297,7 +297,7 @@ class mm {
   /// zero length; ENOMEM: swap full (pages done so far stay swapped).
   /// Locking: takes mmap_lock shared; blocks unless !blockable.
   [[nodiscard]] result<std::size_t> reclaim(va_t addr, std::uint64_t length, bool blockable = true)
-      EXCLUDES(mmap_lock_);
+      SVM_EXCLUDES(mmap_lock_);
   /// Migrate the private anonymous pages of [addr, addr+length) mapped once
   /// to pool `target` (MIGRATE, carrying `owner`). To a device-private pool
   /// the CPU PTEs become device-private entries; a CPU fault migrates them
@@ -305,12 +305,12 @@ class mm {
   /// or bad pool; ENOMEM: target full (pages moved so far stay moved).
   /// Locking: takes mmap_lock shared; blocks.
   [[nodiscard]] result<std::size_t> migrate(va_t addr, std::uint64_t length, unsigned target,
-                                            const void* owner) EXCLUDES(mmap_lock_);
-  /// Tear the address space down: RELEASE over the whole VA space
+                                            const void* owner) SVM_EXCLUDES(mmap_lock_);
+  /// Tear the address space down: SVM_RELEASE over the whole VA space
   /// (blockable), then every VMA and PTE goes. Further inserts get EINVAL,
   /// further mmaps ENOMEM. Idempotent.
   /// Locking: takes mmap_lock exclusive; blocks.
-  void teardown() EXCLUDES(mmap_lock_);
+  void teardown() SVM_EXCLUDES(mmap_lock_);
 
   // ---- CPU access ------------------------------------------------------
   /// Read/write bytes at a CPU VA as a CPU thread would, faulting pages in.
@@ -318,8 +318,8 @@ class mm {
   /// to a VMA without write permission; ENOMEM: out of frames. On error the
   /// bytes before the failing page were transferred.
   /// Locking: takes mmap_lock shared and page-table node locks; blocks.
-  [[nodiscard]] errc read(va_t va, std::span<std::byte> out) EXCLUDES(mmap_lock_);
-  [[nodiscard]] errc write(va_t va, std::span<const std::byte> in) EXCLUDES(mmap_lock_);
+  [[nodiscard]] errc read(va_t va, std::span<std::byte> out) SVM_EXCLUDES(mmap_lock_);
+  [[nodiscard]] errc write(va_t va, std::span<const std::byte> in) SVM_EXCLUDES(mmap_lock_);
   template <class T>
     requires std::is_trivially_copyable_v<T>
   [[nodiscard]] result<T> load(va_t va) {
@@ -334,9 +334,9 @@ class mm {
   }
   /// Atomic read-modify-write of an 8-byte aligned u64 (EINVAL if
   /// unaligned), seq_cst, as a locked CPU instruction. Returns the old value.
-  [[nodiscard]] result<std::uint64_t> atomic_fetch_add(va_t va, std::uint64_t v) EXCLUDES(mmap_lock_);
+  [[nodiscard]] result<std::uint64_t> atomic_fetch_add(va_t va, std::uint64_t v) SVM_EXCLUDES(mmap_lock_);
   [[nodiscard]] result<std::uint64_t> atomic_compare_exchange(va_t va, std::uint64_t expected,
-                                                              std::uint64_t desired) EXCLUDES(mmap_lock_);
+                                                              std::uint64_t desired) SVM_EXCLUDES(mmap_lock_);
 
   /// Kernel: handle_mm_fault. Make `va` present (and writable for a
   /// write/atomic access): zero page, new frame, THP, page cache, COW break
@@ -345,13 +345,13 @@ class mm {
   /// VMA without write; ENOMEM.
   /// Locking: requires mmap_lock shared (or exclusive); takes node locks and
   /// may run invalidations; blocks.
-  [[nodiscard]] errc handle_mm_fault(va_t va, access a) REQUIRES_SHARED(mmap_lock_);
+  [[nodiscard]] errc handle_mm_fault(va_t va, access a) SVM_REQUIRES_SHARED(mmap_lock_);
 
   // ---- queries -----------------------------------------------------------
   /// The VMA containing `va`. Locking: requires mmap_lock (shared).
-  [[nodiscard]] std::optional<vma_info> find_vma(va_t va) const REQUIRES_SHARED(mmap_lock_);
+  [[nodiscard]] std::optional<vma_info> find_vma(va_t va) const SVM_REQUIRES_SHARED(mmap_lock_);
   /// Every VMA, in address order. Locking: takes mmap_lock shared.
-  [[nodiscard]] std::vector<vma_info> vmas() EXCLUDES(mmap_lock_);
+  [[nodiscard]] std::vector<vma_info> vmas() SVM_EXCLUDES(mmap_lock_);
   /// Lock-free: what the CPU maps at `va` right now. The generation is read
   /// after the PTE, so a (pfn, generation) pair that matches the pool later
   /// names the same lifetime of the frame. Locking: none; may run anywhere.
@@ -371,7 +371,7 @@ class mm {
   /// pool's owner (hmm_range's dev_private_owner).
   /// Locking: takes mmap_lock exclusive. EINVAL: null pool; ENOSPC: full.
   [[nodiscard]] result<unsigned> attach_pool(std::shared_ptr<frame_pool> p, pool_kind kind,
-                                             const void* owner = nullptr) EXCLUDES(mmap_lock_);
+                                             const void* owner = nullptr) SVM_EXCLUDES(mmap_lock_);
   [[nodiscard]] static constexpr pfn_t zero_pfn() noexcept { return frame_pool::zero_pfn(); }
 
   // ---- notifiers -------------------------------------------------------
@@ -429,8 +429,8 @@ class mm {
   /// VMAs by start; owned (allocated with new). Guarded by mmap_lock_:
   /// changed only with it held exclusively.
   struct vma_tree;
-  std::unique_ptr<vma_tree> vmas_ PT_GUARDED_BY(mmap_lock_);
-  bool torn_down_ GUARDED_BY(mmap_lock_) = false;
+  std::unique_ptr<vma_tree> vmas_ SVM_PT_GUARDED_BY(mmap_lock_);
+  bool torn_down_ SVM_GUARDED_BY(mmap_lock_) = false;
   /// The CPU page table. Internally synchronised (node locks, epoch).
   cpu_page_table pt_;
   mmu_notifier_subscriptions subs_;

@@ -247,7 +247,7 @@ class mmu_notifier_subscriptions {
   friend class interval_notifier;
   template <class F>
   void for_each_overlap(va_t start, va_t end, F&& f);
-  void inv_end_locked(bool overlapped) REQUIRES(lock_);
+  void inv_end_locked(bool overlapped) SVM_REQUIRES(lock_);
 
   static constexpr lock_class lock_class_{"mmu_notifier_subscriptions", lockdep::rank::notifier};
   mutable mutex lock_{lock_class_};
@@ -255,8 +255,8 @@ class mmu_notifier_subscriptions {
   /// (acquire) by waiters in read_begin()/remove() and by seq(). Pairs with the
   /// release store in the last invalidate_range_end.
   std::atomic<std::uint64_t> invalidate_seq_{2};
-  unsigned active_ GUARDED_BY(lock_) = 0;
-  bool dying_ GUARDED_BY(lock_) = false;
+  unsigned active_ SVM_GUARDED_BY(lock_) = 0;
+  bool dying_ SVM_GUARDED_BY(lock_) = false;
   /// Longest notifier interval ever in the tree (pages-independent, bytes - 1);
   /// bounds the overlap search. Written under lock_ when the tree may change.
   std::uint64_t max_len_ = 0;
@@ -281,9 +281,9 @@ class mmu_notifier_subscriptions {
   /// until the last end, which is what makes the lock-free read safe).
   tree_t tree_;
   /// Inserts and removes deferred while the seq is odd (guarded by lock_).
-  deferred_t deferred_ GUARDED_BY(lock_);
+  deferred_t deferred_ SVM_GUARDED_BY(lock_);
   /// Extension: invalidations between start and end (guarded by lock_).
-  ranges_t ranges_ GUARDED_BY(lock_);
+  ranges_t ranges_ SVM_GUARDED_BY(lock_);
   /// Bumped (release) under lock_ whenever an active range is removed;
   /// read_begin_range waiters wait on it (acquire).
   std::atomic<std::uint32_t> ranges_gen_{0};

@@ -98,7 +98,7 @@ struct alignas(64) node {
   std::atomic<std::uint16_t> n_links{0};
   std::atomic<std::uint16_t> n_leaves{0};
   std::atomic<std::uint16_t> inval_active{0};
-  bool dead GUARDED_BY(lock) = false;
+  bool dead SVM_GUARDED_BY(lock) = false;
   std::uint8_t level = 0;
   std::atomic<std::uint64_t> inval_log{log_empty};
 
@@ -127,7 +127,7 @@ struct alignas(64) node {
   /// Locking: requires lock. Advances seq (the per-page-table sequence) for
   /// a change to entries [first, last] (indices in this node; the default is
   /// the whole node, for a change with no narrower extent).
-  void bump_seq_locked(unsigned first = 0, unsigned last = entries_per_node - 1) REQUIRES(lock) {
+  void bump_seq_locked(unsigned first = 0, unsigned last = entries_per_node - 1) SVM_REQUIRES(lock) {
     const std::uint64_t cur = seq.load(std::memory_order_relaxed), next = cur + 1;
     const std::uint64_t w = inval_log.load(std::memory_order_relaxed);
     std::uint64_t young = w & log_ext_mask, old = (w >> log_ext_bits) & log_ext_mask;
@@ -173,11 +173,11 @@ struct alignas(64) node {
   }
   /// Adjust the entry counts. Only lock holders write them, so a plain
   /// load/store pair suffices (no read-modify-write on the populate path).
-  void add_leaves_locked(int d) REQUIRES(lock) {
+  void add_leaves_locked(int d) SVM_REQUIRES(lock) {
     n_leaves.store(static_cast<std::uint16_t>(n_leaves.load(std::memory_order_relaxed) + d),
                    std::memory_order_relaxed);
   }
-  void add_links_locked(int d) REQUIRES(lock) {
+  void add_links_locked(int d) SVM_REQUIRES(lock) {
     n_links.store(static_cast<std::uint16_t>(n_links.load(std::memory_order_relaxed) + d),
                   std::memory_order_relaxed);
   }

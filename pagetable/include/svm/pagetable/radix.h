@@ -186,7 +186,7 @@ class radix_table : public table_base {
   }
 
   // Replace the link at n.entries[idx] by leaf `e`.
-  void replace_table_locked(node& n, unsigned idx, std::uint64_t e) REQUIRES(n.lock) {
+  void replace_table_locked(node& n, unsigned idx, std::uint64_t e) SVM_REQUIRES(n.lock) {
     node* c = link_target(n.entries[idx].load(std::memory_order_relaxed));
     {
       lock_guard lc(c->lock);
@@ -205,7 +205,7 @@ class radix_table : public table_base {
   }
 
   // Write the split of huge leaf `e` (at `level`) into table c, recursively.
-  void fill_split_locked(node& c, std::uint64_t e, unsigned level) REQUIRES(c.lock) {
+  void fill_split_locked(node& c, std::uint64_t e, unsigned level) SVM_REQUIRES(c.lock) {
     for (unsigned i = 0; i < entries_per_node; ++i) {
       const std::uint64_t sub = e ? E::split(e, level, i) : 0;
       const std::uint64_t cur = c.entries[i].load(std::memory_order_relaxed);

@@ -86,7 +86,7 @@ class table_base {
 
   /// Write a leaf entry (0 clears) and keep the node's counts.
   /// Locking: requires n.lock. The entry must not be a link.
-  void set_leaf_locked(node& n, unsigned idx, std::uint64_t e) REQUIRES(n.lock);
+  void set_leaf_locked(node& n, unsigned idx, std::uint64_t e) SVM_REQUIRES(n.lock);
 
   /// Free `n` and then its ancestors while they are empty, unpinned and not
   /// the root. Caller must be inside an epoch section.
@@ -111,7 +111,7 @@ class table_base {
   /// Install a child under parent slot `idx`, converting a huge leaf `old`
   /// (nonzero) into the child's split entries.
   void install_child_locked(node& parent, unsigned idx, node* child, std::uint64_t old, split_fn split)
-      REQUIRES(parent.lock);
+      SVM_REQUIRES(parent.lock);
 
   void walk_hook(const node* n) const {
     if (has_hooks_) [[unlikely]]

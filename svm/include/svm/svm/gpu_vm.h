@@ -231,17 +231,17 @@ class device {
   /// Registry of VMs by id. Handler threads hold reg_lock_ shared while they
   /// service a batch; a VM registers and unregisters under it exclusive, so
   /// once unregister returns no handler is inside the VM.
-  result<dev::vm_id> register_vm(gpu_vm* vm) EXCLUDES(reg_lock_);
-  void unregister_vm(dev::vm_id id) EXCLUDES(reg_lock_);
+  result<dev::vm_id> register_vm(gpu_vm* vm) SVM_EXCLUDES(reg_lock_);
+  void unregister_vm(dev::vm_id id) SVM_EXCLUDES(reg_lock_);
   void handler_loop(std::stop_token st);
-  void gc_all() REQUIRES_SHARED(reg_lock_);
-  void process(std::span<dev::fault_record> recs) REQUIRES_SHARED(reg_lock_);
+  void gc_all() SVM_REQUIRES_SHARED(reg_lock_);
+  void process(std::span<dev::fault_record> recs) SVM_REQUIRES_SHARED(reg_lock_);
 
   device_config cfg_;  // immutable
   dev::device hw_;
   mutable shared_mutex reg_lock_{reg_class};
-  std::unordered_map<dev::vm_id, gpu_vm*> vms_ GUARDED_BY(reg_lock_);
-  dev::vm_id next_id_ GUARDED_BY(reg_lock_) = 1;
+  std::unordered_map<dev::vm_id, gpu_vm*> vms_ SVM_GUARDED_BY(reg_lock_);
+  dev::vm_id next_id_ SVM_GUARDED_BY(reg_lock_) = 1;
   // Counters; relaxed, statistics only.
   std::atomic<std::uint64_t> batches_{0}, records_{0}, coalesced_{0}, unknown_{0}, busy_ns_{0};
   std::vector<std::jthread> handlers_;  // started last, joined first
@@ -283,36 +283,36 @@ class gpu_vm {
   /// windows). Errors: EINVAL (unaligned, zero, wrong mirror kind),
   /// EOVERFLOW, EEXIST (overlaps another window's GPU or CPU range).
   /// Locking: takes lock_ exclusive.
-  errc add_window(va_t cpu_va, va_t gpu_va, std::uint64_t size) EXCLUDES(lock_);
+  errc add_window(va_t cpu_va, va_t gpu_va, std::uint64_t size) SVM_EXCLUDES(lock_);
 
   // ---- buffer objects ---------------------------------------------------
   /// A BO of `size` bytes (page multiple) placed in VRAM or system memory.
   /// Errors: EINVAL (zero, unaligned), ENOMEM (VRAM exhausted and nothing
   /// evictable, or no system frames).
-  [[nodiscard]] result<bo_id> create_bo(std::uint64_t size, placement where) EXCLUDES(lock_);
+  [[nodiscard]] result<bo_id> create_bo(std::uint64_t size, placement where) SVM_EXCLUDES(lock_);
   /// Destroy a BO; its mappings are unbound first. ENOENT if unknown.
-  errc destroy_bo(bo_id bo) EXCLUDES(lock_);
+  errc destroy_bo(bo_id bo) SVM_EXCLUDES(lock_);
   /// VM_BIND map: BO `bo` from `offset` at GPU VA [gpu_va, gpu_va + size),
   /// replacing overlapping BO mappings and clearing the SVM PTEs there.
   /// Errors (VM unchanged): EINVAL (zero, unaligned, past the BO's end,
   /// outside the VA), EOVERFLOW, ENOENT (unknown BO), ENOMEM.
-  errc bind(bo_id bo, va_t gpu_va, std::uint64_t offset, std::uint64_t size) EXCLUDES(lock_);
+  errc bind(bo_id bo, va_t gpu_va, std::uint64_t offset, std::uint64_t size) SVM_EXCLUDES(lock_);
   /// VM_BIND unmap: remove BO mappings in the range (edges trimmed); the VA
   /// returns to the mirror. Errors: EINVAL, EOVERFLOW.
-  errc unbind(va_t gpu_va, std::uint64_t size) EXCLUDES(lock_);
+  errc unbind(va_t gpu_va, std::uint64_t size) SVM_EXCLUDES(lock_);
   /// The BO's reservation object (fences by usage).
-  [[nodiscard]] resv* bo_resv(bo_id bo) EXCLUDES(lock_);
+  [[nodiscard]] resv* bo_resv(bo_id bo) SVM_EXCLUDES(lock_);
   /// Move a VRAM BO to system memory with the copy engine, after waiting for
   /// the fences whose usage requires it (everything up to BOOKKEEP), then
   /// clear its PTEs. In a fault VM the next access faults it back; in a
   /// long-running VM the queues are suspended and the BO rebound.
   /// Errors: ENOENT, EINVAL (not in VRAM), ENOMEM (no system frames),
   /// ETIMEDOUT (a fence did not signal).
-  errc evict(bo_id bo) EXCLUDES(lock_);
+  errc evict(bo_id bo) SVM_EXCLUDES(lock_);
   /// Read/write BO bytes from the CPU side (for tests and initialisation).
-  errc bo_write(bo_id bo, std::uint64_t offset, std::span<const std::byte> in) EXCLUDES(lock_);
-  errc bo_read(bo_id bo, std::uint64_t offset, std::span<std::byte> out) EXCLUDES(lock_);
-  [[nodiscard]] result<placement> bo_placement(bo_id bo) EXCLUDES(lock_);
+  errc bo_write(bo_id bo, std::uint64_t offset, std::span<const std::byte> in) SVM_EXCLUDES(lock_);
+  errc bo_read(bo_id bo, std::uint64_t offset, std::span<std::byte> out) SVM_EXCLUDES(lock_);
+  [[nodiscard]] result<placement> bo_placement(bo_id bo) SVM_EXCLUDES(lock_);
 
   /// The long-running VM's current preempt fence (null in a fault VM). An
   /// eviction signals it — the VM's queues count as suspended from then
@@ -320,7 +320,7 @@ class gpu_vm {
   /// has no queue preemption: waves that touch the moving BO stall in the
   /// fault buffer until the rebind, which is what a suspended queue looks
   /// like from the kernel's side.
-  [[nodiscard]] fence_ptr preempt_fence() const EXCLUDES(lock_);
+  [[nodiscard]] fence_ptr preempt_fence() const SVM_EXCLUDES(lock_);
 
   // ---- statistics -------------------------------------------------------
   [[nodiscard]] vm_stats stats() const noexcept;
@@ -354,13 +354,13 @@ class gpu_vm {
   // One 4K page's fault, with the strongest access among its records.
   // Locking: takes lock_ shared (the page mirror) or exclusive (the
   // VM-locked baseline) around service_page_locked.
-  errc service_page(va_t gva, access acc, std::uint64_t* ptes) EXCLUDES(lock_);
-  errc service_page_locked(va_t gva, access acc) REQUIRES_SHARED(lock_);
-  errc service_svm_locked(va_t gva, va_t cpu_va, access acc, va_range allowed) REQUIRES_SHARED(lock_);
-  errc service_bo_locked(const gpuva& m, va_t gva, access acc) REQUIRES_SHARED(lock_);
+  errc service_page(va_t gva, access acc, std::uint64_t* ptes) SVM_EXCLUDES(lock_);
+  errc service_page_locked(va_t gva, access acc) SVM_REQUIRES_SHARED(lock_);
+  errc service_svm_locked(va_t gva, va_t cpu_va, access acc, va_range allowed) SVM_REQUIRES_SHARED(lock_);
+  errc service_bo_locked(const gpuva& m, va_t gva, access acc) SVM_REQUIRES_SHARED(lock_);
   /// GPU VA -> CPU VA of the mirror, and the GPU range the mirror allows
   /// around it; false if the VA is not mirrored.
-  bool to_cpu_locked(va_t gva, va_t& cpu, va_range& gpu_allowed) const REQUIRES_SHARED(lock_);
+  bool to_cpu_locked(va_t gva, va_t& cpu, va_range& gpu_allowed) const SVM_REQUIRES_SHARED(lock_);
   chunk* get_chunk(va_t cpu_va);
   void put_chunk(chunk* c);
  public:
@@ -380,10 +380,10 @@ class gpu_vm {
   void note_invalidation(va_range gpu);
   // BOs (bo.cpp).
   void free_bo_frames(bo& b);
-  bool evict_one_locked(const bo* keep) REQUIRES(lock_);
-  errc evict_locked(bo& b) REQUIRES(lock_);
-  result<std::uint64_t> bo_size_locked(bo_id id) const REQUIRES_SHARED(lock_);
-  void write_bo_ptes_locked(const gpuva& m, va_range r) REQUIRES_SHARED(lock_);
+  bool evict_one_locked(const bo* keep) SVM_REQUIRES(lock_);
+  errc evict_locked(bo& b) SVM_REQUIRES(lock_);
+  result<std::uint64_t> bo_size_locked(bo_id id) const SVM_REQUIRES_SHARED(lock_);
+  void write_bo_ptes_locked(const gpuva& m, va_range r) SVM_REQUIRES_SHARED(lock_);
   void ctr_add_ptes_written(std::uint64_t n) noexcept;
   void ctr_add_evictions() noexcept;
   void ctr_add_preemptions() noexcept;
@@ -404,17 +404,17 @@ class gpu_vm {
   /// is what makes it VM-locked); bind/unbind/evict exclusive.
   mutable shared_mutex lock_{vm_class};
   gpuva_tree tree_;  // guarded by lock_ (the tree asserts it)
-  std::unordered_map<bo_id, std::unique_ptr<bo>> bos_ GUARDED_BY(lock_);
-  bo_id next_bo_ GUARDED_BY(lock_) = 1;
-  std::vector<window> windows_ GUARDED_BY(lock_);
-  fence_ptr preempt_ GUARDED_BY(lock_);  ///< long-running VMs only
+  std::unordered_map<bo_id, std::unique_ptr<bo>> bos_ SVM_GUARDED_BY(lock_);
+  bo_id next_bo_ SVM_GUARDED_BY(lock_) = 1;
+  std::vector<window> windows_ SVM_GUARDED_BY(lock_);
+  fence_ptr preempt_ SVM_GUARDED_BY(lock_);  ///< long-running VMs only
 
   static constexpr lock_class chunks_class{"gpu_vm.chunks", lockdep::rank::leaf};
   /// The lazily inserted notifiers by chunk index. Insertion and removal
   /// happen without it held (they may block); it guards the map and the
   /// chunks' use counts.
   mutable mutex chunks_lock_{chunks_class};
-  std::unordered_map<std::uint64_t, std::unique_ptr<chunk>> chunks_ GUARDED_BY(chunks_lock_);
+  std::unordered_map<std::uint64_t, std::unique_ptr<chunk>> chunks_ SVM_GUARDED_BY(chunks_lock_);
 
   /// Callback-side state, which the invalidation callback may read (it
   /// must not take vm.lock): the log of recent invalidations (GPU ranges
@@ -423,9 +423,9 @@ class gpu_vm {
   static constexpr lock_class log_class{"gpu_vm.inval_log", lockdep::rank::leaf};
   mutable mutex log_lock_{log_class};
   struct logged { va_range r; std::uint64_t stamp; };
-  std::array<logged, 64> log_ GUARDED_BY(log_lock_){};
-  std::uint64_t log_next_ GUARDED_BY(log_lock_) = 0;
-  std::vector<window> windows_snapshot_ GUARDED_BY(log_lock_);
+  std::array<logged, 64> log_ SVM_GUARDED_BY(log_lock_){};
+  std::uint64_t log_next_ SVM_GUARDED_BY(log_lock_) = 0;
+  std::vector<window> windows_snapshot_ SVM_GUARDED_BY(log_lock_);
   /// Stamp of invalidations; relaxed loads are fine: the log lock orders
   /// the entries, the stamp only names them.
   std::atomic<std::uint64_t> inval_stamp_{0};
@@ -445,10 +445,10 @@ class gpu_vm {
   };
   static constexpr lock_class baseline_class{"gpu_vm.baseline", lockdep::rank::mirror};
   mutable mutex baseline_lock_{baseline_class};
-  std::map<va_t, svm_range> ranges_ GUARDED_BY(baseline_lock_);  ///< by GPU start
+  std::map<va_t, svm_range> ranges_ SVM_GUARDED_BY(baseline_lock_);  ///< by GPU start
   /// Remove [r.start, r.end) from the range objects, splitting the ones
   /// that straddle its edges.
-  void baseline_cut_locked(va_range r) REQUIRES(baseline_lock_);
+  void baseline_cut_locked(va_range r) SVM_REQUIRES(baseline_lock_);
 
  public:
   /// Range objects the baseline holds now (tests; 0 for the page mirror).

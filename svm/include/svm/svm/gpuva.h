@@ -45,7 +45,7 @@
 //     plan until its commit (or until the plan is dropped). commit() checks
 //     that the tree did not change since the plan (a generation counter) and
 //     aborts otherwise: that is a locking bug in the caller.
-// The gpu_vm should declare its tree GUARDED_BY(lock_) so that clang checks
+// The gpu_vm should declare its tree SVM_GUARDED_BY(lock_) so that clang checks
 // its accesses statically.
 #pragma once
 

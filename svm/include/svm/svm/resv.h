@@ -198,11 +198,11 @@ class ww_acquire_ctx {
 
   static constexpr lock_class lock_class_{"ww_acquire_ctx.lock", lockdep::rank::leaf};
   mutable mutex lock_{lock_class_, 2};
-  bool wounded_ GUARDED_BY(lock_) = false;
+  bool wounded_ SVM_GUARDED_BY(lock_) = false;
   /// The mutex this context sleeps on inside lock(), or null. A wounder
   /// bumps its wake_seq_ under lock_; the mutex stays alive while it is
   /// registered here because its lock() call has not returned.
-  ww_mutex* blocked_on_ GUARDED_BY(lock_) = nullptr;
+  ww_mutex* blocked_on_ SVM_GUARDED_BY(lock_) = nullptr;
 };
 
 /// A wound-wait mutex (ww_mutex). It carries no thread-safety annotations
@@ -251,9 +251,9 @@ class ww_mutex {
 
   static constexpr lock_class wait_lock_class_{"ww_mutex.wait_lock", lockdep::rank::leaf};
   mutable mutex wait_lock_{wait_lock_class_, 1};
-  bool locked_ GUARDED_BY(wait_lock_) = false;
-  ww_acquire_ctx* owner_ GUARDED_BY(wait_lock_) = nullptr;
-  unsigned waiters_ GUARDED_BY(wait_lock_) = 0;
+  bool locked_ SVM_GUARDED_BY(wait_lock_) = false;
+  ww_acquire_ctx* owner_ SVM_GUARDED_BY(wait_lock_) = nullptr;
+  unsigned waiters_ SVM_GUARDED_BY(wait_lock_) = 0;
   /// Futex word of the sleepers. Bumped with a release fetch_add by unlock()
   /// and by ww_acquire_ctx::wound(); pairs with the acquire wait/load of the
   /// sleepers in lock_common().
@@ -279,7 +279,7 @@ enum class resv_usage : std::uint8_t {
 ///
 /// Protection:
 ///  - the lock (itself the capability of this class): held to add or prune
-///    fences (REQUIRES(this)). Acquire it with lock(ctx) / lock_slow(ctx)
+///    fences (SVM_REQUIRES(this)). Acquire it with lock(ctx) / lock_slow(ctx)
 ///    for several objects, or lock() / try_lock() for exactly one.
 ///  - fences_: modified only with the resv lock AND list_lock_ held; read
 ///    under list_lock_ alone by the lock-free readers (fences(),
@@ -294,7 +294,7 @@ enum class resv_usage : std::uint8_t {
 ///     if (errc e = r.lock(ctx); e != errc::ok) return backoff(e);
 ///     r.assert_held();
 ///     r.add_fence(f, resv_usage::write);
-class CAPABILITY("resv") resv {
+class SVM_CAPABILITY("resv") resv {
  public:
   explicit resv(ww_class& cls = reservation_ww_class) : lock_(cls) {}
   resv(const resv&) = delete;
@@ -311,15 +311,15 @@ class CAPABILITY("resv") resv {
     lock_.lock_slow(ctx, s);
   }
   /// dma_resv_lock(obj, NULL): only when locking this one object.
-  void lock(lockdep::site s = {__builtin_FILE(), __builtin_LINE()}) ACQUIRE() { lock_.lock(s); }
+  void lock(lockdep::site s = {__builtin_FILE(), __builtin_LINE()}) SVM_ACQUIRE() { lock_.lock(s); }
   /// dma_resv_trylock().
-  [[nodiscard]] bool try_lock(lockdep::site s = {__builtin_FILE(), __builtin_LINE()}) TRY_ACQUIRE(true) {
+  [[nodiscard]] bool try_lock(lockdep::site s = {__builtin_FILE(), __builtin_LINE()}) SVM_TRY_ACQUIRE(true) {
     return lock_.try_lock(s);
   }
   /// dma_resv_unlock().
-  void unlock(lockdep::site s = {__builtin_FILE(), __builtin_LINE()}) RELEASE() { lock_.unlock(s); }
+  void unlock(lockdep::site s = {__builtin_FILE(), __builtin_LINE()}) SVM_RELEASE() { lock_.unlock(s); }
   /// dma_resv_assert_held(): debug builds check the calling thread holds it.
-  void assert_held(lockdep::site s = {__builtin_FILE(), __builtin_LINE()}) const ASSERT_CAPABILITY(this) {
+  void assert_held(lockdep::site s = {__builtin_FILE(), __builtin_LINE()}) const SVM_ASSERT_CAPABILITY(this) {
 #if SVM_LOCK_CHECKS
     lockdep::check_held(&lock_, "resv", s);
 #else
@@ -333,8 +333,8 @@ class CAPABILITY("resv") resv {
   /// dma_resv_reserve_fences(): make room for `n` more add_fence() calls so
   /// that they do not allocate (add_fence typically runs inside a signalling
   /// section, where allocation is forbidden). Returns ok (or nomem).
-  /// Locking: REQUIRES the resv lock; may allocate; never blocks otherwise.
-  errc reserve_fences(unsigned n) REQUIRES(this);
+  /// Locking: SVM_REQUIRES the resv lock; may allocate; never blocks otherwise.
+  errc reserve_fences(unsigned n) SVM_REQUIRES(this);
 
   /// dma_resv_add_fence(): record `f` with usage `u`.
   ///  - `f` already present: its usage is promoted if `u` is stronger (lower),
@@ -343,13 +343,13 @@ class CAPABILITY("resv") resv {
   ///    signalled fence is pruned), or a reserved slot. Without a reserved
   ///    slot it allocates, which debug builds report inside a signalling
   ///    section.
-  /// Locking: REQUIRES the resv lock; takes list_lock_ (leaf); never blocks.
+  /// Locking: SVM_REQUIRES the resv lock; takes list_lock_ (leaf); never blocks.
   void add_fence(fence_ptr f, resv_usage u,
-                 lockdep::site s = {__builtin_FILE(), __builtin_LINE()}) REQUIRES(this);
+                 lockdep::site s = {__builtin_FILE(), __builtin_LINE()}) SVM_REQUIRES(this);
 
   /// Drop every signalled fence; returns how many. Keeps the capacity.
-  /// Locking: REQUIRES the resv lock; takes list_lock_; never blocks.
-  std::size_t prune() REQUIRES(this);
+  /// Locking: SVM_REQUIRES the resv lock; takes list_lock_; never blocks.
+  std::size_t prune() SVM_REQUIRES(this);
 
   /// Every unsignalled fence with usage up to and including `u` (a snapshot).
   /// Locking: none required (takes list_lock_); allocates; never blocks.
@@ -380,7 +380,7 @@ class CAPABILITY("resv") resv {
   ww_mutex lock_;
   static constexpr lock_class list_lock_class_{"resv.list_lock", lockdep::rank::leaf};
   mutable mutex list_lock_{list_lock_class_};
-  std::vector<slot> fences_ GUARDED_BY(list_lock_);
+  std::vector<slot> fences_ SVM_GUARDED_BY(list_lock_);
 };
 
 }  // namespace svm
