@@ -2,6 +2,8 @@
 #include "svm/notifier/hmm.h"
 
 #include <algorithm>
+#include <atomic>
+#include <cstdio>
 
 #include "mm_impl.h"
 #include "svm/notifier/mm.h"
@@ -16,7 +18,19 @@ hmm_pfn make_out(pfn_t pfn, unsigned pool, unsigned order, bool writable) {
   return hmm_pfn_valid | (writable ? hmm_pfn_write : 0) | (hmm_pfn{order} << hmm_pfn_order_shift) |
          (hmm_pfn{pool} << hmm_pfn_pool_shift) | pfn;
 }
+// The stale-sequence check: each thread remembers the (notifier, seq) its
+// last call found stale; a call with the same pair is a retry loop that
+// never refreshed its sequence.
+std::atomic<std::uint64_t> stale_reuses{0};
+struct stale_seen {
+  const interval_notifier* notifier = nullptr;
+  std::uint64_t seq = 0;
+  bool reported = false;
+};
+thread_local stale_seen last_stale;
 }  // namespace
+
+std::uint64_t hmm_stale_sequence_reuses() noexcept { return stale_reuses.load(std::memory_order_relaxed); }
 
 errc hmm_range_fault(hmm_range& range) {
   mm* m = range.notifier ? range.notifier->mm() : range.mm;
@@ -30,11 +44,25 @@ errc hmm_range_fault(hmm_range& range) {
 
   va_t va = range.start;
   const mm::vma* v = nullptr;
+  if (!range.is_valid && range.notifier && last_stale.notifier == range.notifier &&
+      last_stale.seq == range.notifier_seq) {
+    stale_reuses.fetch_add(1, std::memory_order_relaxed);
+#ifndef NDEBUG
+    if (!last_stale.reported)
+      std::fprintf(stderr,
+                   "svm: hmm_range_fault called again with the stale notifier sequence %llu: call "
+                   "interval_notifier::read_begin() before each retry\n",
+                   static_cast<unsigned long long>(range.notifier_seq));
+#endif
+    last_stale.reported = true;
+  }
   for (;;) {
     // Before each walk pass: has an invalidation run since notifier_seq?
     if (range.is_valid) {
       if (!range.is_valid()) return errc::busy;
     } else if (range.notifier && range.notifier->check_retry(range.notifier_seq)) {
+      last_stale.notifier = range.notifier;
+      last_stale.seq = range.notifier_seq;
       return errc::busy;
     }
     const va_t pass_start = va;

@@ -1186,7 +1186,29 @@ result<std::size_t> mm::migrate(va_t addr, std::uint64_t length, unsigned target
   return n;
 }
 
+errc mm::add_release(mm_release_ops& ops) {
+  lock_guard g(release_lock_);
+  if (released_ || std::find(release_subs_.begin(), release_subs_.end(), &ops) != release_subs_.end())
+    return errc::inval;
+  release_subs_.push_back(&ops);
+  return errc::ok;
+}
+
+void mm::remove_release(mm_release_ops& ops) {
+  lock_guard g(release_lock_);
+  std::erase(release_subs_, &ops);
+}
+
 void mm::teardown() {
+  {
+    // The release subscribers first, without mmap_lock (kernel: exit_mmap
+    // calls the release ops before it unmaps anything).
+    lock_guard rg(release_lock_);
+    released_ = true;
+    std::vector<mm_release_ops*> subs;
+    subs.swap(release_subs_);
+    for (mm_release_ops* s : subs) s->release(*this);
+  }
   lock_guard g(mmap_lock_);
   if (torn_down_) return;
   torn_down_ = true;

@@ -15,21 +15,36 @@ void gpu_vm::free_bo_frames(bo& b) {
   if (b.where == placement::vram) {
     for (pfn_t p : b.frames) (void)dev_.hw().vram().free(p);
   } else {
-    for (pfn_t p : b.frames) mm_.pool(0).put(p);
+    for (pfn_t p : b.frames) pool0().put(p);
   }
   b.frames.clear();
 }
 
 result<bo_id> gpu_vm::create_bo(std::uint64_t size, placement where) {
   if (size == 0 || !is_aligned(size, page_size)) return errc::inval;
+  if (where != placement::vram && where != placement::system) return errc::inval;
+  const std::uint64_t pages = size / page_size;
+  dev::vram_pool& vram = dev_.hw().vram();
+  // Larger than the memory itself: ENOMEM before anything is allocated.
+  if (pages > (where == placement::vram ? vram.frame_count() : pool0().frame_count())) return errc::nomem;
   auto b = std::make_unique<bo>();
   b->size = size;
   b->where = where;
-  const std::size_t pages = size / page_size;
   b->frames.reserve(pages);
   lock_guard g(lock_);
+  if (where == placement::vram) {
+    // More than the free VRAM plus what evicting this VM's other VRAM BOs
+    // would free: ENOMEM before evicting anything.
+    std::uint64_t evictable = 0;
+    for (const auto& [bid, other] : bos_)
+      if (other->where == placement::vram) evictable += other->frames.size();
+    const std::uint64_t used = std::min<std::uint64_t>(vram.used_frames(), vram.frame_count());
+    if (pages > vram.frame_count() - used + evictable) return errc::nomem;
+  } else if (pages > pool0().free_frames()) {
+    return errc::nomem;
+  }
   for (std::size_t i = 0; i < pages; ++i) {
-    result<pfn_t> f = where == placement::vram ? dev_.hw().vram().alloc() : mm_.pool(0).alloc();
+    result<pfn_t> f = where == placement::vram ? dev_.hw().vram().alloc() : pool0().alloc();
     if (!f && where == placement::vram && evict_one_locked(nullptr)) f = dev_.hw().vram().alloc();
     if (!f) {
       free_bo_frames(*b);
@@ -170,7 +185,7 @@ errc gpu_vm::bo_write(bo_id id, std::uint64_t offset, std::span<const std::byte>
   if (it == bos_.end()) return errc::noent;
   bo& b = *it->second;
   if (offset + in.size() < offset || offset + in.size() > b.size) return errc::inval;
-  phys_mem& mem = b.where == placement::vram ? static_cast<phys_mem&>(dev_.hw().vram()) : mm_.pool(0);
+  phys_mem& mem = b.where == placement::vram ? static_cast<phys_mem&>(dev_.hw().vram()) : pool0();
   std::size_t done = 0;
   while (done < in.size()) {
     const std::uint64_t off = offset + done;
@@ -187,7 +202,7 @@ errc gpu_vm::bo_read(bo_id id, std::uint64_t offset, std::span<std::byte> out) {
   if (it == bos_.end()) return errc::noent;
   bo& b = *it->second;
   if (offset + out.size() < offset || offset + out.size() > b.size) return errc::inval;
-  phys_mem& mem = b.where == placement::vram ? static_cast<phys_mem&>(dev_.hw().vram()) : mm_.pool(0);
+  phys_mem& mem = b.where == placement::vram ? static_cast<phys_mem&>(dev_.hw().vram()) : pool0();
   std::size_t done = 0;
   while (done < out.size()) {
     const std::uint64_t off = offset + done;
@@ -228,9 +243,9 @@ errc gpu_vm::evict_locked(bo& b) {
   std::vector<pfn_t> sys;
   sys.reserve(b.frames.size());
   for (std::size_t i = 0; i < b.frames.size(); ++i) {
-    auto f = mm_.pool(0).alloc();
+    auto f = pool0().alloc();
     if (!f) {
-      for (pfn_t p : sys) mm_.pool(0).put(p);
+      for (pfn_t p : sys) pool0().put(p);
       return f.error();
     }
     sys.push_back(*f);
@@ -246,7 +261,7 @@ errc gpu_vm::evict_locked(bo& b) {
   });
   flush_tlb(flush);
   for (std::size_t i = 0; i < b.frames.size(); ++i) {
-    auto done = dev_.hw().copier().copy({&dev_.hw().vram(), b.frames[i]}, {&mm_.pool(0), sys[i]}, 1);
+    auto done = dev_.hw().copier().copy({&dev_.hw().vram(), b.frames[i]}, {&pool0(), sys[i]}, 1);
     SVM_CHECK(done.ok(), "copy engine refused a one-page copy");
     (void)(*done)->wait();
   }

@@ -38,12 +38,19 @@ dev::device_config hw_config(const driver_config& c) {
 errc driver::validate(const driver_config& c) noexcept {
   if (c.batch < 1 || c.batch > 256) return errc::inval;
   if (c.handler_threads < 1) return errc::inval;
+  if (c.hw.engines < 1 || c.hw.engines > 256) return errc::inval;
   return errc::ok;
+}
+
+result<std::unique_ptr<driver>> driver::create(driver_config c) {
+  if (const errc e = validate(c); e != errc::ok) return e;
+  return std::make_unique<driver>(std::move(c));
 }
 
 driver::driver(driver_config c) : cfg_(c), hw_(hw_config(c)) {
   SVM_CHECK(cfg_.batch >= 1 && cfg_.batch <= 256, "driver_config::batch must be 1..256");
   SVM_CHECK(cfg_.handler_threads >= 1, "driver_config::handler_threads must be >= 1");
+  SVM_CHECK(cfg_.hw.engines >= 1 && cfg_.hw.engines <= 256, "driver_config::hw.engines must be 1..256");
   for (unsigned i = 0; i < cfg_.handler_threads; ++i)
     handlers_.emplace_back([this](std::stop_token st) { handler_loop(st); });
 }
@@ -53,7 +60,12 @@ driver::~driver() {
   hw_.faults().wake_fetchers();
   handlers_.clear();  // joins
   shared_lock_guard g(reg_lock_);
-  SVM_CHECK(vms_.empty(), "svm::driver destroyed while a gpu_vm still uses it");
+  if (!vms_.empty()) {
+    // A VM left would point at a dead driver: refuse loudly, naming it.
+    std::fprintf(stderr, "svm: svm::driver destroyed while gpu_vm %u (and %zu in all) still uses it\n",
+                 static_cast<unsigned>(vms_.begin()->first), vms_.size());
+    std::abort();
+  }
 }
 
 result<dev::completion> driver::submit(gpu_vm& vm, std::uint64_t items, dev::kernel_fn fn) {
@@ -67,10 +79,11 @@ handler_stats driver::stats() const noexcept {
 }
 
 result<dev::vm_id> driver::register_vm(vm_key, gpu_vm* vm) {
+  const dev::vm_id limit = cfg_.max_vms ? std::min(cfg_.max_vms, dev::max_vm_id) : dev::max_vm_id;
   lock_guard g(reg_lock_);
-  for (dev::vm_id tries = 0; tries <= dev::max_vm_id; ++tries) {
+  for (dev::vm_id tries = 0; tries <= limit; ++tries) {
     dev::vm_id id = next_id_;
-    next_id_ = next_id_ >= dev::max_vm_id ? 1 : next_id_ + 1;
+    next_id_ = next_id_ >= limit ? 1 : next_id_ + 1;
     if (!vms_.contains(id)) {
       vms_.emplace(id, vm);
       return id;

@@ -70,6 +70,7 @@ std::uint64_t gpu_vm::service(std::span<dev::fault_record> recs) {
 errc gpu_vm::service_page_locked(va_t gva, access acc) {
   if (const gpuva* m = tree_.find(gva)) return service_bo_locked(*m, gva, acc);
   if (cfg_.mode == vm_mode::long_running) return errc::fault;
+  if (released_) return errc::fault;  // the mm is gone: nothing to mirror
   va_t cpu;
   va_range allowed;
   if (!to_cpu_locked(gva, cpu, allowed)) return errc::fault;
@@ -127,14 +128,24 @@ errc gpu_vm::service_svm_locked(va_t gva, va_t cpu, access acc, va_range allowed
   const va_range chunk_gpu{c->cpu.start - static_cast<va_t>(delta), c->cpu.end - static_cast<va_t>(delta)};
   allowed = intersect(allowed, chunk_gpu);
 
+  // The retry bound (vm_config::fault_timeout): give up only when the
+  // clock has passed the deadline AND the sequence moved often enough, so
+  // a fault that was merely descheduled completes, while a genuine retry
+  // storm still ends. The other retries (shrink to one page, fall back to
+  // 4K entries) happen at most once each and need no bound.
   const auto deadline = clock_type::now() + cfg_.fault_timeout;
+  unsigned seq_retries = 0;
+  auto exhausted = [&] {
+    if (++seq_retries < cfg_.fault_retry_floor || clock_type::now() <= deadline) return false;
+    bump(ctr_->fault_timeouts);
+    return true;
+  };
   bool allow_huge = cfg_.huge_leaves && (delta % static_cast<std::int64_t>(huge_size)) == 0;
   bool shrink = false;
   std::array<hmm_pfn, huge_size / page_size> pfns;
   std::uint64_t since = inval_stamp_.load(std::memory_order_acquire);
 
   for (;;) {
-    if (clock_type::now() > deadline) return errc::busy;
     // Choose the window inside the CPU VMA, and whether to aim for a 2M
     // leaf: only where the CPU maps (or, on first touch, will map) a 2M
     // huge page, since a 2M fault pins the 1G-level node and takes its
@@ -206,18 +217,28 @@ errc gpu_vm::service_svm_locked(va_t gva, va_t cpu, access acc, va_range allowed
       bump(ctr_->retries_busy);
       if (!overlapped_since(win, since)) bump(ctr_->false_retries);
       since = inval_stamp_.load(std::memory_order_acquire);
+      if (exhausted()) return errc::busy;
       continue;
     }
     if (err == errc::fault && npages > 1) {
       shrink = true;  // another page of the window went away: retry on the faulting page alone
+      bump(ctr_->retries_shrink);
       continue;
     }
     if (err != errc::ok) return err;
+    // The device reaches the frames through the VM's aperture, which holds
+    // their pools: make each pool named here reachable before its PTEs.
+    for (unsigned i = 0, last_pool = ~0u; i < npages; ++i) {
+      if (!(span[i] & hmm_pfn_valid) || hmm_pfn_to_pool(span[i]) == last_pool) continue;
+      last_pool = static_cast<unsigned>(hmm_pfn_to_pool(span[i]));
+      ensure_pool(last_pool);
+    }
     if (hooks_.before_commit) hooks_.before_commit(win);
 
     const bool huge = level == 1 && huge_mappable(span);
     if (level == 1 && !huge) {
       allow_huge = false;  // not one CPU huge page: map it with 4K entries
+      bump(ctr_->retries_huge);
       continue;
     }
     bool relink = false;
@@ -250,12 +271,14 @@ errc gpu_vm::service_svm_locked(va_t gva, va_t cpu, access acc, va_range allowed
     const bool stale = !mirror_->commit(*c, *n, snap, first, last, win, span, write_ptes);
     if (relink) {
       allow_huge = false;
+      bump(ctr_->retries_huge);
       continue;
     }
     if (stale) {
       bump(ctr_->retries_seq);
       if (!overlapped_since(win, since)) bump(ctr_->false_retries);
       since = inval_stamp_.load(std::memory_order_acquire);
+      if (exhausted()) return errc::busy;
       continue;
     }
     bump(ctr_->ptes_written, written);

@@ -7,38 +7,70 @@
 #include <algorithm>
 #include <bit>
 #include <ostream>
+#include <cstdio>
+#include <cstdlib>
 #include <sstream>
+#include <thread>
 
 #include "check.h"
 #include "vm_internal.h"
 
 namespace svm {
 
-namespace {
-
 // The device's system aperture over all of the mm's frame pools: a device
-// pfn is (pool << 32) | pool pfn, so migrated pages (pool 1..) are reachable.
-class mm_memory final : public phys_mem {
+// pfn is (pool << 32) | pool pfn, so migrated pages (pool 1..) are
+// reachable. It holds the pools themselves (shared ownership), never the
+// mm, so the device can still reach a system BO's frames once the mm is
+// gone. Slots are filled by ensure() before any PTE naming that pool is
+// written (the fault path, and pool 0 at construction); engines read them
+// lock-free.
+class gpu_vm::sys_aperture final : public phys_mem {
  public:
-  explicit mm_memory(mm& m) : mm_(m) {}
   static constexpr unsigned pool_shift = mm_pool_shift;
+  /// Make pool `i` of `m` reachable (idempotent). Called with the mm alive.
+  void ensure(const svm::mm& m, unsigned i) {
+    if (i >= cpu_pte::max_pools || slots_[i].load(std::memory_order_acquire)) return;
+    lock_guard g(lock_);
+    if (slots_[i].load(std::memory_order_relaxed)) return;
+    owned_[i] = m.pool_ptr(i);
+    // release: publishes the pool object to the engines' acquire loads.
+    slots_[i].store(owned_[i].get(), std::memory_order_release);
+  }
+  [[nodiscard]] const std::shared_ptr<frame_pool>& pool0() const noexcept { return owned_[0]; }
   std::byte* frame_data(pfn_t pfn) noexcept override {
-    const unsigned pool = static_cast<unsigned>(pfn >> pool_shift);
-    if (pool >= mm_.pool_count()) return nullptr;
-    return mm_.pool(pool).frame_data(pfn & ((pfn_t{1} << pool_shift) - 1));
+    frame_pool* p = slot(pfn);
+    return p ? p->frame_data(pfn & ((pfn_t{1} << pool_shift) - 1)) : nullptr;
   }
   std::uint64_t frame_generation(pfn_t pfn) const noexcept override {
-    const unsigned pool = static_cast<unsigned>(pfn >> pool_shift);
-    if (pool >= mm_.pool_count()) return 0;
-    return mm_.pool(pool).frame_generation(pfn & ((pfn_t{1} << pool_shift) - 1));
+    frame_pool* p = slot(pfn);
+    return p ? p->frame_generation(pfn & ((pfn_t{1} << pool_shift) - 1)) : 0;
   }
-  pfn_t frame_count() const noexcept override { return pfn_t{mm_.pool_count()} << pool_shift; }
+  pfn_t frame_count() const noexcept override { return pfn_t{cpu_pte::max_pools} << pool_shift; }
 
  private:
-  mm& mm_;
+  frame_pool* slot(pfn_t pfn) const noexcept {
+    const auto i = static_cast<std::size_t>(pfn >> pool_shift);
+    return i < slots_.size() ? slots_[i].load(std::memory_order_acquire) : nullptr;
+  }
+  static constexpr lock_class aperture_class{"gpu_vm.aperture", lockdep::rank::leaf};
+  /// Serialises ensure(); the slots are written once each under it.
+  mutex lock_{aperture_class};
+  std::array<std::atomic<frame_pool*>, cpu_pte::max_pools> slots_{};
+  std::array<std::shared_ptr<frame_pool>, cpu_pte::max_pools> owned_{};  // written once per slot under lock_
 };
 
-}  // namespace
+/// The VM's subscription to its mm's teardown.
+class gpu_vm::release_ops final : public mm_release_ops {
+ public:
+  explicit release_ops(gpu_vm& vm) noexcept : vm_(vm) {}
+  void release(svm::mm&) noexcept override { vm_.on_mm_release(); }
+
+ private:
+  gpu_vm& vm_;
+};
+
+void gpu_vm::ensure_pool(unsigned pool) { sysmem_->ensure(mm_, pool); }
+frame_pool& gpu_vm::pool0() const noexcept { return *sysmem_->pool0(); }
 
 const char* to_string(seq_mode m) noexcept { return m == seq_mode::notifier ? "notifier" : "pgtable"; }
 const char* to_string(mirror_impl m) noexcept { return m == mirror_impl::page ? "page" : "range"; }
@@ -93,7 +125,8 @@ std::ostream& operator<<(std::ostream& os, const vm_stats& s) {
   os << "faults raised " << s.faults_raised << ", serviced " << s.faults_serviced << ", cancelled "
      << s.faults_cancelled << ", valid " << s.valid_faults << "; batches " << s.batches << "; hmm calls "
      << s.hmm_calls << "; retries busy " << s.retries_busy << ", seq " << s.retries_seq << ", false "
-     << s.false_retries << "; invalidations " << s.invalidations << "; ptes written " << s.ptes_written
+     << s.false_retries << ", shrink " << s.retries_shrink << ", huge " << s.retries_huge << "; timeouts "
+     << s.fault_timeouts << "; invalidations " << s.invalidations << "; ptes written " << s.ptes_written
      << ", zapped " << s.ptes_zapped << "; tlb invalidations " << s.tlb_invalidations << "; fault latency p50 "
      << s.latency.quantile(0.5) << " ns, p99 " << s.latency.quantile(0.99) << " ns";
   return os;
@@ -113,6 +146,9 @@ vm_stats gpu_vm::stats() const noexcept {
   s.retries_busy = ld(c.retries_busy);
   s.retries_seq = ld(c.retries_seq);
   s.false_retries = ld(c.false_retries);
+  s.retries_shrink = ld(c.retries_shrink);
+  s.retries_huge = ld(c.retries_huge);
+  s.fault_timeouts = ld(c.fault_timeouts);
   s.invalidations = ld(c.invalidations);
   s.ptes_written = ld(c.ptes_written);
   s.ptes_zapped = ld(c.ptes_zapped);
@@ -128,7 +164,7 @@ vm_stats gpu_vm::stats() const noexcept {
 void gpu_vm::reset_stats() noexcept {
   counters& c = *ctr_;
   for (auto* a : {&c.faults_raised, &c.faults_serviced, &c.faults_cancelled, &c.valid_faults, &c.batches,
-                  &c.hmm_calls, &c.retries_busy, &c.retries_seq, &c.false_retries, &c.invalidations,
+                  &c.hmm_calls, &c.retries_busy, &c.retries_seq, &c.false_retries, &c.retries_shrink, &c.retries_huge, &c.fault_timeouts, &c.invalidations,
                   &c.ptes_written, &c.ptes_zapped, &c.tlb_invalidations, &c.huge_leaves, &c.bo_faults,
                   &c.evictions, &c.preemptions})
     a->store(0, std::memory_order_relaxed);
@@ -137,27 +173,71 @@ void gpu_vm::reset_stats() noexcept {
 
 // ---- construction ------------------------------------------------------------
 
-gpu_vm::gpu_vm(driver& d, svm::mm& m, vm_config cfg)
+errc gpu_vm::validate(const vm_config& c) noexcept {
+  if (c.chunk_size < huge_size || !std::has_single_bit(c.chunk_size)) return errc::inval;
+  if (c.mode == vm_mode::long_running && c.mirror != mirror_kind::none) return errc::inval;
+  if (c.fault_timeout <= std::chrono::nanoseconds::zero() || c.fault_retry_floor < 1) return errc::inval;
+  if (c.mode != vm_mode::fault && c.mode != vm_mode::long_running) return errc::inval;
+  if (c.mirror != mirror_kind::none && c.mirror != mirror_kind::full_mm && c.mirror != mirror_kind::windows)
+    return errc::inval;
+  if (c.seq != seq_mode::notifier && c.seq != seq_mode::pgtable) return errc::inval;
+  if (c.impl != mirror_impl::page && c.impl != mirror_impl::range) return errc::inval;
+  return errc::ok;
+}
+
+result<std::unique_ptr<gpu_vm>> gpu_vm::create(driver& d, svm::mm& m, vm_config cfg) {
+  errc e = validate(cfg);
+  if (e != errc::ok) return e;
+  std::unique_ptr<gpu_vm> vm(new gpu_vm(init_tag{}, d, m, std::move(cfg), e));
+  if (e != errc::ok) return e;  // the destructor undoes what was done
+  return vm;
+}
+
+gpu_vm::gpu_vm(driver& d, svm::mm& m, vm_config cfg) : gpu_vm(init_tag{}, d, m, std::move(cfg), init_error_) {
+  if (init_error_ != errc::ok) {
+    std::fprintf(stderr,
+                 "svm: gpu_vm construction failed: %s (an invalid vm_config, a device with every VM id in "
+                 "use, or a torn-down mm); gpu_vm::create() returns this as an error instead\n",
+                 errc_name(init_error_));
+    std::abort();
+  }
+}
+
+gpu_vm::gpu_vm(init_tag, driver& d, svm::mm& m, vm_config cfg, errc& err)
     : dev_(d),
       mm_(m),
-      cfg_(cfg),
-      policy_(cfg.window ? cfg.window : std::make_shared<largest_window_policy>()),
+      mm_va_limit_(m.va_limit()),
+      cfg_(std::move(cfg)),
+      policy_(cfg_.window ? cfg_.window : std::make_shared<largest_window_policy>()),
       tree_(lock_),
       ctr_(std::make_unique<counters>()) {
-  SVM_CHECK(cfg_.chunk_size >= huge_size && std::has_single_bit(cfg_.chunk_size),
-            "vm_config::chunk_size must be a power of two >= 2M");
-  SVM_CHECK(cfg_.mode == vm_mode::fault || cfg_.mirror == mirror_kind::none,
-            "a long-running VM has no SVM mirror (it takes no faults)");
-  sysmem_ = std::make_unique<mm_memory>(mm_);
+  err = validate(cfg_);
+  if (err != errc::ok) return;
+  sysmem_ = std::make_unique<sys_aperture>();
+  sysmem_->ensure(mm_, 0);
   mirror_ = cfg_.impl == mirror_impl::range ? std::unique_ptr<mirror>(std::make_unique<range_mirror>(*this))
                                              : std::make_unique<page_mirror>(*this, cfg_.seq);
+  release_ = std::make_unique<release_ops>(*this);
+  if ((err = mm_.add_release(*release_)) != errc::ok) {
+    release_.reset();  // a torn-down mm: nothing to mirror
+    return;
+  }
   auto id = dev_.register_vm(driver::vm_key{}, this);
-  SVM_CHECK(id.ok(), "no free VM id on the device");
+  if (!id) {
+    err = id.error();  // ENOSPC: every VM id of the device is in use
+    return;
+  }
   id_ = *id;
-  SVM_CHECK(dev_.hw().attach_vm(id_, pt_, *sysmem_) == errc::ok, "attach_vm failed");
+  registered_ = true;
+  if ((err = dev_.hw().attach_vm(id_, pt_, *sysmem_)) != errc::ok) return;
+  attached_ = true;
   auto q = dev_.hw().create_queue(id_);
-  SVM_CHECK(q.ok(), "create_queue failed");
+  if (!q) {
+    err = q.error();
+    return;
+  }
   queue_ = *q;
+  has_queue_ = true;
   if (cfg_.mode == vm_mode::long_running) {
     lock_guard g(lock_);
     preempt_ = fence::create("preempt");
@@ -169,16 +249,69 @@ fence_ptr gpu_vm::preempt_fence() const {
   return preempt_;
 }
 
-gpu_vm::~gpu_vm() {
-  (void)dev_.hw().destroy_queue(queue_);
-  dev_.unregister_vm(driver::vm_key{}, id_);  // no handler is inside this VM after this
+bool gpu_vm::mm_released() const {
+  shared_lock_guard g(lock_);
+  return released_;
+}
+
+void gpu_vm::drop_chunks() {
   std::unordered_map<std::uint64_t, std::unique_ptr<chunk>> chunks;
   {
     lock_guard g(chunks_lock_);
     chunks.swap(chunks_);
   }
   for (auto& [idx, c] : chunks) c->sub.remove();  // no callback runs after this
-  (void)dev_.hw().detach_vm(id_);
+}
+
+void gpu_vm::on_mm_release() {
+  // Runs at the start of the mm's teardown, without mmap_lock. Taking
+  // vm.lock exclusive waits out every fault in service (they hold it
+  // shared) and the idle handler's gc_notifiers; later ones see released_
+  // and leave the mm alone.
+  lock_guard g(lock_);
+  released_ = true;
+  drop_chunks();
+  // The mirror's PTEs go (the BO mappings stay: their frames are the
+  // aperture's, not the mm's).
+  std::vector<va_range> flush;
+  zap_gpu({0, pt_.va_limit()}, false, flush);
+  flush_tlb(flush);
+}
+
+gpu_vm::~gpu_vm() {
+  // The mm first: once remove_release() returns no release runs here, and
+  // a release that ran left released_ set.
+  if (release_) mm_.remove_release(*release_);
+  if (has_queue_) {
+    // Never free what running engines use: cancel the VM's kernels and
+    // wait for their waves to leave. The VM stays registered meanwhile, so
+    // faults of waves still draining are serviced or cancelled.
+    errc e = dev_.hw().destroy_queue(queue_);
+    if (e == errc::busy) {
+      (void)dev_.hw().cancel_vm(id_, destroy_reason);
+      const auto start = std::chrono::steady_clock::now();
+      bool reported = false;
+      while ((e = dev_.hw().destroy_queue(queue_)) == errc::busy) {
+        std::this_thread::sleep_for(std::chrono::microseconds(200));
+        if (!reported && std::chrono::steady_clock::now() - start > std::chrono::seconds(10)) {
+          // A work item that never touches device memory cannot be
+          // stopped: say what is stuck, and keep waiting (never free under
+          // it).
+          reported = true;
+          std::fprintf(stderr, "svm: ~gpu_vm (vm %u): a kernel still runs 10 s after its cancel; waiting:\n%s\n",
+                       static_cast<unsigned>(id_), dev_.hw().describe().c_str());
+        }
+      }
+    }
+  }
+  if (registered_) dev_.unregister_vm(driver::vm_key{}, id_);  // no handler is inside this VM after this
+  bool released;
+  {
+    shared_lock_guard g(lock_);
+    released = released_;
+  }
+  if (!released) drop_chunks();  // (released: the release dropped them, and the mm may be gone)
+  if (attached_) (void)dev_.hw().detach_vm(id_);
   lock_guard g(lock_);
   for (auto& [id, b] : bos_) free_bo_frames(*b);
 }
@@ -187,8 +320,9 @@ errc gpu_vm::add_window(va_t cpu_va, va_t gpu_va, std::uint64_t size) {
   if (cfg_.mirror != mirror_kind::windows) return errc::inval;
   if (size == 0 || !is_aligned(cpu_va | gpu_va | size, page_size)) return errc::inval;
   if (cpu_va + size < cpu_va || gpu_va + size < gpu_va) return errc::overflow;
-  if (gpu_va + size > pt_.va_limit() || cpu_va + size > mm_.va_limit()) return errc::inval;
+  if (gpu_va + size > pt_.va_limit() || cpu_va + size > mm_va_limit_) return errc::inval;
   lock_guard g(lock_);
+  if (released_) return errc::noent;  // the mm is gone
   const va_range gr{gpu_va, gpu_va + size}, cr{cpu_va, cpu_va + size};
   for (const window& w : windows_)
     if (gr.overlaps({w.gpu, w.gpu + w.size}) || cr.overlaps({w.cpu, w.cpu + w.size})) return errc::exist;
@@ -203,7 +337,7 @@ bool gpu_vm::to_cpu_locked(va_t gva, va_t& cpu, va_range& allowed) const {
     case mirror_kind::none: return false;
     case mirror_kind::full_mm:
       cpu = gva;
-      allowed = {0, std::min<va_t>(pt_.va_limit(), mm_.va_limit())};
+      allowed = {0, std::min<va_t>(pt_.va_limit(), mm_va_limit_)};
       return gva < allowed.end;
     case mirror_kind::windows:
       for (const window& w : windows_) {

@@ -56,6 +56,10 @@ void gpu_vm::put_chunk(chunk* c) {
 }
 
 std::size_t gpu_vm::gc_notifiers() {
+  // vm.lock shared across the whole collection: the mm's release (which
+  // takes it exclusive) never runs beside a remove() here.
+  shared_lock_guard vg(lock_);
+  if (released_) return 0;
   std::vector<std::unique_ptr<chunk>> dead;
   std::vector<window> windows;
   if (cfg_.mirror == mirror_kind::windows) {

@@ -96,4 +96,12 @@ struct hmm_range {
 /// must hold no driver lock that its own callback takes. Blocks.
 [[nodiscard]] errc hmm_range_fault(hmm_range& range);
 
+/// Calls of hmm_range_fault that reused a stale notifier sequence: the
+/// same thread called it again with the notifier and notifier_seq that its
+/// previous call had already found stale (EBUSY), instead of taking a new
+/// one from interval_notifier::read_begin(). Such a retry loop can only
+/// spin until its timeout. Debug builds also say so on stderr, once per
+/// thread. Process-wide, relaxed (a statistic for tests and drivers).
+[[nodiscard]] std::uint64_t hmm_stale_sequence_reuses() noexcept;
+
 }  // namespace svm

@@ -196,6 +196,19 @@ errc hmm_range_fault(hmm_range& range);
 ///    with mirror faults, which is the hazard ARCHITECTURE.md describes).
 ///  - every PTE change happens under its page-table node lock, with the
 ///    entry re-read under the lock.
+/// A subscriber told when its mm is torn down (kernel: the release op of
+/// an mmu_notifier). release() runs once, at the start of mm::teardown()
+/// (also from ~mm), before the address space goes and without mmap_lock or
+/// any notifier lock held, so it may take its own locks, wait for its own
+/// faults and remove its interval notifiers. It must not call
+/// add_release()/remove_release() of the same mm.
+class mm_release_ops {
+ public:
+  virtual ~mm_release_ops() = default;
+  /// The mm is going away: drop everything that refers to it.
+  virtual void release(mm& m) noexcept = 0;
+};
+
 class mm {
  public:
   explicit mm(mm_options o = {});
@@ -311,6 +324,14 @@ class mm {
   /// further mmaps ENOMEM. Idempotent.
   /// Locking: takes mmap_lock exclusive; blocks.
   void teardown() SVM_EXCLUDES(mmap_lock_);
+  /// Subscribe `ops` to the teardown (see mm_release_ops). EINVAL if the mm
+  /// is already torn down or `ops` is subscribed. Locking: takes the
+  /// release lock (rank driver).
+  [[nodiscard]] errc add_release(mm_release_ops& ops) SVM_EXCLUDES(release_lock_);
+  /// Unsubscribe; if release() is running on another thread, wait until it
+  /// returned. A no-op if `ops` is not subscribed (already released).
+  /// Locking: takes the release lock; must not be called from release().
+  void remove_release(mm_release_ops& ops) SVM_EXCLUDES(release_lock_);
 
   // ---- CPU access ------------------------------------------------------
   /// Read/write bytes at a CPU VA as a CPU thread would, faulting pages in.
@@ -434,6 +455,12 @@ class mm {
   /// The CPU page table. Internally synchronised (node locks, epoch).
   cpu_page_table pt_;
   mmu_notifier_subscriptions subs_;
+  static constexpr lock_class release_class_{"mm.release", lockdep::rank::driver};
+  /// The release subscribers. teardown() holds the lock across their
+  /// release() calls, so remove_release() returns only once none runs.
+  mutex release_lock_{release_class_};
+  std::vector<mm_release_ops*> release_subs_ SVM_GUARDED_BY(release_lock_);
+  bool released_ SVM_GUARDED_BY(release_lock_) = false;
   mm_test_hooks hooks_;  // set before concurrent use
   struct counters {
     std::atomic<std::uint64_t> faults{0}, cow_breaks{0}, thp_faults{0}, swap_outs{0}, swap_ins{0},

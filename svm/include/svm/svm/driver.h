@@ -18,6 +18,7 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <span>
 #include <thread>
@@ -66,6 +67,9 @@ struct driver_config {
   dev::device_config hw{};  ///< hw.wait_spin_ns is overridden by wait_spin_ns below
   unsigned handler_threads = 1;  ///< fault handler threads (>= 1)
   std::size_t batch = 256;  ///< records fetched per batch (1..256)
+  /// Live VMs at most (VM ids 1..max_vms); 0: the device's whole id space
+  /// (dev::max_vm_id). The next gpu_vm::create() past it is ENOSPC.
+  dev::vm_id max_vms = 0;
   /// How long a faulted wave and an idle handler spin before they sleep on
   /// a futex (dev::device_config::wait_spin_ns). nullopt: automatic, 20 µs
   /// when the engines and handler threads together fit in the machine's
@@ -83,9 +87,12 @@ class driver {
   /// valid (validate()); an invalid one aborts, naming the field. Use
   /// create() to get the error as a value instead.
   explicit driver(driver_config c = {});
-  /// Check a configuration: EINVAL for batch outside 1..256 or no handler
-  /// thread.
+  /// Check a configuration: EINVAL for batch outside 1..256, no handler
+  /// thread, or hw.engines outside 1..256.
   [[nodiscard]] static errc validate(const driver_config& c) noexcept;
+  /// A driver over a configuration that may be invalid: the error of
+  /// validate(), or the started driver.
+  [[nodiscard]] static result<std::unique_ptr<driver>> create(driver_config c = {});
   /// Stops the handler threads, then the hardware. Every gpu_vm must be
   /// destroyed first: a VM still registered is reported by id on stderr and
   /// the process aborts (it would otherwise be left pointing at a dead

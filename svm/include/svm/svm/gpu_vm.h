@@ -121,8 +121,15 @@ struct vm_config {
   std::uint64_t chunk_size = std::uint64_t{512} << 20;
   /// Window policy; null: largest_window_policy.
   std::shared_ptr<const window_policy> window;
-  /// Bound of a fault's retry loop (the kernel's default is one second).
+  /// Bound of a fault's retry loop (the kernel's HMM_RANGE_DEFAULT_TIMEOUT
+  /// is one second). Bounded by progress, not by the clock alone: a fault
+  /// gives up (EBUSY) only once both fault_timeout has passed and its
+  /// sequence was found moved at least fault_retry_floor times. A fault
+  /// whose threads were descheduled past the timeout but which saw few or
+  /// no invalidations still completes. Must be > 0.
   std::chrono::nanoseconds fault_timeout = std::chrono::seconds(1);
+  /// See fault_timeout. Must be >= 1.
+  unsigned fault_retry_floor = 8;
   /// Map 2M device leaves where the CPU maps a 2M huge page over the window.
   bool huge_leaves = true;
 };
@@ -148,6 +155,9 @@ struct vm_stats {
   std::uint64_t retries_busy = 0;     ///< hmm_range_fault returned EBUSY
   std::uint64_t retries_seq = 0;      ///< the sequence moved before the commit
   std::uint64_t false_retries = 0;    ///< retries caused by an invalidation outside the window
+  std::uint64_t retries_shrink = 0;   ///< another page of the window went away: retried on the fault's page alone
+  std::uint64_t retries_huge = 0;     ///< not one CPU huge page, or a 4K table appeared: retried with 4K entries
+  std::uint64_t fault_timeouts = 0;   ///< faults that gave up (EBUSY) past fault_timeout and fault_retry_floor
   std::uint64_t invalidations = 0;    ///< notifier callbacks that touched this VM
   std::uint64_t ptes_written = 0;     ///< in 4K pages (a 2M leaf counts 512)
   std::uint64_t ptes_zapped = 0;      ///< in 4K pages
@@ -177,11 +187,34 @@ class gpu_vm {
   /// The software bit of the device PTE that marks BO mappings.
   static constexpr std::uint64_t bo_pte_bit = std::uint64_t{1} << 11;
 
-  /// Register with `dev`, attach a device page table, create a queue.
-  /// The mm and the device must outlive the VM.
-  gpu_vm(driver& dev, mm& m, vm_config cfg = {});
-  /// Waits for nothing: destroy only with no kernel running on the VM.
-  /// Removes the notifiers, unregisters, frees the BOs.
+  /// The reason a kernel still running when its VM is destroyed is
+  /// cancelled with: its status reads {ECANCELED, reason ENOENT}.
+  static constexpr errc destroy_reason = errc::noent;
+
+  /// Check a configuration: EINVAL for a chunk_size that is not a power of
+  /// two >= 2M, a long-running VM with an SVM mirror (it takes no faults:
+  /// use mirror_kind::none), fault_timeout <= 0, or an enum value outside
+  /// its enumeration.
+  [[nodiscard]] static errc validate(const vm_config& c) noexcept;
+  /// Register with `dev`, attach a device page table, create a queue, and
+  /// subscribe to the mm's teardown. Errors (nothing is left behind):
+  /// EINVAL (validate(), or an mm already torn down), ENOSPC (every VM id
+  /// of the device is in use), and what the device's attach_vm and
+  /// create_queue return. The driver must outlive the VM; the mm need not
+  /// (see mm_released()).
+  [[nodiscard]] static result<std::unique_ptr<gpu_vm>> create(driver& dev, svm::mm& m, vm_config cfg = {});
+  /// As create(), for input known to be valid: a failure aborts with a
+  /// message naming it (create() returns it instead).
+  gpu_vm(driver& dev, svm::mm& m, vm_config cfg = {});
+  /// Waits safely, then frees. Order: unsubscribe from the mm; if a kernel
+  /// is queued or running on the VM's queue, cancel the VM's kernels
+  /// (reason destroy_reason) and wait until their waves have left (the VM
+  /// stays registered meanwhile, so their faults are still serviced or
+  /// cancelled; a work item that never touches device memory cannot be
+  /// stopped, and after 10 s the wait says so on stderr with the device's
+  /// description); destroy the queue; unregister (no handler thread is
+  /// inside the VM after it); remove the notifiers; detach the page table;
+  /// free the BOs.
   ~gpu_vm();
   gpu_vm(const gpu_vm&) = delete;
   gpu_vm& operator=(const gpu_vm&) = delete;
@@ -189,7 +222,15 @@ class gpu_vm {
   [[nodiscard]] dev::vm_id id() const noexcept { return id_; }
   [[nodiscard]] const vm_config& config() const noexcept { return cfg_; }
   [[nodiscard]] dev::queue_id queue() const noexcept { return queue_; }
+  /// The mirrored mm: valid only while it lives (see mm_released()).
   [[nodiscard]] svm::mm& mm() noexcept { return mm_; }
+  /// True once the mm was torn down (mm::teardown(), or its destruction).
+  /// Its release dropped what the VM held of it: the notifiers and every
+  /// SVM PTE. From then on SVM faults fail (EFAULT: the kernel's access is
+  /// cancelled) and add_window() returns ENOENT; BOs, including system
+  /// ones (whose frames the VM keeps), bind, unbind, evict and fault as
+  /// before. Locking: takes lock_ shared.
+  [[nodiscard]] bool mm_released() const SVM_EXCLUDES(lock_);
   [[nodiscard]] dev::dev_page_table& page_table() noexcept { return pt_; }
 
   // ---- the mirror -------------------------------------------------------
@@ -200,9 +241,15 @@ class gpu_vm {
   errc add_window(va_t cpu_va, va_t gpu_va, std::uint64_t size) SVM_EXCLUDES(lock_);
 
   // ---- buffer objects ---------------------------------------------------
-  /// A BO of `size` bytes (page multiple) placed in VRAM or system memory.
-  /// Errors: EINVAL (zero, unaligned), ENOMEM (VRAM exhausted and nothing
-  /// evictable, or no system frames).
+  /// A BO of `size` bytes (page multiple) placed in VRAM or system memory
+  /// (the mm's pool 0). A VRAM BO may evict this VM's other VRAM BOs to
+  /// system memory to make room. Errors: EINVAL (zero, unaligned, a
+  /// placement outside the enum), ENOMEM (more than the memory holds, more
+  /// than its free frames plus what eviction could free — both checked
+  /// before anything is allocated or evicted — or an allocation or
+  /// eviction that failed on the way, after which the frames taken are
+  /// given back; BOs already evicted stay in system memory with their
+  /// contents).
   [[nodiscard]] result<bo_id> create_bo(std::uint64_t size, placement where) SVM_EXCLUDES(lock_);
   /// Destroy a BO; its mappings are unbound first. ENOENT if unknown.
   errc destroy_bo(bo_id bo) SVM_EXCLUDES(lock_);
@@ -256,7 +303,17 @@ class gpu_vm {
   void set_test_hooks(test_hooks h) { hooks_ = std::move(h); }
 
  private:
-  friend class driver;  // calls service() and gc_notifiers()
+  friend class driver;  // calls service()
+  struct init_tag {};
+  /// The constructor proper: `err` says whether it completed; whatever it
+  /// did before a failure the destructor undoes.
+  gpu_vm(init_tag, driver& dev, svm::mm& m, vm_config cfg, errc& err);
+  class sys_aperture;
+  class release_ops;
+  void on_mm_release() SVM_EXCLUDES(lock_);
+  void drop_chunks();
+  void ensure_pool(unsigned pool);
+  [[nodiscard]] frame_pool& pool0() const noexcept;
   struct bo;
   struct chunk;
   struct window;
@@ -284,10 +341,11 @@ class gpu_vm {
   /// Remove the notifiers of chunks that no fault is using and where
   /// nothing is mapped any more. Returns how many were removed. The fault
   /// handler calls it when idle; tests may call it directly.
-  /// Locking: takes chunks_lock_ (leaf) briefly; blocks in
-  /// interval_notifier::remove() (no lock held); must not be called from a
-  /// notifier callback or with mmap_lock held.
-  std::size_t gc_notifiers();
+  /// Locking: takes lock_ shared across it (so the mm's release waits it
+  /// out), chunks_lock_ (leaf) briefly; blocks in
+  /// interval_notifier::remove(); must not be called from a notifier
+  /// callback or with mmap_lock held. Once the mm is released: 0.
+  std::size_t gc_notifiers() SVM_EXCLUDES(lock_);
 
  private:
   // The invalidation callback's body.
@@ -307,13 +365,19 @@ class gpu_vm {
   bool overlapped_since(va_range win, std::uint64_t since) const;
 
   driver& dev_;
-  svm::mm& mm_;
+  svm::mm& mm_;  // not used once released_ is set
+  const va_t mm_va_limit_;
   const vm_config cfg_;
   std::shared_ptr<const window_policy> policy_;
   dev::dev_page_table pt_;
   dev::vm_id id_ = 0;
   dev::queue_id queue_ = 0;
-  std::unique_ptr<phys_mem> sysmem_;
+  /// The device's system aperture (holds the mm's pools, not the mm).
+  std::unique_ptr<sys_aperture> sysmem_;
+  std::unique_ptr<release_ops> release_;  ///< subscribed to the mm's teardown (null: not subscribed)
+  errc init_error_ = errc::ok;  ///< the throwing-free constructor's outcome (public constructor only)
+  // What construction completed (the destructor undoes only that).
+  bool registered_ = false, attached_ = false, has_queue_ = false;
 
   static constexpr lock_class vm_class{"gpu_vm.lock", lockdep::rank::vm};
   /// vm.lock: the BO VA tree, the BO table and the mirror windows. Faults
@@ -325,6 +389,8 @@ class gpu_vm {
   bo_id next_bo_ SVM_GUARDED_BY(lock_) = 1;
   std::vector<window> windows_ SVM_GUARDED_BY(lock_);
   fence_ptr preempt_ SVM_GUARDED_BY(lock_);  ///< long-running VMs only
+  /// The mm was torn down: set once, under lock_ exclusive, by its release.
+  bool released_ SVM_GUARDED_BY(lock_) = false;
 
   static constexpr lock_class chunks_class{"gpu_vm.chunks", lockdep::rank::leaf};
   /// The lazily inserted notifiers by chunk index. Insertion and removal
