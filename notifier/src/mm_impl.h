@@ -7,9 +7,14 @@
 
 #include <boost/intrusive/set.hpp>
 
+#include "svm/base/epoch.h"
 #include "svm/notifier/mm.h"
 
 namespace svm {
+
+/// Valid bits of prot and map (system-call argument checks).
+inline constexpr std::uint32_t prot_bits = 7;
+inline constexpr std::uint32_t map_bits = 63;
 
 /// One VMA (kernel: struct vm_area_struct).
 /// Protection: every field is guarded by the owning mm's mmap_lock (changed
@@ -124,5 +129,71 @@ struct mm_impl {
                     const void* owner = nullptr, bool blockable = true);
   static void end_fn(mm& m, mmu_notifier_range& r);
 };
+
+// ---- walk_locked (used by mprotect, fork, reclaim, migrate) ----
+
+template <class F>
+inline errc mm_impl::walk_locked(mm& m, va_t start, va_t end, F&& fn) {
+  va_t va = start;
+  while (va < end) {
+    epoch::guard g;
+    pt::node* n = m.pt_.find_node(va, 0);
+    const unsigned l = n->level;
+    const unsigned idx = pt::entry_index(va, l);
+    const std::uint64_t span = pt::entry_span(l);
+    const std::uint64_t e = n->entries[idx].load(std::memory_order_acquire);
+    if (pt::is_link(e)) continue;  // a child appeared: look again
+    if (e == 0 && l > 0) {
+      va = align_down(va, span) + span;
+      continue;
+    }
+    if (l >= 2) {  // the model never maps 1G leaves
+      va = align_down(va, span) + span;
+      continue;
+    }
+    if (l == 1) {
+      const va_t slot = align_down(va, huge_size);
+      if (slot < start || slot + huge_size > end) {
+        auto p = m.pt_.pin(va, 0, &cpu_page_table::split_entry);
+        if (!p) return p.error();
+        m.pt_.unpin(*p);
+        continue;
+      }
+      bool retry = false;
+      {
+        lock_guard lk(n->lock);
+        if (n->dead || n->entries[idx].load(std::memory_order_relaxed) != e) {
+          retry = true;
+        } else {
+          const std::uint64_t ne = fn(slot, e, 1u);
+          if (ne != e) m.pt_.set_leaf_locked(*n, idx, ne);
+        }
+      }
+      if (!retry) va = slot + huge_size;
+      continue;
+    }
+    const va_t node_end = std::min(end, n->base + n->span());
+    bool dead = false;
+    {
+      lock_guard lk(n->lock);
+      if (n->dead) {
+        dead = true;
+      } else {
+        for (va_t a = va; a < node_end; a += page_size) {
+          const unsigned i = pt::entry_index(a, 0);
+          const std::uint64_t old = n->entries[i].load(std::memory_order_relaxed);
+          if (old == 0) continue;
+          const std::uint64_t ne = fn(a, old, 0u);
+          if (ne != old) m.pt_.set_leaf_locked(*n, i, ne);
+        }
+      }
+    }
+    if (dead) continue;
+    if (n->valid_count() == 0) m.pt_.free_if_empty(n);
+    va = node_end;
+  }
+  return errc::ok;
+}
+
 
 }  // namespace svm
