@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cassert>
 #include <cstring>
+#include <new>
 
 #include "mm_impl.h"
 #include "svm/base/epoch.h"
@@ -15,39 +16,59 @@ using pt::is_link;
 
 // ---- file -----------------------------------------------------------------
 
+result<std::shared_ptr<file>> file::create(std::shared_ptr<frame_pool> pool, std::uint64_t size) {
+  if (!pool) return errc::inval;
+  if (size > max_size) return errc::overflow;
+  try {
+    return std::make_shared<file>(std::move(pool), size);
+  } catch (const std::bad_alloc&) {
+    return errc::nomem;  // the page-cache index of a huge file
+  }
+}
+
 file::file(std::shared_ptr<frame_pool> pool, std::uint64_t size) : pool_(std::move(pool)) {
   lock_guard g(lock_);
-  pages_.assign(align_up(size, page_size) / page_size, 0);
+  // Clamp before rounding: align_up of a size near 2^64 would wrap to 0.
+  npages_ = align_up(std::min(size, max_size), page_size) / page_size;
+}
+
+pfn_t file::lookup(std::uint64_t pgoff) const {
+  lock_guard g(lock_);
+  auto it = pages_.find(pgoff);
+  return it == pages_.end() ? 0 : it->second;
 }
 
 file::~file() {
-  std::vector<pfn_t> pages;
+  std::map<std::uint64_t, pfn_t> pages;
   {
     lock_guard g(lock_);
     pages.swap(pages_);
   }
-  for (pfn_t p : pages)
-    if (p) pool_->put(p);
+  for (auto [off, p] : pages)
+    if (p) {
+      pool_->set_cache_ref(p, false);
+      pool_->put(p);
+    }
 }
 
 std::uint64_t file::size() const {
   lock_guard g(lock_);
-  return pages_.size() * page_size;
+  return npages_ * page_size;
 }
 
 void file::grow(std::uint64_t size) {
   lock_guard g(lock_);
-  const std::size_t n = align_up(size, page_size) / page_size;
-  if (n > pages_.size()) pages_.resize(n, 0);
+  const std::size_t n = align_up(std::min(size, max_size), page_size) / page_size;
+  if (n > npages_) npages_ = n;
 }
 
 result<pfn_t> file::get_page(std::uint64_t pgoff) {
   {
     lock_guard g(lock_);
-    if (pgoff >= pages_.size()) return errc::fault;
-    if (pages_[pgoff]) {
-      pool_->get(pages_[pgoff]);  // lock-free; nests under the file lock
-      return pages_[pgoff];
+    if (pgoff >= npages_) return errc::fault;
+    if (auto it = pages_.find(pgoff); it != pages_.end()) {
+      pool_->get(it->second);  // lock-free; nests under the file lock
+      return it->second;
     }
   }
   // Allocate outside the file lock (the pool lock has the same rank).
@@ -56,13 +77,14 @@ result<pfn_t> file::get_page(std::uint64_t pgoff) {
   pfn_t spare = 0, out;
   {
     lock_guard g(lock_);
-    if (pgoff >= pages_.size()) {
+    if (pgoff >= npages_) {
       spare = *p;
       out = 0;
     } else {
-      if (!pages_[pgoff]) pages_[pgoff] = *p;
+      auto [it, fresh] = pages_.try_emplace(pgoff, *p);
+      if (fresh) pool_->set_cache_ref(*p, true);
       else spare = *p;
-      out = pages_[pgoff];
+      out = it->second;
       pool_->get(out);
     }
   }

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cassert>
 #include <cstring>
+#include <new>
 
 #include "mm_impl.h"
 #include "svm/base/epoch.h"
@@ -16,6 +17,28 @@ using pt::entry_span;
 using pt::is_link;
 
 // ---- mm: construction ---------------------------------------------------
+
+errc mm_options::validate() const noexcept {
+  if (frames == 0) return errc::inval;
+  if (thp != thp_mode::never && thp != thp_mode::madvise && thp != thp_mode::always) return errc::inval;
+  if (fault_around_bytes < page_size || fault_around_bytes > huge_size ||
+      (fault_around_bytes & (fault_around_bytes - 1)) != 0)
+    return errc::inval;
+  if (!is_aligned(mmap_min_addr, page_size) || !is_aligned(mmap_base, page_size) ||
+      !is_aligned(mmap_limit, page_size))
+    return errc::inval;
+  if (mmap_base < mmap_min_addr || mmap_limit <= mmap_base || mmap_limit > (va_t{1} << 48)) return errc::inval;
+  return errc::ok;
+}
+
+result<std::unique_ptr<mm>> mm::create(mm_options o) {
+  if (errc e = o.validate(); e != errc::ok) return e;
+  try {
+    return std::make_unique<mm>(o);
+  } catch (const std::bad_alloc&) {
+    return errc::nomem;  // the frame pool's memory
+  }
+}
 
 mm::mm(mm_options o) : mm(o, nullptr) {}
 
@@ -36,7 +59,27 @@ mm::mm(mm_options o, std::shared_ptr<pool_set> pools)
     pools_->swap = std::make_shared<swap_space>(o.swap_slots);
     pools_->count.store(1, std::memory_order_release);
   }
+  if (opts_.validate() != errc::ok) {
+    // Unusable options (create() would have refused them): an mm with no
+    // address space at all, so nothing maps and every access is EFAULT.
+    opts_.mmap_min_addr = opts_.mmap_base = opts_.mmap_limit = 0;
+    opts_.thp = thp_mode::never;
+    opts_.fault_around_bytes = page_size;
+  }
   if (opts_.mmap_limit > pt_.va_limit()) opts_.mmap_limit = pt_.va_limit();
+}
+
+std::uint32_t mm::mapcount(pfn_t pfn, unsigned pool) const noexcept {
+  if (pool >= pool_count() || pfn == zero_pfn()) return 0;
+  const frame_pool& p = *pools_->pools[pool].pool;
+  const std::uint32_t refs = p.refcount(pfn), cache = p.cache_refs(pfn);
+  return refs > cache ? refs - cache : 0;
+}
+
+folio_info mm::folio(pfn_t pfn, unsigned pool) const noexcept {
+  if (pool >= pool_count()) return {pfn, 0};
+  const unsigned order = pools_->pools[pool].pool->folio_order(pfn);
+  return {order ? align_down(pfn, pfn_t{1} << order) : pfn, order};
 }
 
 mm::~mm() {
@@ -171,6 +214,7 @@ void mm::teardown() {
   if (torn_down_) return;
   torn_down_ = true;
   subs_.mark_dying();
+  if (opts_.mmap_limit == 0) return;  // options refused at construction: nothing was ever mapped
   mmu_notifier_range r;
   (void)mm_impl::start_fn(*this, r, mmu_notifier_event::release, 0, opts_.mmap_limit);
   pending_free f;

@@ -17,6 +17,9 @@ using pt::is_link;
 
 template <class Op>
 errc mm_impl::access(mm& m, va_t va, bool write, Op&& op) {
+  // Past the user VA width (2^48 and up, non-canonical addresses included)
+  // nothing is mapped, and the page table has no node to look in.
+  if (va >= m.opts_.mmap_limit) return errc::fault;
   for (;;) {
     {
       epoch::guard g;
@@ -95,6 +98,7 @@ result<std::uint64_t> mm::atomic_compare_exchange(va_t va, std::uint64_t expecte
 
 cpu_translation mm::cpu_translate(va_t va) const noexcept {
   cpu_translation out;
+  if (va >= pt_.va_limit()) return out;
   const pt::translation t = pt_.translate(va);
   if (!cpu_pte::is_valid(t.entry)) return out;
   out.present = true;
@@ -102,6 +106,7 @@ cpu_translation mm::cpu_translate(va_t va) const noexcept {
   out.zero_page = cpu_pte::is_zero(t.entry);
   out.pool = cpu_pte::pool(t.entry);
   out.order = t.level * 9;
+  out.huge_zero = out.zero_page && t.level == 1;
   out.pfn = cpu_pte::pfn(t.entry) + (t.level == 1 ? (va & (huge_size - 1)) / page_size : 0);
   if (out.pool < pool_count()) out.generation = pool(out.pool).frame_generation(out.pfn);
   return out;

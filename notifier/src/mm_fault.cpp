@@ -74,6 +74,39 @@ errc mm_impl::fault_once(mm& m, const vma& v, va_t va, bool write) {
   if (cpu_pte::is_valid(e)) {
     if (!write || cpu_pte::is_writable(e)) return errc::ok;  // spurious
     if (t.level == 1) {
+      if (cpu_pte::is_zero(e)) {
+        // Write to the huge zero page: a fresh THP replaces it (kernel:
+        // do_huge_zero_wp_pmd); without one, split to 4K zero pages and
+        // break COW on the one page below.
+        if (auto hf = sys.alloc_huge()) {
+          const va_t slot = align_down(va, huge_size);
+          mmu_notifier_range r;
+          (void)start_fn(m, r, mmu_notifier_event::clear, slot, slot + huge_size);
+          bool ok = false;
+          auto pn = m.pt_.pin(slot, 1, &cpu_page_table::split_entry);
+          if (pn) {
+            pt::node* n = *pn;
+            {
+              lock_guard lk(n->lock);
+              const unsigned idx = entry_index(slot, 1);
+              if (n->level == 1 && n->entries[idx].load(std::memory_order_relaxed) == e) {
+                m.pt_.set_leaf_locked(*n, idx, cpu_pte::make(*hf, 0, cpu_pte::present | cpu_pte::write));
+                ok = true;
+              }
+            }
+            m.pt_.unpin(n);
+          }
+          end_fn(m, r);
+          if (!ok) {
+            for (pfn_t i = 0; i < frame_pool::huge_frames; ++i) sys.put(*hf + i);
+            if (!pn) return pn.error();
+            return errc::again;
+          }
+          m.stats_.thp_faults.fetch_add(1, std::memory_order_relaxed);
+          m.stats_.faults.fetch_add(1, std::memory_order_relaxed);
+          return errc::ok;
+        }
+      }
       // Write to a write-protected huge page: split it (same translations),
       // then break COW on the 4K page (as do_huge_pmd_wp_page falls back).
       auto n = m.pt_.pin(va, 0, &cpu_page_table::split_entry);
@@ -93,6 +126,7 @@ errc mm_impl::fault_once(mm& m, const vma& v, va_t va, bool write) {
     }
     // Copy on write (kernel: wp_page_copy): new frame, CLEAR on the page,
     // swap the PTE, and drop the old reference after range end.
+    anon_vma_prepare(v);
     auto nf = sys.alloc();
     if (!nf) return nf.error();
     if (!cpu_pte::is_zero(e)) frame_pool::copy_frame(sys.frame_data(*nf), m.pool(pool).frame_data(old));
@@ -170,6 +204,40 @@ errc mm_impl::fault_once(mm& m, const vma& v, va_t va, bool write) {
   if (v.backing) {
     // Shared anonymous (shmem) or file-backed.
     const std::uint64_t pgoff = v.pgoff + (va - v.start) / page_size;
+    if (!write && m.opts_.fault_around_bytes > page_size) {
+      // Fault-around (kernel: do_fault_around / filemap_map_pages): map the
+      // resident page-cache pages of an aligned window around `va`, clipped
+      // to the VMA and to this 2M page table, where the PTE is empty. The
+      // faulting page is among them when it is resident.
+      const std::uint64_t nr = m.opts_.fault_around_bytes / page_size;
+      const std::uint64_t pte_off = (va / page_size) % pt::entries_per_node;
+      const std::uint64_t vma_off = (va - v.start) / page_size;
+      const std::uint64_t vma_pages = (v.end - v.start) / page_size;
+      const std::uint64_t from = std::max(align_down(pte_off, nr), pte_off - std::min(pte_off, vma_off));
+      const std::uint64_t to = std::min({from + nr, std::uint64_t{pt::entries_per_node}, pte_off + vma_pages - vma_off});
+      const va_t table = align_down(va, huge_size);
+      bool mapped_self = false;
+      for (std::uint64_t i = from; i < to; ++i) {
+        const va_t a = table + i * page_size;
+        const std::uint64_t off = v.pgoff + (a - v.start) / page_size;
+        if (!v.backing->lookup(off)) continue;
+        if (a != va && m.pt_.translate(a).entry != 0) continue;
+        auto cp = v.backing->get_page(off);
+        if (!cp) continue;
+        const std::uint64_t ne = cpu_pte::make(*cp, 0, cpu_pte::present | (v.shared && vw ? cpu_pte::write : 0));
+        auto r = install_pte(m, a, 0, ne);
+        if (!r || !*r) {
+          sys.put(*cp);
+          if (!r) return r.error();
+          continue;
+        }
+        if (a == va) mapped_self = true;
+      }
+      if (mapped_self) {
+        m.stats_.faults.fetch_add(1, std::memory_order_relaxed);
+        return errc::ok;
+      }
+    }
     auto cp = v.backing->get_page(pgoff);
     if (!cp) return cp.error();
     frame_pool& fp = *v.backing->pool();
@@ -185,6 +253,7 @@ errc mm_impl::fault_once(mm& m, const vma& v, va_t va, bool write) {
       }
       frame_pool::copy_frame(sys.frame_data(*nf), fp.frame_data(*cp));
       fp.put(*cp);
+      anon_vma_prepare(v);
       *cp = *nf;
       ne = cpu_pte::make(*nf, 0, cpu_pte::present | cpu_pte::write);
     } else {
@@ -203,8 +272,29 @@ errc mm_impl::fault_once(mm& m, const vma& v, va_t va, bool write) {
   const va_t slot = align_down(va, huge_size);
   if (v.private_anon() && thp_allowed(m.opts_, v.advice) && slot >= v.start && slot + huge_size <= v.end &&
       t.level >= 1) {
-    // No 4K table under this 2M slot and the slot is empty: a THP (on read
-    // too; the model has no huge zero page).
+    // No 4K table under this 2M slot and the slot is empty: the huge zero
+    // page on a read (with use_zero_page), else a THP. Either way the VMA
+    // gets its anon_vma (kernel: do_huge_pmd_anonymous_page prepares it
+    // before choosing).
+    anon_vma_prepare(v);
+    if (!write && m.opts_.thp_use_zero_page) {
+      auto pn = m.pt_.pin(slot, 1, &cpu_page_table::split_entry);
+      if (!pn) return pn.error();
+      pt::node* n = *pn;
+      bool ok = false;
+      {
+        lock_guard lk(n->lock);
+        const unsigned idx = entry_index(slot, 1);
+        if (n->level == 1 && n->entries[idx].load(std::memory_order_relaxed) == 0) {
+          m.pt_.set_leaf_locked(*n, idx, cpu_pte::make(mm::zero_pfn(), 0, cpu_pte::present | cpu_pte::zero));
+          ok = true;
+        }
+      }
+      m.pt_.unpin(n);
+      if (!ok) return errc::again;
+      m.stats_.faults.fetch_add(1, std::memory_order_relaxed);
+      return errc::ok;
+    }
     auto hf = sys.alloc_huge();
     if (hf) {
       auto pn = m.pt_.pin(slot, 1, &cpu_page_table::split_entry);
@@ -239,6 +329,7 @@ errc mm_impl::fault_once(mm& m, const vma& v, va_t va, bool write) {
     if (*r) m.stats_.faults.fetch_add(1, std::memory_order_relaxed);
     return *r ? errc::ok : errc::again;
   }
+  anon_vma_prepare(v);
   auto nf = sys.alloc();
   if (!nf) return nf.error();
   auto r = install_pte(m, va, 0, cpu_pte::make(*nf, 0, cpu_pte::present | cpu_pte::write));

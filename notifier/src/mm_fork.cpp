@@ -25,13 +25,27 @@ result<std::unique_ptr<mm>> mm::fork() {
   std::vector<copied> ptes;
   {
     lock_guard cg(child->mmap_lock_);
-    for (const vma& v : vmas_->set) mm_impl::insert_vma(*child, new vma(v));
+    for (const vma& v : vmas_->set) {
+      auto* c = new vma(v);
+      // The child's VMAs get anon_vmas of their own (kernel: anon_vma_fork).
+      if (c->anon_vma.load(std::memory_order_relaxed) != 0)
+        c->anon_vma.store(mm_impl::new_anon_vma(), std::memory_order_relaxed);
+      mm_impl::insert_vma(*child, c);
+    }
   }
+  // Kernel: vma_needs_copy. Only VMAs with anonymous pages (an anon_vma)
+  // and PFN maps need their PTEs copied; the child faults the rest in from
+  // the page cache or as fresh anonymous memory, so their PTEs are left
+  // alone on both sides (shared mappings, never-written private ones).
+  auto needs_copy = [](const vma& v) {
+    return v.kind == vma_kind::io || v.anon_vma.load(std::memory_order_relaxed) != 0;
+  };
   if (!vmas_->set.empty()) {
     const va_t lo = vmas_->set.begin()->start, hi = std::prev(vmas_->set.end())->end;
     mmu_notifier_range r;
     (void)mm_impl::start_fn(*this, r, mmu_notifier_event::protection_page, lo, hi);
     for (const vma& v : vmas_->set) {
+      if (!needs_copy(v)) continue;
       const bool cow = !v.shared;
       (void)mm_impl::walk_locked(*this, v.start, v.end, [&](va_t va, std::uint64_t e, unsigned level) {
         if (cpu_pte::is_swap(e)) {

@@ -1,6 +1,7 @@
 // Private parts of svm::mm shared by mm.cpp and hmm.cpp.
 #pragma once
 
+#include <atomic>
 #include <memory>
 #include <utility>
 #include <vector>
@@ -29,13 +30,28 @@ struct mm::vma {
   huge_advice advice = huge_advice::none;
   std::shared_ptr<svm::file> backing;
   std::uint64_t pgoff = 0;
+  bool account = false;  ///< VM_ACCOUNT
+  /// Identity of the VMA's anon_vma (0: none yet). Set once, from 0, by the
+  /// first fault that gives the VMA an anonymous page (anon_vma_prepare),
+  /// which runs under mmap_lock shared: hence atomic (relaxed: the value is
+  /// an identity only, read for merging and fork under mmap_lock exclusive).
+  std::atomic<std::uint64_t> anon_vma{0};
+
+  vma() = default;
+  /// A copy that is not in any tree (split, fork, mremap).
+  vma(const vma& o)
+      : start(o.start), end(o.end), protection(o.protection), kind(o.kind), shared(o.shared), advice(o.advice),
+        backing(o.backing), pgoff(o.pgoff), account(o.account),
+        anon_vma(o.anon_vma.load(std::memory_order_relaxed)) {}
+  vma& operator=(const vma&) = delete;
 
   [[nodiscard]] bool readable() const noexcept { return any(protection & prot::read); }
   [[nodiscard]] bool writable() const noexcept { return any(protection & prot::write); }
   [[nodiscard]] bool accessible() const noexcept { return any(protection & (prot::read | prot::write)); }
   [[nodiscard]] bool private_anon() const noexcept { return kind == vma_kind::anonymous && !shared; }
   [[nodiscard]] vma_info info() const {
-    return {start, end, protection, kind, shared, advice, backing, pgoff};
+    return {start, end, protection, kind, shared, advice, backing, pgoff,
+            anon_vma.load(std::memory_order_relaxed) != 0, account};
   }
 };
 
@@ -96,10 +112,25 @@ struct mm_impl {
   static vma* next_vma(const mm& m, vma* v) SVM_REQUIRES_SHARED(m.mmap_lock_);
   /// Make sure no VMA straddles `va` (kernel: split_vma).
   static void split_at(mm& m, va_t va) SVM_REQUIRES(m.mmap_lock_);
+  /// Whether `b` may be merged onto the end of `a` (adjacent, same flags,
+  /// same backing with contiguous offsets, compatible anon_vma; kernel:
+  /// can_vma_merge_after / is_mergeable_anon_vma).
+  static bool mergeable(const vma& a, const vma& b) noexcept;
+  /// Merge every compatible adjacent pair among the VMAs that touch
+  /// [lo, hi] (the changed range and its neighbours; kernel: vma_merge).
+  static void merge_around(mm& m, va_t lo, va_t hi) SVM_REQUIRES(m.mmap_lock_);
+  /// A fresh anon_vma identity.
+  static std::uint64_t new_anon_vma() noexcept;
+  /// Give `v` an anon_vma if it has none (kernel: anon_vma_prepare).
+  static void anon_vma_prepare(const vma& v) noexcept;
   static bool range_free(const mm& m, va_t start, va_t end) SVM_REQUIRES_SHARED(m.mmap_lock_);
   static result<va_t> get_unmapped_area(const mm& m, std::uint64_t len) SVM_REQUIRES_SHARED(m.mmap_lock_);
   static void insert_vma(mm& m, vma* v) SVM_REQUIRES(m.mmap_lock_);
   static void erase_vma(mm& m, vma* v) SVM_REQUIRES(m.mmap_lock_);
+  /// Move VMA `v` and its PTEs to `target` as a VMA of `new_len` bytes
+  /// (kernel: move_vma / copy_vma). With `keep_old` (DONTUNMAP) the old VMA
+  /// stays, mapped and empty. The caller raised UNMAP over the old range.
+  static void move_vma(mm& m, vma* v, va_t target, std::uint64_t new_len, bool keep_old) SVM_REQUIRES(m.mmap_lock_);
 
   static void collect(const mm& m, pending_free& f, std::uint64_t e, unsigned level);
   static void release(const mm& m, pending_free& f);

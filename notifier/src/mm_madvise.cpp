@@ -14,6 +14,8 @@ using pt::entry_span;
 using pt::is_link;
 
 errc mm::madvise(va_t addr, std::uint64_t length, madvice advice) {
+  if (advice != madvice::dontneed && advice != madvice::hugepage && advice != madvice::nohugepage)
+    return errc::inval;  // outside the enum: nothing changes
   if (!is_aligned(addr, page_size)) return errc::inval;
   if (length == 0) return errc::ok;
   const std::uint64_t len = align_up(length, page_size);
@@ -48,10 +50,19 @@ errc mm::madvise(va_t addr, std::uint64_t length, madvice advice) {
     cur = v->end;
   }
   if (cur < end) hole = true;
-  mm_impl::split_at(*this, addr);
-  mm_impl::split_at(*this, end);
-  for (vma* v = mm_impl::first_ending_after(*this, addr); v && v->start < end; v = mm_impl::next_vma(*this, v))
-    v->advice = advice == madvice::hugepage ? huge_advice::hugepage : huge_advice::nohugepage;
+  const huge_advice want = advice == madvice::hugepage ? huge_advice::hugepage : huge_advice::nohugepage;
+  // Split only the VMAs whose advice changes (kernel: madvise_update_vma
+  // returns early when the flags stay), then merge what changed.
+  for (vma* v = mm_impl::first_ending_after(*this, addr); v && v->start < end; v = mm_impl::next_vma(*this, v)) {
+    if (v->advice == want) continue;
+    if (v->start < addr) {
+      mm_impl::split_at(*this, addr);
+      v = mm_impl::find_vma_mut(*this, addr);
+    }
+    if (v->end > end) mm_impl::split_at(*this, end);
+    v->advice = want;
+  }
+  mm_impl::merge_around(*this, addr, end);
   return hole ? errc::nomem : errc::ok;
 }
 

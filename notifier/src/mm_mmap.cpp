@@ -31,18 +31,18 @@ result<va_t> mm::mmap(va_t addr, std::uint64_t length, prot p, map flags, std::s
   const bool fixed = any(flags & (map::fixed | map::fixed_noreplace));
   if (fixed && !is_aligned(addr, page_size)) return errc::inval;
   if (fixed && (addr + len < addr || addr + len > opts_.mmap_limit)) return errc::nomem;
+  if (fixed && addr < opts_.mmap_min_addr) return errc::perm;  // as Linux's security_mmap_addr
   if (backing && backing->pool().get() != &pool(0)) return errc::inval;
 
   lock_guard g(mmap_lock_);
   if (torn_down_) return errc::nomem;
   va_t at;
   if (fixed) {
-    if (!mm_impl::range_free(*this, addr, addr + len)) {
-      if (any(flags & map::fixed_noreplace)) return errc::exist;
-      if (errc r = mm_impl::do_munmap(*this, addr, addr + len); r != errc::ok) return r;
-    }
-    at = addr;
-  } else if (addr && is_aligned(addr, page_size) && addr + len > addr && addr + len <= opts_.mmap_limit &&
+    if (!mm_impl::range_free(*this, addr, addr + len) && any(flags & map::fixed_noreplace)) return errc::exist;
+    at = addr;  // MAP_FIXED unmaps what is there below, once nothing else can fail
+  } else if (addr && addr <= opts_.mmap_limit &&
+             (addr = std::max(align_up(addr, page_size), opts_.mmap_min_addr)) != 0 &&  // round_hint_to_min
+             addr + len > addr && addr + len <= opts_.mmap_limit &&
              mm_impl::range_free(*this, addr, addr + len)) {
     at = addr;
   } else {
@@ -50,19 +50,33 @@ result<va_t> mm::mmap(va_t addr, std::uint64_t length, prot p, map flags, std::s
     if (!a) return a.error();
     at = *a;
   }
+  std::shared_ptr<svm::file> shmem;
+  if (anon && shared) {
+    auto obj = svm::file::create(pools_->pools[0].pool, len);  // shmem
+    if (!obj) return errc::nomem;
+    shmem = std::move(*obj);
+  }
+  if (fixed && !mm_impl::range_free(*this, at, at + len)) {
+    if (errc r = mm_impl::do_munmap(*this, at, at + len); r != errc::ok) return r;
+  }
   auto* v = new vma;
   v->start = at;
   v->end = at + len;
   v->protection = p;
   v->shared = shared;
   v->kind = io ? vma_kind::io : backing ? vma_kind::file : vma_kind::anonymous;
+  // VM_ACCOUNT: private writable memory is charged (kernel: accountable_mapping).
+  v->account = !shared && !io && any(p & prot::write);
   if (backing) {
     v->backing = std::move(backing);
     v->pgoff = offset / page_size;
-  } else if (anon && shared) {
-    v->backing = std::make_shared<svm::file>(pools_->pools[0].pool, len);  // shmem
+  } else if (shmem) {
+    v->backing = std::move(shmem);
+  } else {
+    v->pgoff = at / page_size;  // anonymous: the page number it was created at
   }
   mm_impl::insert_vma(*this, v);
+  mm_impl::merge_around(*this, at, at + len);
   return at;
 }
 

@@ -13,6 +13,37 @@ using pt::entry_index;
 using pt::entry_span;
 using pt::is_link;
 
+namespace {
+// Move the PTEs of [s, e) to `target` (kernel: move_page_tables): frames keep
+// their references, so nothing is freed. A PMD moves whole when the target
+// slot is 2M aligned, else it is split into 4K entries on the way.
+void move_ptes(cpu_page_table& pt, va_t s, va_t e, va_t target) {
+  struct moved {
+    va_t va;
+    std::uint64_t e;
+    unsigned level;
+  };
+  std::vector<moved> ptes;
+  std::vector<va_range> flush;
+  (void)pt.zap(s, e, flush, [&](va_t va, std::uint64_t pte, unsigned level) { ptes.push_back({va, pte, level}); });
+  for (const moved& mv : ptes) {
+    const va_t nva = mv.va - s + target;
+    if (mv.level == 1 && is_aligned(nva, huge_size)) {
+      [[maybe_unused]] errc pe = pt.populate(nva, nva + huge_size, 1, [&](va_t) { return mv.e; });
+      assert(pe == errc::ok);
+    } else {
+      const unsigned n = mv.level == 1 ? pt::entries_per_node : 1;
+      for (unsigned i = 0; i < n; ++i) {
+        const std::uint64_t pte = mv.level == 1 ? cpu_pte::split(mv.e, 1, i) : mv.e;
+        [[maybe_unused]] errc pe =
+            pt.populate(nva + i * page_size, nva + (i + 1) * page_size, 0, [&](va_t) { return pte; });
+        assert(pe == errc::ok);
+      }
+    }
+  }
+}
+}  // namespace
+
 result<va_t> mm::mremap(va_t old_addr, std::uint64_t old_length, std::uint64_t new_length, mremap_flags flags,
                         va_t new_addr) {
   const auto fl = static_cast<std::uint32_t>(flags);
@@ -32,17 +63,41 @@ result<va_t> mm::mremap(va_t old_addr, std::uint64_t old_length, std::uint64_t n
   }
   lock_guard g(mmap_lock_);
   vma* v = mm_impl::find_vma_mut(*this, old_addr);
-  if (!v || old_addr + old_len > v->end) return errc::fault;
-  if (dontunmap && !v->private_anon()) return errc::inval;
+  if (!v) return errc::fault;
 
-  if (!fixed && !dontunmap && new_len <= old_len) {  // shrink (or same size) in place
+  // A pure move (FIXED, same size) may span several VMAs and the gaps
+  // between them (Linux 6.17+): each VMA moves by the same offset.
+  if (fixed && old_len == new_len && !dontunmap && old_addr + old_len > v->end) {
+    for (vma* w = v; w && w->start < old_addr + old_len; w = mm_impl::next_vma(*this, w))
+      if (w->kind == vma_kind::io) return errc::fault;  // PFN maps do not move in a batch
+    (void)mm_impl::do_munmap(*this, new_addr, new_addr + new_len);
+    mm_impl::split_at(*this, old_addr);
+    mm_impl::split_at(*this, old_addr + old_len);
+    mmu_notifier_range r;
+    (void)mm_impl::start_fn(*this, r, mmu_notifier_event::unmap, old_addr, old_addr + old_len);
+    std::vector<vma*> pieces;
+    for (vma* w = mm_impl::find_vma_mut(*this, old_addr); w && w->start < old_addr + old_len;
+         w = mm_impl::next_vma(*this, w))
+      pieces.push_back(w);
+    for (vma* w : pieces) mm_impl::move_vma(*this, w, w->start - old_addr + new_addr, w->end - w->start, false);
+    mm_impl::merge_around(*this, new_addr, new_addr + new_len);
+    mm_impl::end_fn(*this, r);
+    return new_addr;
+  }
+
+  if (!fixed && !dontunmap && new_len <= old_len) {
+    // Shrink (or keep) in place: the tail goes, whatever VMAs it spans.
     if (new_len < old_len) (void)mm_impl::do_munmap(*this, old_addr + new_len, old_addr + old_len);
     return old_addr;
   }
-  if (!fixed && !dontunmap && new_len > old_len && old_addr + old_len == v->end && old_addr + new_len <= opts_.mmap_limit &&
-      mm_impl::range_free(*this, v->end, old_addr + new_len)) {  // grow in place
+  if (old_addr + old_len > v->end) return errc::fault;
+  if (dontunmap && v->kind == vma_kind::io) return errc::inval;
+
+  if (!fixed && !dontunmap && new_len > old_len && old_addr + old_len == v->end &&
+      old_addr + new_len <= opts_.mmap_limit && mm_impl::range_free(*this, v->end, old_addr + new_len)) {
+    // Grow in place. Shmem keeps its size: the new pages lie past its end.
     v->end = old_addr + new_len;
-    if (v->backing && v->kind == vma_kind::anonymous) v->backing->grow((v->end - v->start) + v->pgoff * page_size);
+    mm_impl::merge_around(*this, v->start, v->end);
     return old_addr;
   }
   if (!maymove) return errc::nomem;
@@ -66,42 +121,25 @@ result<va_t> mm::mremap(va_t old_addr, std::uint64_t old_length, std::uint64_t n
   v = mm_impl::find_vma_mut(*this, old_addr);
   assert(v && v->start == old_addr && v->end == old_addr + move_len);
 
-  // UNMAP over the old range, then move the PTEs: frames keep their
-  // references, so nothing is freed.
-  struct moved {
-    va_t va;
-    std::uint64_t e;
-    unsigned level;
-  };
-  std::vector<moved> ptes;
   mmu_notifier_range r;
   (void)mm_impl::start_fn(*this, r, mmu_notifier_event::unmap, old_addr, old_addr + move_len);
-  std::vector<va_range> flush;
-  (void)pt_.zap(old_addr, old_addr + move_len, flush,
-                [&](va_t va, std::uint64_t e, unsigned level) { ptes.push_back({va, e, level}); });
-  for (const moved& mv : ptes) {
-    const va_t nva = mv.va - old_addr + target;
-    if (mv.level == 1 && is_aligned(nva, huge_size)) {
-      [[maybe_unused]] errc pe = pt_.populate(nva, nva + huge_size, 1, [&](va_t) { return mv.e; });
-      assert(pe == errc::ok);
-    } else {
-      const unsigned n = mv.level == 1 ? pt::entries_per_node : 1;
-      for (unsigned i = 0; i < n; ++i) {
-        const std::uint64_t e = mv.level == 1 ? cpu_pte::split(mv.e, 1, i) : mv.e;
-        [[maybe_unused]] errc pe =
-            pt_.populate(nva + i * page_size, nva + (i + 1) * page_size, 0, [&](va_t) { return e; });
-        assert(pe == errc::ok);
-      }
-    }
-  }
+  mm_impl::move_vma(*this, v, target, new_len, dontunmap);
+  mm_impl::merge_around(*this, target, target + new_len);
+  mm_impl::end_fn(*this, r);
+  return target;
+}
+
+void mm_impl::move_vma(mm& m, vma* v, va_t target, std::uint64_t new_len, bool keep_old) {
+  move_ptes(m.pt_, v->start, v->end, target);
   auto* nv = new vma(*v);
   nv->start = target;
   nv->end = target + new_len;
-  if (nv->backing && nv->kind == vma_kind::anonymous) nv->backing->grow(new_len + nv->pgoff * page_size);
-  if (!dontunmap) mm_impl::erase_vma(*this, v);
-  mm_impl::insert_vma(*this, nv);
-  mm_impl::end_fn(*this, r);
-  return target;
+  // An anonymous VMA that never had a page takes the page number of its new
+  // place (kernel: copy_vma), so it can merge there; a faulted one keeps
+  // its offset (its pages' rmap index).
+  if (nv->private_anon() && nv->anon_vma.load(std::memory_order_relaxed) == 0) nv->pgoff = target / page_size;
+  if (!keep_old) mm_impl::erase_vma(m, v);
+  mm_impl::insert_vma(m, nv);
 }
 
 }  // namespace svm

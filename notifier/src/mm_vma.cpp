@@ -2,6 +2,7 @@
 // See svm/notifier/mm.h for the contracts and mm_impl.h for the internals.
 #include <algorithm>
 #include <cassert>
+#include <cstdio>
 #include <cstring>
 
 #include "mm_impl.h"
@@ -48,17 +49,54 @@ mm::vma* mm_impl::next_vma(const mm& m, vma* v) {
 void mm_impl::split_at(mm& m, va_t va) {
   vma* v = find_vma_mut(m, va);
   if (!v || v->start == va) return;
-  auto* tail = new vma;
+  auto* tail = new vma(*v);  // both halves share the anon_vma, as in Linux
   tail->start = va;
-  tail->end = v->end;
-  tail->protection = v->protection;
-  tail->kind = v->kind;
-  tail->shared = v->shared;
-  tail->advice = v->advice;
-  tail->backing = v->backing;
   tail->pgoff = v->pgoff + (va - v->start) / page_size;
   v->end = va;
   insert_vma(m, tail);
+}
+
+bool mm_impl::mergeable(const vma& a, const vma& b) noexcept {
+  if (a.end != b.start) return false;
+  if (a.protection != b.protection || a.kind != b.kind || a.shared != b.shared || a.advice != b.advice ||
+      a.account != b.account || a.backing != b.backing)
+    return false;
+  if (a.kind == vma_kind::io) return false;  // PFN maps are never merged (VM_PFNMAP | VM_IO: special)
+  // Offsets continue: the file offset, or for anonymous memory the page
+  // number the VMA was created at (moved VMAs keep theirs).
+  if (b.pgoff != a.pgoff + (a.end - a.start) / page_size) return false;
+  const std::uint64_t x = a.anon_vma.load(std::memory_order_relaxed), y = b.anon_vma.load(std::memory_order_relaxed);
+  return x == 0 || y == 0 || x == y;
+}
+
+void mm_impl::merge_around(mm& m, va_t lo, va_t hi) {
+  vma* v = first_ending_after(m, lo > 0 ? lo - 1 : 0);
+  while (v && v->start <= hi) {
+    vma* n = next_vma(m, v);
+    if (!n) break;
+    if (mergeable(*v, *n)) {
+      // The earlier VMA absorbs the later (kernel: vma_expand).
+      v->end = n->end;
+      if (v->anon_vma.load(std::memory_order_relaxed) == 0)
+        v->anon_vma.store(n->anon_vma.load(std::memory_order_relaxed), std::memory_order_relaxed);
+      erase_vma(m, n);
+      continue;  // v may merge with its new next too
+    }
+    v = n;
+  }
+}
+
+namespace {
+std::atomic<std::uint64_t> next_anon_vma{1};
+}  // namespace
+
+std::uint64_t mm_impl::new_anon_vma() noexcept { return next_anon_vma.fetch_add(1, std::memory_order_relaxed); }
+
+void mm_impl::anon_vma_prepare(const vma& v) noexcept {
+  if (v.anon_vma.load(std::memory_order_relaxed) != 0) return;
+  std::uint64_t expect = 0;
+  // A racing fault may have prepared it: keep whichever identity won.
+  (void)const_cast<vma&>(v).anon_vma.compare_exchange_strong(expect, new_anon_vma(), std::memory_order_relaxed);
 }
 
 bool mm_impl::range_free(const mm& m, va_t start, va_t end) {
@@ -70,7 +108,7 @@ result<va_t> mm_impl::get_unmapped_area(const mm& m, std::uint64_t len) {
   // Bottom-up first fit from mmap_base; 2M alignment for lengths of 2M or
   // more (as Linux does for anonymous THP-capable mappings).
   const std::uint64_t align = len >= huge_size ? huge_size : page_size;
-  va_t cand = align_up(m.opts_.mmap_base, align);
+  va_t cand = align_up(std::max(m.opts_.mmap_base, m.opts_.mmap_min_addr), align);
   for (const vma& v : m.vmas_->set) {
     if (v.end <= cand) continue;
     if (v.start >= cand + len) break;
@@ -92,6 +130,23 @@ std::optional<vma_info> mm::find_vma(va_t va) const {
   const vma* v = mm_impl::find_vma(*this, va);
   if (!v) return std::nullopt;
   return v->info();
+}
+
+std::string mm::maps() {
+  shared_lock_guard g(mmap_lock_);
+  std::string out;
+  char line[160];
+  for (const vma& v : vmas_->set) {
+    const char* name = v.kind == vma_kind::file ? " [svm file]"
+                       : (v.kind == vma_kind::anonymous && v.shared) ? " /dev/zero (deleted)"
+                                                                      : "";
+    std::snprintf(line, sizeof line, "%08llx-%08llx %c%c%c%c %08llx 00:00 0%s\n",
+                  static_cast<unsigned long long>(v.start), static_cast<unsigned long long>(v.end),
+                  v.readable() ? 'r' : '-', v.writable() ? 'w' : '-', any(v.protection & prot::exec) ? 'x' : '-',
+                  v.shared ? 's' : 'p', static_cast<unsigned long long>(v.pgoff * page_size), name);
+    out += line;
+  }
+  return out;
 }
 
 std::vector<vma_info> mm::vmas() {
