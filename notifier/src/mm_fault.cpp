@@ -277,7 +277,7 @@ errc mm_impl::fault_once(mm& m, const vma& v, va_t va, bool write) {
     // gets its anon_vma (kernel: do_huge_pmd_anonymous_page prepares it
     // before choosing).
     anon_vma_prepare(v);
-    if (!write && m.opts_.thp_use_zero_page) {
+    if (!write && m.opts_.thp_use_zero_page && m.opts_.zero_page) {
       auto pn = m.pt_.pin(slot, 1, &cpu_page_table::split_entry);
       if (!pn) return pn.error();
       pt::node* n = *pn;
@@ -323,7 +323,7 @@ errc mm_impl::fault_once(mm& m, const vma& v, va_t va, bool write) {
     }
     // No free aligned block: fall back to 4K.
   }
-  if (!write) {
+  if (!write && m.opts_.zero_page) {
     auto r = install_pte(m, va, 0, cpu_pte::make(mm::zero_pfn(), 0, cpu_pte::present | cpu_pte::zero));
     if (!r) return r.error();
     if (*r) m.stats_.faults.fetch_add(1, std::memory_order_relaxed);
@@ -332,7 +332,7 @@ errc mm_impl::fault_once(mm& m, const vma& v, va_t va, bool write) {
   anon_vma_prepare(v);
   auto nf = sys.alloc();
   if (!nf) return nf.error();
-  auto r = install_pte(m, va, 0, cpu_pte::make(*nf, 0, cpu_pte::present | cpu_pte::write));
+  auto r = install_pte(m, va, 0, cpu_pte::make(*nf, 0, cpu_pte::present | (vw ? cpu_pte::write : 0)));
   if (!r || !*r) {
     sys.put(*nf);
     return r ? errc::again : r.error();

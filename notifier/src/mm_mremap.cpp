@@ -53,7 +53,7 @@ result<va_t> mm::mremap(va_t old_addr, std::uint64_t old_length, std::uint64_t n
   if (!is_aligned(old_addr, page_size)) return errc::inval;
   if ((fixed || dontunmap) && !maymove) return errc::inval;
   const std::uint64_t old_len = align_up(old_length, page_size), new_len = align_up(new_length, page_size);
-  if (old_len == 0 || new_len == 0 || old_len < old_length || new_len < new_length) return errc::inval;
+  if (new_len == 0 || old_len < old_length || new_len < new_length) return errc::inval;
   if (dontunmap && old_len != new_len) return errc::inval;
   if (old_addr + old_len < old_addr || old_addr + old_len > opts_.mmap_limit) return errc::inval;
   if (fixed) {
@@ -64,23 +64,63 @@ result<va_t> mm::mremap(va_t old_addr, std::uint64_t old_length, std::uint64_t n
   lock_guard g(mmap_lock_);
   vma* v = mm_impl::find_vma_mut(*this, old_addr);
   if (!v) return errc::fault;
+  if (old_len == 0) {
+    // A second mapping of the same shared object (Linux: old_size 0 on a
+    // shared mapping duplicates it); needs MAYMOVE, and shared memory.
+    if (!v->shared || dontunmap) return errc::inval;
+    if (!maymove) return errc::nomem;
+    va_t target;
+    if (fixed) {
+      (void)mm_impl::do_munmap(*this, new_addr, new_addr + new_len);
+      target = new_addr;
+    } else {
+      auto a = mm_impl::get_unmapped_area(*this, new_len);
+      if (!a) return a.error();
+      target = *a;
+    }
+    auto* nv = new vma(*v);
+    nv->start = target;
+    nv->end = target + new_len;
+    nv->pgoff = v->pgoff + (old_addr - v->start) / page_size;
+    mm_impl::insert_vma(*this, nv);
+    mm_impl::merge_around(*this, target, target + new_len);
+    return target;
+  }
+
+  std::uint64_t cur_len = old_len;
+  if (fixed && new_len < old_len) {
+    // A shrinking move: what is kept must lie in one VMA (EFAULT, nothing
+    // changed); then the tail goes, wherever it lies (kernel: mremap_to).
+    if (old_addr + new_len > v->end) return errc::fault;
+    (void)mm_impl::do_munmap(*this, new_addr, new_addr + new_len);
+    (void)mm_impl::do_munmap(*this, old_addr + new_len, old_addr + old_len);
+    cur_len = new_len;
+    v = mm_impl::find_vma_mut(*this, old_addr);
+    if (!v) return errc::fault;
+  }
 
   // A pure move (FIXED, same size) may span several VMAs and the gaps
   // between them (Linux 6.17+): each VMA moves by the same offset.
-  if (fixed && old_len == new_len && !dontunmap && old_addr + old_len > v->end) {
+  if (fixed && old_len == new_len && old_addr + old_len > v->end) {
     for (vma* w = v; w && w->start < old_addr + old_len; w = mm_impl::next_vma(*this, w))
       if (w->kind == vma_kind::io) return errc::fault;  // PFN maps do not move in a batch
-    (void)mm_impl::do_munmap(*this, new_addr, new_addr + new_len);
+    // Each VMA moves on its own (kernel: remap_move): only its own target
+    // range is unmapped first, so what lies opposite a gap stays mapped.
     mm_impl::split_at(*this, old_addr);
     mm_impl::split_at(*this, old_addr + old_len);
-    mmu_notifier_range r;
-    (void)mm_impl::start_fn(*this, r, mmu_notifier_event::unmap, old_addr, old_addr + old_len);
-    std::vector<vma*> pieces;
+    std::vector<std::pair<va_t, va_t>> pieces;
     for (vma* w = mm_impl::find_vma_mut(*this, old_addr); w && w->start < old_addr + old_len;
          w = mm_impl::next_vma(*this, w))
-      pieces.push_back(w);
-    for (vma* w : pieces) mm_impl::move_vma(*this, w, w->start - old_addr + new_addr, w->end - w->start, false);
+      pieces.emplace_back(w->start, w->end);
+    mmu_notifier_range r;
+    (void)mm_impl::start_fn(*this, r, mmu_notifier_event::unmap, old_addr, old_addr + old_len);
+    for (auto [lo, hi] : pieces) {
+      const va_t to = lo - old_addr + new_addr;
+      (void)mm_impl::do_munmap(*this, to, to + (hi - lo));
+      mm_impl::move_vma(*this, mm_impl::find_vma_mut(*this, lo), to, hi - lo, dontunmap);
+    }
     mm_impl::merge_around(*this, new_addr, new_addr + new_len);
+    if (dontunmap) mm_impl::merge_around(*this, old_addr, old_addr + old_len);
     mm_impl::end_fn(*this, r);
     return new_addr;
   }
@@ -90,7 +130,7 @@ result<va_t> mm::mremap(va_t old_addr, std::uint64_t old_length, std::uint64_t n
     if (new_len < old_len) (void)mm_impl::do_munmap(*this, old_addr + new_len, old_addr + old_len);
     return old_addr;
   }
-  if (old_addr + old_len > v->end) return errc::fault;
+  if (old_addr + cur_len > v->end) return errc::fault;
   if (dontunmap && v->kind == vma_kind::io) return errc::inval;
 
   if (!fixed && !dontunmap && new_len > old_len && old_addr + old_len == v->end &&
@@ -107,10 +147,7 @@ result<va_t> mm::mremap(va_t old_addr, std::uint64_t old_length, std::uint64_t n
   if (fixed) {
     (void)mm_impl::do_munmap(*this, new_addr, new_addr + new_len);
     target = new_addr;
-    if (new_len < old_len) {
-      (void)mm_impl::do_munmap(*this, old_addr + new_len, old_addr + old_len);
-      move_len = new_len;
-    }
+    move_len = cur_len;
   } else {
     auto a = mm_impl::get_unmapped_area(*this, new_len);
     if (!a) return a.error();
@@ -125,6 +162,7 @@ result<va_t> mm::mremap(va_t old_addr, std::uint64_t old_length, std::uint64_t n
   (void)mm_impl::start_fn(*this, r, mmu_notifier_event::unmap, old_addr, old_addr + move_len);
   mm_impl::move_vma(*this, v, target, new_len, dontunmap);
   mm_impl::merge_around(*this, target, target + new_len);
+  if (dontunmap) mm_impl::merge_around(*this, old_addr, old_addr + move_len);  // the old VMA, now empty
   mm_impl::end_fn(*this, r);
   return target;
 }

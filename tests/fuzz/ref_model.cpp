@@ -203,7 +203,7 @@ result<va_t> ref_model::mremap(ref_space& s, va_t old_addr, std::uint64_t old_le
   if (!is_aligned(old_addr, page_size)) return errc::inval;
   if ((fixed || dontunmap) && !maymove) return errc::inval;
   const std::uint64_t old_len = align_up(old_length, page_size), new_len = align_up(new_length, page_size);
-  if (old_len == 0 || new_len == 0) return errc::inval;
+  if (new_len == 0) return errc::inval;
   if (dontunmap && old_len != new_len) return errc::inval;
   if (old_addr + old_len < old_addr || old_addr + old_len > limit_) return errc::inval;
   if (fixed) {
@@ -214,15 +214,46 @@ result<va_t> ref_model::mremap(ref_space& s, va_t old_addr, std::uint64_t old_le
   va_t vstart = 0;
   const ref_vma* v = find_vma(s, old_addr, &vstart);
   if (!v) return errc::fault;
-  if (fixed && old_len == new_len && !dontunmap && old_addr + old_len > v->end) {
-    // A move of several VMAs and the gaps between them.
+  if (old_len == 0) {  // a second mapping of a shared object
+    if (!v->shared || dontunmap) return errc::inval;
+    if (!maymove) return errc::nomem;
+    va_t target;
+    if (fixed) {
+      do_munmap(s, new_addr, new_addr + new_len);
+      target = new_addr;
+    } else {
+      auto a = get_unmapped_area(s, new_len);
+      if (!a) return errc::nomem;
+      target = *a;
+    }
+    ref_vma nv = *v;
+    nv.pgoff = v->pgoff + (old_addr - vstart) / page_size;
+    nv.end = target + new_len;
+    s.vmas[target] = nv;
+    merge(s);
+    return target;
+  }
+  std::uint64_t cur_len = old_len;
+  if (fixed && new_len < old_len) {  // a shrinking move: the kept part in one VMA, then the tail goes
+    if (old_addr + new_len > v->end) return errc::fault;
     do_munmap(s, new_addr, new_addr + new_len);
+    do_munmap(s, old_addr + new_len, old_addr + old_len);
+    cur_len = new_len;
+    v = find_vma(s, old_addr, &vstart);
+    if (!v) return errc::fault;
+  }
+  if (fixed && old_len == new_len && old_addr + old_len > v->end) {
+    // A move of several VMAs and the gaps between them.
     split_at(s, old_addr);
     split_at(s, old_addr + old_len);
     std::vector<std::pair<va_t, va_t>> pieces;
     for (auto it = s.vmas.lower_bound(old_addr); it != s.vmas.end() && it->first < old_addr + old_len; ++it)
       pieces.emplace_back(it->first, it->second.end);
-    for (auto [lo, hi] : pieces) move_piece(s, lo, hi, lo - old_addr + new_addr, hi - lo, false);
+    for (auto [lo, hi] : pieces) {
+      const va_t to = lo - old_addr + new_addr;
+      do_munmap(s, to, to + (hi - lo));  // each VMA's own target only
+      move_piece(s, lo, hi, to, hi - lo, dontunmap);
+    }
     merge(s);
     return new_addr;
   }
@@ -230,7 +261,7 @@ result<va_t> ref_model::mremap(ref_space& s, va_t old_addr, std::uint64_t old_le
     if (new_len < old_len) do_munmap(s, old_addr + new_len, old_addr + old_len);
     return old_addr;
   }
-  if (old_addr + old_len > v->end) return errc::fault;
+  if (old_addr + cur_len > v->end) return errc::fault;
   if (!fixed && !dontunmap && new_len > old_len && old_addr + old_len == v->end && old_addr + new_len <= limit_ &&
       range_free(s, v->end, old_addr + new_len)) {
     s.vmas.at(vstart).end = old_addr + new_len;  // shmem keeps its size
@@ -244,10 +275,7 @@ result<va_t> ref_model::mremap(ref_space& s, va_t old_addr, std::uint64_t old_le
   if (fixed) {
     do_munmap(s, new_addr, new_addr + new_len);
     target = new_addr;
-    if (new_len < old_len) {
-      do_munmap(s, old_addr + new_len, old_addr + old_len);
-      move_len = new_len;
-    }
+    move_len = cur_len;
   } else {
     auto a = get_unmapped_area(s, new_len);
     if (!a) return errc::nomem;

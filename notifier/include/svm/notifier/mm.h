@@ -181,8 +181,12 @@ enum class pool_kind : std::uint8_t {
 struct mm_options {
   pfn_t frames = 16384;                ///< system pool size (64 MiB); at least 1
   thp_mode thp = thp_mode::madvise;    ///< /sys/kernel/mm/transparent_hugepage/enabled
+  /// Read faults on untouched private anonymous memory map the shared zero
+  /// page. False models a kernel where mm_forbids_zeropage() holds: such a
+  /// read allocates a zeroed page (or a THP), as a write would.
+  bool zero_page = true;
   /// /sys/kernel/mm/transparent_hugepage/use_zero_page: THP-eligible read
-  /// faults map the huge zero page.
+  /// faults map the huge zero page (only with zero_page).
   bool thp_use_zero_page = true;
   /// Read faults on shared and file mappings also map the page-cache pages
   /// already resident around the faulting one, in an aligned window of this
@@ -331,7 +335,8 @@ class mm {
   /// mremap. Shrinking unmaps the tail (UNMAP), wherever the tail lies.
   /// Otherwise the old range must lie in one VMA (EFAULT), except for a
   /// move (MAYMOVE|FIXED, same size), which moves every VMA in the range and
-  /// keeps the gaps (Linux 6.17+; EFAULT if the range starts in a gap).
+  /// keeps the gaps (Linux 6.17+; EFAULT if the range starts in a gap;
+  /// with DONTUNMAP every old VMA stays, empty).
   /// Growing extends in place when the VA after it is free, else moves with
   /// MAYMOVE (ENOMEM without). A move raises UNMAP over the old range and
   /// moves the PTEs (frames are kept); DONTUNMAP leaves the old VMA mapped
