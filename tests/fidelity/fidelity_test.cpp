@@ -71,10 +71,12 @@ struct record {
 };
 
 std::uint64_t hash_page(const std::byte* p) {
-  std::uint64_t h = 0x9e3779b97f4a7c15ull;
+  // Four independent lanes (fast), mixed at the end; position-dependent.
+  std::uint64_t h[4] = {0x9e3779b97f4a7c15ull, 0xc2b2ae3d27d4eb4full, 0x165667b19e3779f9ull, 0x27d4eb2f165667c5ull};
   const auto* w = reinterpret_cast<const std::uint64_t*>(p);
-  for (std::size_t i = 0; i < page_size / 8; ++i) h = (h ^ w[i]) * 0x100000001b3ull + i;
-  return h;
+  for (std::size_t i = 0; i < page_size / 8; i += 4)
+    for (std::size_t l = 0; l < 4; ++l) h[l] = (h[l] ^ (w[i + l] + i)) * 0x100000001b3ull;
+  return (h[0] * 31 + h[1]) * 31 + (h[2] ^ (h[3] >> 7));
 }
 
 // ---- host side ------------------------------------------------------------------
@@ -526,6 +528,15 @@ std::vector<op> generate(std::uint64_t seed, std::size_t n) {
     op o;
     o.a = addr();
     if (o.a >= arena_size) continue;
+    if (r(20) == 0 && ops.size() + 2 <= n) {
+      // A THP-eligible slot: a 2M aligned private mapping advised HUGEPAGE,
+      // then an access inside it (the sequences reach THPs, huge zero
+      // pages and their splits this way).
+      const std::uint64_t slot = r(arena_pages / 512) * 512 * page_size;
+      ops.push_back({kind::mmap, slot, huge_size, 0, 0, 3});
+      ops.push_back({kind::madvise, slot, huge_size, 0, 0, 1});
+      continue;
+    }
     switch (r(16)) {
       case 0:
       case 1:
