@@ -289,5 +289,74 @@ TEST(MmLinux, ReadFaultOnSharedMemoryFaultsAround) {
   EXPECT_FALSE(n.cpu_translate(v2 + K4).present);
 }
 
+TEST(MmLinux, MremapDontUnmapLeavesTheOldPieceMergedWithItsNeighbours) {
+  mm m;
+  const va_t va = m.mmap(0x100000000, 16 * K4, prot::none, fixed_priv).value();
+  using f = mremap_flags;
+  ASSERT_EQ(m.mremap(va + 4 * K4, 2 * K4, 2 * K4, f::maymove | f::fixed | f::dontunmap, 0x200000000).value(),
+            va_t{0x200000000});
+  EXPECT_EQ(vma_count(m), 2u);  // [va, va+16 pages) whole again, and the new one
+}
+
+TEST(MmLinux, MremapMultiVmaMoveUnmapsOnlyEachVmasOwnTarget) {
+  mm m;
+  const va_t va = m.mmap(0x100000000, 8 * K4, rw, fixed_priv).value();
+  ASSERT_EQ(m.munmap(va + 2 * K4, 2 * K4), errc::ok);  // a gap in the middle
+  const va_t to = m.mmap(0x200000000, 8 * K4, prot::read, fixed_priv).value();
+  ASSERT_EQ(m.load<int>(to + 2 * K4).value(), 0);
+  using f = mremap_flags;
+  ASSERT_EQ(m.mremap(va, 8 * K4, 8 * K4, f::maymove | f::fixed, to).value(), to);
+  // Opposite the gap the old target mapping stays (read-only, as it was).
+  EXPECT_EQ(m.store<int>(to + 2 * K4, 1), errc::perm);
+  EXPECT_EQ(m.store<int>(to, 1), errc::ok);
+}
+
+TEST(MmLinux, MremapShrinkingMoveChecksTheKeptPartFirst) {
+  mm m;
+  const va_t va = m.mmap(0x100000000, 2 * K4, rw, fixed_priv).value();
+  ASSERT_TRUE(m.mmap(va + 2 * K4, 6 * K4, prot::read, fixed_priv).has_value());
+  const va_t to = m.mmap(0x200000000, 8 * K4, rw, fixed_priv).value();
+  using f = mremap_flags;
+  // Keeping 4 pages would span two VMAs: EFAULT, and nothing was unmapped.
+  EXPECT_EQ(m.mremap(va, 8 * K4, 4 * K4, f::maymove | f::fixed, to).error(), errc::fault);
+  EXPECT_EQ(vma_count(m), 3u);
+  EXPECT_TRUE(m.load<int>(to).has_value());
+  EXPECT_TRUE(m.load<int>(va + 7 * K4).has_value());
+  // Keeping 2 pages is fine: the tail goes across the VMA end.
+  EXPECT_EQ(m.mremap(va, 8 * K4, 2 * K4, f::maymove | f::fixed, to).value(), to);
+  EXPECT_EQ(m.load<int>(va + 7 * K4).error(), errc::fault);
+}
+
+TEST(MmLinux, MremapOldSizeZeroDuplicatesASharedMapping) {
+  mm m;
+  const va_t va = m.mmap(0, 2 * K4, rw, anon_shared).value();
+  ASSERT_EQ(m.store<int>(va + K4, 9), errc::ok);
+  using f = mremap_flags;
+  const va_t dup = m.mremap(va, 0, 2 * K4, f::maymove).value();
+  EXPECT_NE(dup, va);
+  EXPECT_EQ(m.load<int>(dup + K4).value(), 9);
+  ASSERT_EQ(m.store<int>(dup, 4), errc::ok);
+  EXPECT_EQ(m.load<int>(va).value(), 4);  // one object, two mappings
+  EXPECT_EQ(m.mremap(va, 0, 2 * K4, f::none).error(), errc::nomem);
+  const va_t priv = m.mmap(0, K4, rw, anon_priv).value();
+  EXPECT_EQ(m.mremap(priv, 0, K4, f::maymove).error(), errc::inval);
+}
+
+TEST(MmLinux, ZeroPageOffMakesAnonymousReadsAllocate) {
+  mm_options o;
+  o.zero_page = false;
+  mm m(o);
+  const va_t va = m.mmap(0, 2 * M2, rw, anon_priv).value();
+  ASSERT_EQ(m.load<int>(va).value(), 0);
+  EXPECT_TRUE(m.cpu_translate(va).present);
+  EXPECT_FALSE(m.cpu_translate(va).zero_page);
+  EXPECT_EQ(m.mapcount(m.cpu_translate(va).pfn), 1u);
+  const va_t slot = align_up(va + 1, M2);  // a slot with no 4K page in it yet
+  ASSERT_EQ(m.madvise(slot, M2, madvice::hugepage), errc::ok);
+  ASSERT_EQ(m.load<int>(slot).value(), 0);
+  EXPECT_FALSE(m.cpu_translate(slot).zero_page);  // a THP, not the huge zero page
+  EXPECT_EQ(m.cpu_translate(slot).order, 9u);
+}
+
 }  // namespace
 }  // namespace svm
