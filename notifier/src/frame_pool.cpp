@@ -19,6 +19,7 @@ frame_pool::frame_pool(pfn_t frames, aperture ap)
   lock_guard g(lock_);
   free_bits_.assign(count_ / 64, ~std::uint64_t{0});
   block_free_.assign(count_ / huge_frames, static_cast<std::uint16_t>(huge_frames));
+  folio_dead_.assign(count_ / huge_frames, 0);
   // Frame 0 is the zero page: permanently allocated, contents zero.
   free_bits_[0] &= ~std::uint64_t{1};
   block_free_[0] -= 1;
@@ -82,7 +83,11 @@ result<pfn_t> frame_pool::alloc_huge() {
     base = b * huge_frames;
     for (std::size_t w = 0; w < words_per_block; ++w) free_bits_[b * words_per_block + w] = 0;
     block_free_[b] = 0;
-    for (pfn_t i = 0; i < huge_frames; ++i) meta_[base + i].refs.store(1, std::memory_order_relaxed);
+    for (pfn_t i = 0; i < huge_frames; ++i) {
+      meta_[base + i].refs.store(1, std::memory_order_relaxed);
+      meta_[base + i].order.store(9, std::memory_order_relaxed);
+    }
+    folio_dead_[b] = 0;
   }
   free_count_.fetch_sub(huge_frames, std::memory_order_relaxed);
   for (pfn_t i = 0; i < huge_frames; ++i) zero_frame(frame_data(base + i));
@@ -106,11 +111,40 @@ void frame_pool::put(pfn_t pfn) noexcept {
   if (old != 1) return;
   // release: pairs with the acquire load in frame_generation().
   meta_[pfn].gen.fetch_add(1, std::memory_order_release);
+  meta_[pfn].cache.store(0, std::memory_order_relaxed);
+  pfn_t freed = 1;
   {
     lock_guard g(lock_);
-    release_frame_locked(pfn);
+    if (meta_[pfn].order.load(std::memory_order_relaxed) != 0) {
+      // A frame of a THP folio: the folio is freed whole with its last frame.
+      const std::size_t b = pfn / huge_frames;
+      if (++folio_dead_[b] < huge_frames) return;
+      folio_dead_[b] = 0;
+      freed = huge_frames;
+      for (pfn_t i = 0; i < huge_frames; ++i) {
+        meta_[b * huge_frames + i].order.store(0, std::memory_order_relaxed);
+        release_frame_locked(b * huge_frames + i);
+      }
+    } else {
+      release_frame_locked(pfn);
+    }
   }
-  free_count_.fetch_add(1, std::memory_order_relaxed);
+  free_count_.fetch_add(freed, std::memory_order_relaxed);
+}
+
+std::uint32_t frame_pool::cache_refs(pfn_t pfn) const noexcept {
+  if (pfn >= count_) return 0;
+  return meta_[pfn].cache.load(std::memory_order_relaxed);
+}
+
+unsigned frame_pool::folio_order(pfn_t pfn) const noexcept {
+  if (pfn >= count_) return 0;
+  return meta_[pfn].order.load(std::memory_order_relaxed);
+}
+
+void frame_pool::set_cache_ref(pfn_t pfn, bool held) noexcept {
+  if (pfn >= count_ || pfn == zero_pfn()) return;
+  meta_[pfn].cache.store(held ? 1 : 0, std::memory_order_relaxed);
 }
 
 std::uint32_t frame_pool::refcount(pfn_t pfn) const noexcept {

@@ -1,15 +1,21 @@
 // Private parts of svm::mm shared by mm.cpp and hmm.cpp.
 #pragma once
 
+#include <atomic>
 #include <memory>
 #include <utility>
 #include <vector>
 
 #include <boost/intrusive/set.hpp>
 
+#include "svm/base/epoch.h"
 #include "svm/notifier/mm.h"
 
 namespace svm {
+
+/// Valid bits of prot and map (system-call argument checks).
+inline constexpr std::uint32_t prot_bits = 7;
+inline constexpr std::uint32_t map_bits = 63;
 
 /// One VMA (kernel: struct vm_area_struct).
 /// Protection: every field is guarded by the owning mm's mmap_lock (changed
@@ -24,13 +30,28 @@ struct mm::vma {
   huge_advice advice = huge_advice::none;
   std::shared_ptr<svm::file> backing;
   std::uint64_t pgoff = 0;
+  bool account = false;  ///< VM_ACCOUNT
+  /// Identity of the VMA's anon_vma (0: none yet). Set once, from 0, by the
+  /// first fault that gives the VMA an anonymous page (anon_vma_prepare),
+  /// which runs under mmap_lock shared: hence atomic (relaxed: the value is
+  /// an identity only, read for merging and fork under mmap_lock exclusive).
+  std::atomic<std::uint64_t> anon_vma{0};
+
+  vma() = default;
+  /// A copy that is not in any tree (split, fork, mremap).
+  vma(const vma& o)
+      : start(o.start), end(o.end), protection(o.protection), kind(o.kind), shared(o.shared), advice(o.advice),
+        backing(o.backing), pgoff(o.pgoff), account(o.account),
+        anon_vma(o.anon_vma.load(std::memory_order_relaxed)) {}
+  vma& operator=(const vma&) = delete;
 
   [[nodiscard]] bool readable() const noexcept { return any(protection & prot::read); }
   [[nodiscard]] bool writable() const noexcept { return any(protection & prot::write); }
   [[nodiscard]] bool accessible() const noexcept { return any(protection & (prot::read | prot::write)); }
   [[nodiscard]] bool private_anon() const noexcept { return kind == vma_kind::anonymous && !shared; }
   [[nodiscard]] vma_info info() const {
-    return {start, end, protection, kind, shared, advice, backing, pgoff};
+    return {start, end, protection, kind, shared, advice, backing, pgoff,
+            anon_vma.load(std::memory_order_relaxed) != 0, account};
   }
 };
 
@@ -91,10 +112,25 @@ struct mm_impl {
   static vma* next_vma(const mm& m, vma* v) SVM_REQUIRES_SHARED(m.mmap_lock_);
   /// Make sure no VMA straddles `va` (kernel: split_vma).
   static void split_at(mm& m, va_t va) SVM_REQUIRES(m.mmap_lock_);
+  /// Whether `b` may be merged onto the end of `a` (adjacent, same flags,
+  /// same backing with contiguous offsets, compatible anon_vma; kernel:
+  /// can_vma_merge_after / is_mergeable_anon_vma).
+  static bool mergeable(const vma& a, const vma& b) noexcept;
+  /// Merge every compatible adjacent pair among the VMAs that touch
+  /// [lo, hi] (the changed range and its neighbours; kernel: vma_merge).
+  static void merge_around(mm& m, va_t lo, va_t hi) SVM_REQUIRES(m.mmap_lock_);
+  /// A fresh anon_vma identity.
+  static std::uint64_t new_anon_vma() noexcept;
+  /// Give `v` an anon_vma if it has none (kernel: anon_vma_prepare).
+  static void anon_vma_prepare(const vma& v) noexcept;
   static bool range_free(const mm& m, va_t start, va_t end) SVM_REQUIRES_SHARED(m.mmap_lock_);
   static result<va_t> get_unmapped_area(const mm& m, std::uint64_t len) SVM_REQUIRES_SHARED(m.mmap_lock_);
   static void insert_vma(mm& m, vma* v) SVM_REQUIRES(m.mmap_lock_);
   static void erase_vma(mm& m, vma* v) SVM_REQUIRES(m.mmap_lock_);
+  /// Move VMA `v` and its PTEs to `target` as a VMA of `new_len` bytes
+  /// (kernel: move_vma / copy_vma). With `keep_old` (DONTUNMAP) the old VMA
+  /// stays, mapped and empty. The caller raised UNMAP over the old range.
+  static void move_vma(mm& m, vma* v, va_t target, std::uint64_t new_len, bool keep_old) SVM_REQUIRES(m.mmap_lock_);
 
   static void collect(const mm& m, pending_free& f, std::uint64_t e, unsigned level);
   static void release(const mm& m, pending_free& f);
@@ -124,5 +160,71 @@ struct mm_impl {
                     const void* owner = nullptr, bool blockable = true);
   static void end_fn(mm& m, mmu_notifier_range& r);
 };
+
+// ---- walk_locked (used by mprotect, fork, reclaim, migrate) ----
+
+template <class F>
+inline errc mm_impl::walk_locked(mm& m, va_t start, va_t end, F&& fn) {
+  va_t va = start;
+  while (va < end) {
+    epoch::guard g;
+    pt::node* n = m.pt_.find_node(va, 0);
+    const unsigned l = n->level;
+    const unsigned idx = pt::entry_index(va, l);
+    const std::uint64_t span = pt::entry_span(l);
+    const std::uint64_t e = n->entries[idx].load(std::memory_order_acquire);
+    if (pt::is_link(e)) continue;  // a child appeared: look again
+    if (e == 0 && l > 0) {
+      va = align_down(va, span) + span;
+      continue;
+    }
+    if (l >= 2) {  // the model never maps 1G leaves
+      va = align_down(va, span) + span;
+      continue;
+    }
+    if (l == 1) {
+      const va_t slot = align_down(va, huge_size);
+      if (slot < start || slot + huge_size > end) {
+        auto p = m.pt_.pin(va, 0, &cpu_page_table::split_entry);
+        if (!p) return p.error();
+        m.pt_.unpin(*p);
+        continue;
+      }
+      bool retry = false;
+      {
+        lock_guard lk(n->lock);
+        if (n->dead || n->entries[idx].load(std::memory_order_relaxed) != e) {
+          retry = true;
+        } else {
+          const std::uint64_t ne = fn(slot, e, 1u);
+          if (ne != e) m.pt_.set_leaf_locked(*n, idx, ne);
+        }
+      }
+      if (!retry) va = slot + huge_size;
+      continue;
+    }
+    const va_t node_end = std::min(end, n->base + n->span());
+    bool dead = false;
+    {
+      lock_guard lk(n->lock);
+      if (n->dead) {
+        dead = true;
+      } else {
+        for (va_t a = va; a < node_end; a += page_size) {
+          const unsigned i = pt::entry_index(a, 0);
+          const std::uint64_t old = n->entries[i].load(std::memory_order_relaxed);
+          if (old == 0) continue;
+          const std::uint64_t ne = fn(a, old, 0u);
+          if (ne != old) m.pt_.set_leaf_locked(*n, i, ne);
+        }
+      }
+    }
+    if (dead) continue;
+    if (n->valid_count() == 0) m.pt_.free_if_empty(n);
+    va = node_end;
+  }
+  return errc::ok;
+}
+
 
 }  // namespace svm

@@ -285,7 +285,10 @@ void interval_notifier::remove() {
 
 std::uint64_t interval_notifier::read_begin() {
   svm::mm* m = mm_;
-  assert(m && "read_begin on a notifier that is not inserted");
+  // Not inserted (never, or removed, or its mm went away): nothing can
+  // invalidate it, so there is nothing to wait for. Its seq is returned as
+  // it is; read_retry() against it stays false until it is inserted again.
+  if (!m) return invalidate_seq_.load(std::memory_order_acquire);
   mmu_notifier_subscriptions& s = m->notifiers();
   std::uint64_t seq;
   bool invalidating;

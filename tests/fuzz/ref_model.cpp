@@ -51,6 +51,25 @@ void ref_model::split_at(ref_space& s, va_t va) {
   s.vmas.emplace(va, tail);
 }
 
+void ref_model::merge(ref_space& s) {
+  for (auto it = s.vmas.begin(); it != s.vmas.end();) {
+    auto nx = std::next(it);
+    if (nx == s.vmas.end()) break;
+    const ref_vma& a = it->second;
+    const ref_vma& b = nx->second;
+    const bool ok = a.end == nx->first && a.p == b.p && a.shared == b.shared && a.obj == b.obj && a.file == b.file &&
+                    a.advice == b.advice && a.account == b.account &&
+                    b.pgoff == a.pgoff + (a.end - it->first) / page_size && (!a.anon || !b.anon || a.anon == b.anon);
+    if (ok) {
+      it->second.end = b.end;
+      if (!it->second.anon) it->second.anon = b.anon;
+      s.vmas.erase(nx);
+    } else {
+      it = nx;
+    }
+  }
+}
+
 bool ref_model::range_free(const ref_space& s, va_t lo, va_t hi) const {
   auto it = s.vmas.upper_bound(lo);
   if (it != s.vmas.begin() && std::prev(it)->second.end > lo) return false;
@@ -89,6 +108,7 @@ result<va_t> ref_model::mmap_fixed(ref_space& s, va_t addr, std::uint64_t length
   const std::uint64_t len = align_up(length, page_size);
   if (!is_aligned(addr, page_size)) return errc::inval;
   if (addr + len < addr || addr + len > limit_) return errc::nomem;
+  if (addr < mm_options{}.mmap_min_addr) return errc::perm;
   do_munmap(s, addr, addr + len);
   ref_vma v;
   v.end = addr + len;
@@ -101,8 +121,12 @@ result<va_t> ref_model::mmap_fixed(ref_space& s, va_t addr, std::uint64_t length
   } else if (shared) {
     objects.push_back(ref_object{len / page_size, true, {}});
     v.obj = static_cast<int>(objects.size() - 1);
+  } else {
+    v.pgoff = addr / page_size;
   }
+  v.account = !shared && any(p & prot::write);
   s.vmas.emplace(addr, v);
+  merge(s);
   return addr;
 }
 
@@ -129,11 +153,20 @@ errc ref_model::mprotect(ref_space& s, va_t addr, std::uint64_t length, prot p) 
   covered = std::min(covered, end);
   split_at(s, addr);
   split_at(s, covered);
-  for (auto it = s.vmas.find(addr); it != s.vmas.end() && it->first < covered; ++it) it->second.p = p;
+  for (auto it = s.vmas.find(addr); it != s.vmas.end() && it->first < covered; ++it) {
+    ref_vma& v = it->second;
+    if (!v.shared) {
+      if (any(p & prot::write)) v.account = true;
+      else if (v.account && v.private_anon() && !v.anon) v.account = false;
+    }
+    v.p = p;
+  }
+  merge(s);
   return covered < end ? errc::nomem : errc::ok;
 }
 
 errc ref_model::madvise(ref_space& s, va_t addr, std::uint64_t length, madvice a) {
+  if (a != madvice::dontneed && a != madvice::hugepage && a != madvice::nohugepage) return errc::inval;
   if (!is_aligned(addr, page_size)) return errc::inval;
   if (length == 0) return errc::ok;
   const std::uint64_t len = align_up(length, page_size);
@@ -155,6 +188,8 @@ errc ref_model::madvise(ref_space& s, va_t addr, std::uint64_t length, madvice a
   } else {
     split_at(s, addr);
     split_at(s, end);
+    for (auto v = s.vmas.lower_bound(addr); v != s.vmas.end() && v->first < end; ++v) v->second.advice = a;
+    merge(s);
   }
   return hole ? errc::nomem : errc::ok;
 }
@@ -168,7 +203,7 @@ result<va_t> ref_model::mremap(ref_space& s, va_t old_addr, std::uint64_t old_le
   if (!is_aligned(old_addr, page_size)) return errc::inval;
   if ((fixed || dontunmap) && !maymove) return errc::inval;
   const std::uint64_t old_len = align_up(old_length, page_size), new_len = align_up(new_length, page_size);
-  if (old_len == 0 || new_len == 0) return errc::inval;
+  if (new_len == 0) return errc::inval;
   if (dontunmap && old_len != new_len) return errc::inval;
   if (old_addr + old_len < old_addr || old_addr + old_len > limit_) return errc::inval;
   if (fixed) {
@@ -178,21 +213,59 @@ result<va_t> ref_model::mremap(ref_space& s, va_t old_addr, std::uint64_t old_le
   }
   va_t vstart = 0;
   const ref_vma* v = find_vma(s, old_addr, &vstart);
-  if (!v || old_addr + old_len > v->end) return errc::fault;
-  if (dontunmap && !v->private_anon()) return errc::inval;
-
+  if (!v) return errc::fault;
+  if (old_len == 0) {  // a second mapping of a shared object
+    if (!v->shared || dontunmap) return errc::inval;
+    if (!maymove) return errc::nomem;
+    va_t target;
+    if (fixed) {
+      do_munmap(s, new_addr, new_addr + new_len);
+      target = new_addr;
+    } else {
+      auto a = get_unmapped_area(s, new_len);
+      if (!a) return errc::nomem;
+      target = *a;
+    }
+    ref_vma nv = *v;
+    nv.pgoff = v->pgoff + (old_addr - vstart) / page_size;
+    nv.end = target + new_len;
+    s.vmas[target] = nv;
+    merge(s);
+    return target;
+  }
+  std::uint64_t cur_len = old_len;
+  if (fixed && new_len < old_len) {  // a shrinking move: the kept part in one VMA, then the tail goes
+    if (old_addr + new_len > v->end) return errc::fault;
+    do_munmap(s, new_addr, new_addr + new_len);
+    do_munmap(s, old_addr + new_len, old_addr + old_len);
+    cur_len = new_len;
+    v = find_vma(s, old_addr, &vstart);
+    if (!v) return errc::fault;
+  }
+  if (fixed && old_len == new_len && old_addr + old_len > v->end) {
+    // A move of several VMAs and the gaps between them.
+    split_at(s, old_addr);
+    split_at(s, old_addr + old_len);
+    std::vector<std::pair<va_t, va_t>> pieces;
+    for (auto it = s.vmas.lower_bound(old_addr); it != s.vmas.end() && it->first < old_addr + old_len; ++it)
+      pieces.emplace_back(it->first, it->second.end);
+    for (auto [lo, hi] : pieces) {
+      const va_t to = lo - old_addr + new_addr;
+      do_munmap(s, to, to + (hi - lo));  // each VMA's own target only
+      move_piece(s, lo, hi, to, hi - lo, dontunmap);
+    }
+    merge(s);
+    return new_addr;
+  }
   if (!fixed && !dontunmap && new_len <= old_len) {
     if (new_len < old_len) do_munmap(s, old_addr + new_len, old_addr + old_len);
     return old_addr;
   }
+  if (old_addr + cur_len > v->end) return errc::fault;
   if (!fixed && !dontunmap && new_len > old_len && old_addr + old_len == v->end && old_addr + new_len <= limit_ &&
       range_free(s, v->end, old_addr + new_len)) {
-    ref_vma& mv = s.vmas.at(vstart);
-    mv.end = old_addr + new_len;
-    if (mv.obj >= 0 && !mv.file) {
-      ref_object& o = objects[static_cast<std::size_t>(mv.obj)];
-      o.pages = std::max(o.pages, (mv.end - vstart) / page_size + mv.pgoff);
-    }
+    s.vmas.at(vstart).end = old_addr + new_len;  // shmem keeps its size
+    merge(s);
     return old_addr;
   }
   if (!maymove) return errc::nomem;
@@ -202,10 +275,7 @@ result<va_t> ref_model::mremap(ref_space& s, va_t old_addr, std::uint64_t old_le
   if (fixed) {
     do_munmap(s, new_addr, new_addr + new_len);
     target = new_addr;
-    if (new_len < old_len) {
-      do_munmap(s, old_addr + new_len, old_addr + old_len);
-      move_len = new_len;
-    }
+    move_len = cur_len;
   } else {
     auto a = get_unmapped_area(s, new_len);
     if (!a) return errc::nomem;
@@ -213,23 +283,25 @@ result<va_t> ref_model::mremap(ref_space& s, va_t old_addr, std::uint64_t old_le
   }
   split_at(s, old_addr);
   split_at(s, old_addr + move_len);
-  ref_vma piece = s.vmas.at(old_addr);
+  move_piece(s, old_addr, old_addr + move_len, target, new_len, dontunmap);
+  merge(s);
+  return target;
+}
+
+void ref_model::move_piece(ref_space& s, va_t lo, va_t hi, va_t target, std::uint64_t new_len, bool keep_old) {
+  ref_vma piece = s.vmas.at(lo);
   // The pages move with their bytes; the old range keeps nothing.
   std::vector<std::pair<va_t, page_bytes>> moved;
-  for (auto p = s.priv.lower_bound(old_addr); p != s.priv.end() && p->first < old_addr + move_len;) {
-    moved.emplace_back(p->first - old_addr + target, p->second);
+  for (auto p = s.priv.lower_bound(lo); p != s.priv.end() && p->first < hi;) {
+    moved.emplace_back(p->first - lo + target, p->second);
     p = s.priv.erase(p);
   }
   ref_vma nv = piece;
   nv.end = target + new_len;
-  if (nv.obj >= 0 && !nv.file) {
-    ref_object& o = objects[static_cast<std::size_t>(nv.obj)];
-    o.pages = std::max(o.pages, new_len / page_size + nv.pgoff);
-  }
-  if (!dontunmap) s.vmas.erase(old_addr);
+  if (nv.private_anon() && !nv.anon) nv.pgoff = target / page_size;
+  if (!keep_old) s.vmas.erase(lo);
   s.vmas[target] = nv;
   for (auto& [va, bytes] : moved) s.priv[va] = bytes;
-  return target;
 }
 
 errc ref_model::reclaim_or_migrate_check(va_t addr, std::uint64_t length) const {
@@ -273,6 +345,7 @@ page_bytes& ref_model::page_write(ref_space& s, va_t page) {
     return it->second;
   }
   if (auto it = s.priv.find(page); it != s.priv.end()) return it->second;
+  if (v && !s.vmas.at(start).anon) s.vmas.at(start).anon = next_anon_++;  // anon_vma_prepare
   page_bytes copy{};
   if (const page_bytes* src = page_read(s, page)) copy = *src;
   return s.priv.emplace(page, copy).first->second;

@@ -49,6 +49,14 @@ struct ref_vma {
   int obj = -1;             ///< the backing object; -1: private anonymous
   std::uint64_t pgoff = 0;  ///< object page of the VMA's start
   bool file = false;        ///< vma_kind::file (else anonymous)
+  // What decides VMA merging in svm::mm (as in Linux): the THP advice,
+  // VM_ACCOUNT, and the anon_vma identity (0: none yet; given by the first
+  // private page written, shared by split pieces, fresh in a fork child).
+  // Known approximation: svm::mm also gives a VMA its anon_vma on a read
+  // fault that maps a THP or the huge zero page; the model does not.
+  madvice advice = madvice::dontneed;  ///< dontneed here means "no advice"
+  bool account = false;
+  std::uint64_t anon = 0;
   [[nodiscard]] bool readable() const noexcept { return any(p & prot::read); }
   [[nodiscard]] bool writable() const noexcept { return any(p & prot::write); }
   [[nodiscard]] bool private_anon() const noexcept { return !file && !shared; }
@@ -102,7 +110,11 @@ class ref_model {
   errc madvise(ref_space& s, va_t addr, std::uint64_t len, madvice a);
   result<va_t> mremap(ref_space& s, va_t old_addr, std::uint64_t old_len, std::uint64_t new_len,
                       mremap_flags f, va_t new_addr);
-  void fork() { child = parent; }
+  void fork() {
+    child = parent;
+    for (auto& [start, v] : child->vmas)
+      if (v.anon) v.anon = next_anon_++;
+  }
   /// reclaim and migrate keep every byte: only their argument checks show.
   errc reclaim_or_migrate_check(va_t addr, std::uint64_t len) const;
 
@@ -150,6 +162,10 @@ class ref_model {
   page_bytes& page_write(ref_space& s, va_t page);
   const ref_vma* find_vma(const ref_space& s, va_t va, va_t* start = nullptr) const;
   void split_at(ref_space& s, va_t va);
+  /// Merge every adjacent pair svm::mm would merge.
+  void merge(ref_space& s);
+  /// Move [lo, hi) (one ref VMA after splits) to `target` with `new_len`.
+  void move_piece(ref_space& s, va_t lo, va_t hi, va_t target, std::uint64_t new_len, bool keep_old);
   bool range_free(const ref_space& s, va_t lo, va_t hi) const;
   void do_munmap(ref_space& s, va_t lo, va_t hi);
   std::optional<va_t> get_unmapped_area(const ref_space& s, std::uint64_t len) const;
@@ -159,6 +175,7 @@ class ref_model {
   std::map<bo_ref, ref_bo> bos_;
   std::vector<bo_ref> live_;
   bo_ref next_bo_ = 1;
+  std::uint64_t next_anon_ = 1;
   struct binding {
     bo_ref bo;
     std::uint64_t page;  ///< page of the BO

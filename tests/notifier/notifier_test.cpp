@@ -28,6 +28,31 @@ TEST(IntervalNotifier, InsertBadInputIsRejected) {
   EXPECT_EQ(m.notifiers().size(), 1u);
 }
 
+TEST(IntervalNotifier, ReadBeginOnANotifierNeverInsertedOrRemovedReturnsAtOnce) {
+  mm m;
+  recording_ops ops;
+  interval_notifier never;
+  const std::uint64_t s0 = never.read_begin();  // no crash, no wait, in every build
+  EXPECT_FALSE(never.read_retry(s0));
+  interval_notifier a;
+  ASSERT_EQ(a.insert(m, 0x1000, K4, ops), errc::ok);
+  const std::uint64_t s1 = a.read_begin();
+  a.remove();
+  EXPECT_EQ(a.read_begin(), s1);  // removed: its seq as it was
+  {
+    interval_notifier b;
+    ASSERT_EQ(b.insert(m, 0x1000, K4, ops), errc::ok);
+    m.teardown();  // detaches nothing yet; the destructor of mm does
+    (void)b.read_begin();
+  }
+  auto m2 = std::make_unique<mm>();
+  interval_notifier c;
+  ASSERT_EQ(c.insert(*m2, 0x1000, K4, ops), errc::ok);
+  m2.reset();  // the mm's teardown detaches c
+  const std::uint64_t s3 = c.read_begin();
+  EXPECT_FALSE(c.read_retry(s3));
+}
+
 TEST(IntervalNotifier, FreshInsertSeqIsMmSeqMinusOne) {
   mm m;
   recording_ops ops;

@@ -60,6 +60,16 @@ class frame_pool final : public phys_mem {
   void put(pfn_t pfn) noexcept;
   /// Racy snapshot of a frame's reference count (0: free).
   [[nodiscard]] std::uint32_t refcount(pfn_t pfn) const noexcept;
+  /// References held by page caches (svm::file slots): 0 or 1. Set and
+  /// cleared by svm::file. mapcount = refcount - cache_refs at rest.
+  [[nodiscard]] std::uint32_t cache_refs(pfn_t pfn) const noexcept;
+  /// Kernel: folio_head / folio_order. A frame from alloc_huge() belongs to
+  /// an order-9 folio until it is freed; the folio's frames return to the
+  /// free set together, when the last of them is put (as a large folio is
+  /// freed whole). Other frames are order 0. Lock-free snapshot.
+  [[nodiscard]] unsigned folio_order(pfn_t pfn) const noexcept;
+  /// Mark `pfn` as held (or no longer held) by a page cache slot.
+  void set_cache_ref(pfn_t pfn, bool held) noexcept;
 
   /// The zero page of this pool (frame 0).
   [[nodiscard]] static constexpr pfn_t zero_pfn() noexcept { return 0; }
@@ -95,6 +105,12 @@ class frame_pool final : public phys_mem {
     /// atomic: advanced with a release RMW by the freeing put(); pairs with
     /// the acquire load in frame_generation() (the oracle's lock-free query).
     std::atomic<std::uint64_t> gen{0};
+    /// atomic, relaxed: 9 while the frame belongs to a live THP folio (set
+    /// by alloc_huge under the pool lock, cleared when the folio is freed);
+    /// read lock-free by folio_order().
+    std::atomic<std::uint8_t> order{0};
+    /// atomic, relaxed: page-cache references (see cache_refs()).
+    std::atomic<std::uint8_t> cache{0};
   };
   void release_frame_locked(pfn_t pfn) SVM_REQUIRES(lock_);
   bool take_frame_locked(pfn_t pfn) SVM_REQUIRES(lock_);
@@ -109,6 +125,9 @@ class frame_pool final : public phys_mem {
   std::vector<std::uint64_t> free_bits_ SVM_GUARDED_BY(lock_);
   /// Free frames per 512-frame block (for alloc_huge).
   std::vector<std::uint16_t> block_free_ SVM_GUARDED_BY(lock_);
+  /// Per block holding a THP folio: its frames whose last reference was
+  /// dropped; at 512 the folio is freed whole.
+  std::vector<std::uint16_t> folio_dead_ SVM_GUARDED_BY(lock_);
   std::size_t cursor_ SVM_GUARDED_BY(lock_) = 0;  ///< word where alloc() starts looking
   /// atomic, relaxed: statistics only.
   std::atomic<pfn_t> free_count_{0};

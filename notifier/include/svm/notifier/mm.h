@@ -7,12 +7,14 @@
 // its notifier event before any PTE is cleared and frees frames only after
 // invalidate_range_end.
 //
-// Deliberate simplifications (each documented where it applies):
-//  - no fault-around, no readahead; a fault maps exactly one page (or one
-//    2M block on a THP-enabled private anonymous VMA, on read and write);
-//  - adjacent VMAs are never merged;
-//  - reclaim swaps out only private anonymous pages mapped once;
-//  - migration moves only private anonymous pages mapped once.
+// How closely it follows Linux, and where it deliberately differs, is
+// written down in docs/mm-fidelity.md; tests/fidelity checks it against the
+// host kernel. In short: VMAs merge as Linux merges them; read faults on
+// shared mappings fault around (fault_around_bytes); THP-eligible read faults
+// map the huge zero page; fork copies PTEs only for VMAs that need it. Not
+// modelled: readahead, khugepaged, the deferred split of partly mapped THPs.
+// Reclaim swaps out, and migration moves, only private anonymous pages
+// mapped once.
 #pragma once
 
 #include <array>
@@ -20,9 +22,11 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <span>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -73,12 +77,15 @@ enum class map : std::uint32_t {
 };
 /// mremap flags (MREMAP_*).
 enum class mremap_flags : std::uint32_t { none = 0, maymove = 1, fixed = 2, dontunmap = 4, is_flag_enum_ = 0 };
-/// madvise advice handled by the model.
+/// madvise advice handled by the model. Any other value is EINVAL.
 enum class madvice : std::uint8_t { dontneed, hugepage, nohugepage };
 /// Transparent-huge-page policy (/sys/kernel/mm/transparent_hugepage/enabled).
 enum class thp_mode : std::uint8_t { never, madvise, always };
 
+/// What backs a VMA: anonymous memory (private, or shmem when shared), a
+/// svm::file, or an I/O (PFN) map.
 enum class vma_kind : std::uint8_t { anonymous, file, io };
+/// The VMA's THP advice (VM_HUGEPAGE / VM_NOHUGEPAGE).
 enum class huge_advice : std::uint8_t { none, hugepage, nohugepage };
 
 /// A simple in-memory file: its page cache is its content. Pages are
@@ -88,7 +95,15 @@ enum class huge_advice : std::uint8_t { none, hugepage, nohugepage };
 /// Thread safety: all members may be called concurrently.
 class file {
  public:
-  /// A file of `size` bytes (rounded up to pages) in `pool`.
+  /// Largest file size accepted (2^47 bytes, the user VA width).
+  static constexpr std::uint64_t max_size = std::uint64_t{1} << 47;
+  /// A file of `size` bytes (rounded up to pages) in `pool`. EINVAL: null
+  /// pool; EFBIG is not in our vocabulary, so a size above max_size is
+  /// EOVERFLOW. Never throws.
+  [[nodiscard]] static result<std::shared_ptr<file>> create(std::shared_ptr<frame_pool> pool, std::uint64_t size);
+  /// A file of `size` bytes (rounded up to pages) in `pool`. `size` must be
+  /// at most max_size (a larger one is clamped to max_size; use create() to
+  /// get the error instead).
   file(std::shared_ptr<frame_pool> pool, std::uint64_t size);
   ~file();
   file(const file&) = delete;
@@ -101,21 +116,26 @@ class file {
   /// ENOMEM when the pool is empty.
   /// Locking: takes the file lock (rank leaf).
   [[nodiscard]] result<pfn_t> get_page(std::uint64_t pgoff);
+  /// Page-cache residency without allocating: the frame caching page
+  /// `pgoff`, or 0 if none (past the end, or never touched). No reference is
+  /// taken: the answer is a snapshot. Locking: takes the file lock.
+  [[nodiscard]] pfn_t lookup(std::uint64_t pgoff) const;
   /// Copy bytes in/out through the page cache (pread/pwrite). EFAULT past
   /// the end. Locking: takes the file lock.
   [[nodiscard]] errc pwrite(std::uint64_t off, std::span<const std::byte> data);
   [[nodiscard]] errc pread(std::uint64_t off, std::span<std::byte> out);
   [[nodiscard]] const std::shared_ptr<frame_pool>& pool() const noexcept { return pool_; }
-  /// Grow to at least `size` bytes (mremap of shared anonymous memory).
-  /// Locking: takes the file lock.
+  /// Grow to at least `size` bytes (ftruncate upwards; mremap does not grow
+  /// shmem, as in Linux). Locking: takes the file lock.
   void grow(std::uint64_t size);
 
  private:
   static constexpr lock_class lock_class_{"file", lockdep::rank::leaf};
   std::shared_ptr<frame_pool> pool_;  // immutable
   mutable mutex lock_{lock_class_};
-  /// 0: not cached yet (frame 0 is the zero page, never a cache page).
-  std::vector<pfn_t> pages_ SVM_GUARDED_BY(lock_);
+  std::uint64_t npages_ SVM_GUARDED_BY(lock_) = 0;  ///< size in pages
+  /// Cached pages by page offset (sparse: a file may be far larger than memory).
+  std::map<std::uint64_t, pfn_t> pages_ SVM_GUARDED_BY(lock_);
 };
 
 /// What find_vma reports about one VMA.
@@ -126,7 +146,9 @@ struct vma_info {
   bool shared = false;
   huge_advice advice = huge_advice::none;
   std::shared_ptr<svm::file> backing;  ///< file or shmem object, if any
-  std::uint64_t pgoff = 0;             ///< file offset of `start`, in pages
+  std::uint64_t pgoff = 0;             ///< file offset of `start`, in pages (anonymous: start's page number at mmap)
+  bool anon_vma = false;               ///< has (had) anonymous pages: fork copies its PTEs
+  bool account = false;                ///< VM_ACCOUNT (private writable memory charged at mmap/mprotect)
 };
 
 /// What the CPU maps at one VA now (lock-free query, for the access oracle).
@@ -137,7 +159,16 @@ struct cpu_translation {
   unsigned pool = 0;      ///< index of the frame's pool in the mm
   pfn_t pfn = 0;          ///< the 4K frame mapping `va` (huge leaves resolved)
   std::uint64_t generation = 0;  ///< that frame's generation, read after the PTE
-  unsigned order = 0;     ///< 0 or 9
+  unsigned order = 0;     ///< 0 or 9: the order of the PTE (4K or PMD-mapped)
+  bool huge_zero = false; ///< the huge zero page (zero_page is set too)
+};
+
+/// A frame's folio (kernel: page_folio): the head frame and the order of the
+/// allocation it came from. A THP stays one order-9 folio after its PMD is
+/// split, until every frame of it is freed.
+struct folio_info {
+  pfn_t head = 0;      ///< first frame of the folio
+  unsigned order = 0;  ///< 0 (a 4K folio) or 9 (a THP)
 };
 
 /// How a pool attached to an mm behaves.
@@ -146,13 +177,31 @@ enum class pool_kind : std::uint8_t {
   device_private,  ///< device memory: not CPU-accessible; a CPU fault migrates back
 };
 
-/// Construction options.
+/// Construction options. mm::create() checks them (validate()).
 struct mm_options {
-  pfn_t frames = 16384;                ///< system pool size (64 MiB)
-  thp_mode thp = thp_mode::madvise;
+  pfn_t frames = 16384;                ///< system pool size (64 MiB); at least 1
+  thp_mode thp = thp_mode::madvise;    ///< /sys/kernel/mm/transparent_hugepage/enabled
+  /// Read faults on untouched private anonymous memory map the shared zero
+  /// page. False models a kernel where mm_forbids_zeropage() holds: such a
+  /// read allocates a zeroed page (or a THP), as a write would.
+  bool zero_page = true;
+  /// /sys/kernel/mm/transparent_hugepage/use_zero_page: THP-eligible read
+  /// faults map the huge zero page (only with zero_page).
+  bool thp_use_zero_page = true;
+  /// Read faults on shared and file mappings also map the page-cache pages
+  /// already resident around the faulting one, in an aligned window of this
+  /// many bytes clipped to the VMA and the 2M page table (kernel:
+  /// fault_around_bytes). A power of two from 4096 (off) to 2M.
+  std::uint64_t fault_around_bytes = 65536;
   std::size_t swap_slots = 1u << 16;   ///< swap capacity in pages
-  va_t mmap_base = va_t{1} << 36;      ///< where chosen addresses start
-  va_t mmap_limit = va_t{1} << 47;     ///< one past the highest user VA
+  va_t mmap_min_addr = 65536;          ///< /proc/sys/vm/mmap_min_addr: nothing maps below it
+  va_t mmap_base = va_t{1} << 36;      ///< where chosen addresses start (>= mmap_min_addr)
+  va_t mmap_limit = va_t{1} << 47;     ///< one past the highest user VA (> mmap_base, <= 2^48)
+  /// errc::ok, or EINVAL naming no field: zero frames, an unaligned or
+  /// inverted [mmap_min_addr, mmap_base, mmap_limit), a limit past the
+  /// page table's VA width, a thp value outside the enum, or a
+  /// fault_around_bytes that is not a power of two in [4096, 2M].
+  [[nodiscard]] errc validate() const noexcept;
 };
 
 /// Test hooks (deterministic interleaving). Set before concurrent use; empty
@@ -211,6 +260,12 @@ class mm_release_ops {
 
 class mm {
  public:
+  /// A new address space, or EINVAL for options that validate() refuses
+  /// (ENOMEM when the frame pool cannot be allocated). Never aborts.
+  [[nodiscard]] static result<std::unique_ptr<mm>> create(mm_options o = {});
+  /// A new address space. Options must be valid (mm_options::validate());
+  /// invalid ones leave an mm that maps nothing (every mmap is ENOMEM and
+  /// every access EFAULT) instead of aborting. Prefer create().
   explicit mm(mm_options o = {});
   /// Tears down (RELEASE) if not done yet. Notifiers still inserted become
   /// detached (their remove() is then a no-op).
@@ -263,8 +318,10 @@ class mm {
   /// of map::shared / map::private_; map::anonymous, or a `backing` file with
   /// a page-aligned `offset`, or map::io.
   /// Errors: EINVAL (length 0, bad flags, unaligned fixed addr or offset),
-  /// ENOMEM (no room, overflow), EEXIST (fixed_noreplace over a mapping).
-  /// MAP_FIXED over existing mappings unmaps them first (UNMAP).
+  /// ENOMEM (no room, overflow), EEXIST (fixed_noreplace over a mapping),
+  /// EPERM (a fixed address below mmap_min_addr). A hint below
+  /// mmap_min_addr is raised to it. MAP_FIXED over existing mappings unmaps
+  /// them first (UNMAP). The new VMA merges with compatible neighbours.
   /// Locking: takes mmap_lock exclusive; blocks.
   [[nodiscard]] result<va_t> mmap(va_t addr, std::uint64_t length, prot p, map flags,
                                   std::shared_ptr<svm::file> backing = {}, std::uint64_t offset = 0)
@@ -275,30 +332,40 @@ class mm {
   [[nodiscard]] errc munmap(va_t addr, std::uint64_t length) SVM_EXCLUDES(mmap_lock_);
   /// mprotect (PROTECTION_VMA). Zero length succeeds. EINVAL: unaligned or
   /// bad prot; ENOMEM: overflow, or a hole — after changing the mapped part
-  /// before the hole (Linux's partial application).
+  /// before the hole (Linux's partial application). A VMA whose flags do
+  /// not change is left whole; changed parts merge with their neighbours.
   /// Locking: takes mmap_lock exclusive; blocks.
   [[nodiscard]] errc mprotect(va_t addr, std::uint64_t length, prot p) SVM_EXCLUDES(mmap_lock_);
   /// madvise: DONTNEED (CLEAR; private memory reads zeros again, shared
   /// keeps its data; EINVAL on an I/O VMA), HUGEPAGE / NOHUGEPAGE (advice
   /// only; existing huge mappings are kept). Zero length succeeds. EINVAL:
   /// unaligned; ENOMEM: a hole in the range (the mapped parts are still
-  /// advised, as in Linux).
+  /// advised, as in Linux); EINVAL for an advice outside the enum (nothing
+  /// changes). HUGEPAGE/NOHUGEPAGE split only where the advice changes, and
+  /// merge the changed parts with their neighbours.
   /// Locking: DONTNEED takes mmap_lock shared, the others exclusive; blocks.
   [[nodiscard]] errc madvise(va_t addr, std::uint64_t length, madvice advice) SVM_EXCLUDES(mmap_lock_);
-  /// mremap. The old range must lie in one VMA (EFAULT otherwise). Shrinking
-  /// unmaps the tail (UNMAP). Growing extends in place when the VA after it
-  /// is free, else moves with MAYMOVE (ENOMEM without). A move raises UNMAP
-  /// over the old range and moves the PTEs (frames are kept); DONTUNMAP
-  /// leaves the old VMA mapped and empty. EINVAL: unaligned, zero new
-  /// length, bad flags, FIXED or DONTUNMAP without MAYMOVE, DONTUNMAP with a
-  /// size change or on a non-private-anonymous VMA, a FIXED target that
-  /// overlaps the old range (mremap onto itself).
+  /// mremap. Shrinking unmaps the tail (UNMAP), wherever the tail lies.
+  /// Otherwise the old range must lie in one VMA (EFAULT), except for a
+  /// move (MAYMOVE|FIXED, same size), which moves every VMA in the range and
+  /// keeps the gaps (Linux 6.17+; EFAULT if the range starts in a gap;
+  /// with DONTUNMAP every old VMA stays, empty).
+  /// Growing extends in place when the VA after it is free, else moves with
+  /// MAYMOVE (ENOMEM without). A move raises UNMAP over the old range and
+  /// moves the PTEs (frames are kept); DONTUNMAP leaves the old VMA mapped
+  /// and empty. Growing shmem does not grow its object: the new pages lie
+  /// past its end and an access there is EFAULT (SIGBUS). EINVAL:
+  /// unaligned, zero new length, bad flags, FIXED or DONTUNMAP without
+  /// MAYMOVE, DONTUNMAP with a size change or on a file or I/O VMA, a FIXED
+  /// target that overlaps the old range (mremap onto itself).
   /// Locking: takes mmap_lock exclusive; blocks.
   [[nodiscard]] result<va_t> mremap(va_t old_addr, std::uint64_t old_length, std::uint64_t new_length,
                                     mremap_flags flags, va_t new_addr = 0) SVM_EXCLUDES(mmap_lock_);
-  /// fork: a child mm with the same VMAs sharing the frame pools. Private
-  /// pages are shared copy-on-write: both sides are write-protected
-  /// (PROTECTION_PAGE on the parent); shared mappings are shared. ENOMEM if
+  /// fork: a child mm with the same VMAs sharing the frame pools. As Linux's
+  /// vma_needs_copy, only VMAs that have anonymous pages (anon_vma) or are
+  /// I/O maps get their PTEs copied; the child faults the rest in. Copied
+  /// private pages are shared copy-on-write: both sides are write-protected
+  /// (PROTECTION_PAGE on the parent). ENOMEM if
   /// the child's page table cannot be built (nothing changed in the parent
   /// beyond write protection, which is harmless).
   /// Locking: takes the parent's mmap_lock exclusive; blocks.
@@ -335,7 +402,8 @@ class mm {
 
   // ---- CPU access ------------------------------------------------------
   /// Read/write bytes at a CPU VA as a CPU thread would, faulting pages in.
-  /// EFAULT: no VMA, no permission (or an I/O VMA) — SIGSEGV; EPERM: a write
+  /// EFAULT: no VMA, no permission (or an I/O VMA), a VA at or past
+  /// va_limit() (non-canonical too) — SIGSEGV; past a file's end — SIGBUS; EPERM: a write
   /// to a VMA without write permission; ENOMEM: out of frames. On error the
   /// bytes before the failing page were transferred.
   /// Locking: takes mmap_lock shared and page-table node locks; blocks.
@@ -377,8 +445,26 @@ class mm {
   /// after the PTE, so a (pfn, generation) pair that matches the pool later
   /// names the same lifetime of the frame. Locking: none; may run anywhere.
   [[nodiscard]] cpu_translation cpu_translate(va_t va) const noexcept;
-  /// The raw CPU PTE (lock-free; for tests).
-  [[nodiscard]] pt::translation raw_pte(va_t va) const noexcept { return pt_.translate(va); }
+  /// The raw CPU PTE (lock-free; for tests). Zero past va_limit().
+  [[nodiscard]] pt::translation raw_pte(va_t va) const noexcept {
+    return va < pt_.va_limit() ? pt_.translate(va) : pt::translation{};
+  }
+
+  // ---- introspection (for testers; snapshots, valid while quiescent) -----
+  /// How many CPU PTEs of this fork family map 4K frame `pfn` of pool
+  /// `pool` (a PMD mapping counts once for each of its frames; kernel:
+  /// folio_precise_page_mapcount). 0 for the zero page and for free frames.
+  /// Exact only while no fault or system call runs. Lock-free.
+  [[nodiscard]] std::uint32_t mapcount(pfn_t pfn, unsigned pool = 0) const noexcept;
+  /// The folio `pfn` of pool `pool` belongs to. Lock-free.
+  [[nodiscard]] folio_info folio(pfn_t pfn, unsigned pool = 0) const noexcept;
+  /// The VMA list in /proc/self/maps form, one line per VMA:
+  /// `start-end perms offset 00:00 0 [name]` with lowercase hex bounds
+  /// (no leading zeros, as the kernel prints them with %08lx), perms
+  /// `rwxp`/`rwxs`, the offset in bytes (%08llx); shmem VMAs are named
+  /// "/dev/zero (deleted)" as Linux names them, file VMAs "[svm file]".
+  /// Locking: takes mmap_lock shared.
+  [[nodiscard]] std::string maps() SVM_EXCLUDES(mmap_lock_);
 
   // ---- pools -------------------------------------------------------------
   /// Pool `i` (0: the system pool this mm allocates from).

@@ -143,8 +143,11 @@ class interval_notifier {
 
   /// Kernel: mmu_interval_read_begin. Waits while this notifier's seq equals
   /// the mm's odd seq (an invalidation of it is in progress), then returns the
-  /// notifier's seq. Locking: takes the notifier lock; blocks; call without
-  /// mmap_lock and driver locks.
+  /// notifier's seq. On a notifier that is not inserted (never inserted,
+  /// removed, or detached by its mm's teardown) it returns the notifier's
+  /// seq at once, in every build: no invalidation can reach such a notifier.
+  /// Locking: takes the notifier lock; blocks; call without mmap_lock and
+  /// driver locks.
   [[nodiscard]] std::uint64_t read_begin();
   /// Kernel: mmu_interval_read_retry. True if an invalidation ran since
   /// read_begin returned `seq`. Exact only under the driver lock that the
