@@ -8,6 +8,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -65,6 +66,26 @@ TEST(FuzzCorpus, CheckedInSeedsMatchTheGenerator) {
     const fs::path p = fuzz_dir / "corpus" / (name + ".bin");
     EXPECT_EQ(slurp(p), bytes) << p << " is stale: regenerate with SVM_FUZZ_WRITE_CORPUS=1";
   }
+}
+
+// Every seed runs to its end (no early stop on exhausted frames), and the
+// device seeds (range kernels, kernels beside CPU operations) reach the
+// device at scale: the fuzzer's start points are not one access per kernel.
+TEST(FuzzCorpus, SeedsRunToTheEndAndDeviceSeedsReachTheDevice) {
+  std::uint64_t device_seeds = 0;
+  for (const auto& [name, bytes] : seed_corpus()) {
+    const run_result r = run_input(bytes);
+    EXPECT_TRUE(r.ok) << name << ": " << r.message;
+    EXPECT_FALSE(r.exhausted) << name;
+    EXPECT_EQ(r.ops, decode(bytes).ops.size()) << name;
+    if (name.starts_with("range_") || name.starts_with("during_")) {
+      ++device_seeds;
+      EXPECT_GE(r.accesses, 32u) << name << " made " << r.accesses << " device accesses";
+    }
+    std::printf("[ seed     ] %-28s %3llu ops %6llu device accesses\n", name.c_str(),
+                static_cast<unsigned long long>(r.ops), static_cast<unsigned long long>(r.accesses));
+  }
+  EXPECT_GE(device_seeds, 8u);
 }
 
 TEST(FuzzCorpus, SeedsCoverEveryOpKind) {
