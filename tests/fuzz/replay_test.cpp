@@ -15,6 +15,7 @@
 #include <iterator>
 #include <vector>
 
+#include "fuzz/conc_runner.h"
 #include "fuzz/op_runner.h"
 
 namespace svm::fuzz {
@@ -37,11 +38,11 @@ std::vector<fs::path> inputs(const fs::path& dir) {
   return out;
 }
 
-void replay_dir(const fs::path& dir) {
+void replay_dir(const fs::path& dir, run_result (*run)(std::span<const std::uint8_t>) = run_input) {
   for (const fs::path& p : inputs(dir)) {
     SCOPED_TRACE(p.string());
     const auto bytes = slurp(p);
-    const run_result r = run_input(bytes);
+    const run_result r = run(bytes);
     EXPECT_TRUE(r.ok) << p.filename().string() << ": " << r.message;
   }
 }
@@ -53,18 +54,60 @@ TEST(FuzzReplay, SeedCorpus) {
 
 TEST(FuzzReplay, Regressions) { replay_dir(fuzz_dir / "regressions"); }
 
-// SVM_FUZZ_REPLAY_DIR=<dir>: replay a fuzzer's working corpus too.
+TEST(FuzzReplay, ConcurrentSeedCorpus) {
+  ASSERT_FALSE(inputs(fuzz_dir / "corpus_conc").empty());
+  replay_dir(fuzz_dir / "corpus_conc", run_concurrent);
+}
+
+TEST(FuzzReplay, ConcurrentRegressions) { replay_dir(fuzz_dir / "regressions_conc", run_concurrent); }
+
+// SVM_FUZZ_REPLAY_DIR=<dir>: replay a fuzzer's working corpus too
+// (SVM_FUZZ_REPLAY_CONC_DIR for the concurrent mode's).
 TEST(FuzzReplay, ExtraDirFromEnvironment) {
   const char* d = std::getenv("SVM_FUZZ_REPLAY_DIR");
-  if (!d) GTEST_SKIP() << "SVM_FUZZ_REPLAY_DIR not set";
-  replay_dir(d);
+  const char* c = std::getenv("SVM_FUZZ_REPLAY_CONC_DIR");
+  if (!d && !c) GTEST_SKIP() << "SVM_FUZZ_REPLAY_DIR / SVM_FUZZ_REPLAY_CONC_DIR not set";
+  if (d) replay_dir(d);
+  if (c) replay_dir(c, run_concurrent);
 }
 
 TEST(FuzzCorpus, CheckedInSeedsMatchTheGenerator) {
-  if (std::getenv("SVM_FUZZ_WRITE_CORPUS")) write_seed_corpus(fuzz_dir / "corpus");
+  if (std::getenv("SVM_FUZZ_WRITE_CORPUS")) {
+    write_seed_corpus(fuzz_dir / "corpus");
+    write_conc_seed_corpus(fuzz_dir / "corpus_conc");
+  }
   for (const auto& [name, bytes] : seed_corpus()) {
     const fs::path p = fuzz_dir / "corpus" / (name + ".bin");
     EXPECT_EQ(slurp(p), bytes) << p << " is stale: regenerate with SVM_FUZZ_WRITE_CORPUS=1";
+  }
+  for (const auto& [name, bytes] : conc_seed_corpus()) {
+    const fs::path p = fuzz_dir / "corpus_conc" / (name + ".bin");
+    EXPECT_EQ(slurp(p), bytes) << p << " is stale: regenerate with SVM_FUZZ_WRITE_CORPUS=1";
+  }
+}
+
+// The concurrent seeds run every record, reach the device at scale and run
+// phases on two threads at once.
+TEST(FuzzCorpus, ConcurrentSeedsRunToTheEndOnTwoThreads) {
+  const run_totals before = concurrent_totals();
+  for (const auto& [name, bytes] : conc_seed_corpus()) {
+    const run_result r = run_concurrent(bytes);
+    EXPECT_TRUE(r.ok) << name << ": " << r.message;
+    EXPECT_GE(r.accesses, 32u) << name;
+    std::printf("[ conc     ] %-30s %3llu records %6llu device accesses\n", name.c_str(),
+                static_cast<unsigned long long>(r.ops), static_cast<unsigned long long>(r.accesses));
+  }
+  const run_totals after = concurrent_totals();
+  EXPECT_GT(after.concurrent, before.concurrent);  // phases run at once
+  EXPECT_GT(after.oracle_checked, before.oracle_checked);
+}
+
+TEST(FuzzCorpus, ConcurrentGarbageDecodesAndRuns) {
+  for (const std::vector<std::uint8_t>& in :
+       {std::vector<std::uint8_t>{}, std::vector<std::uint8_t>{0xff}, std::vector<std::uint8_t>(64, 0xff),
+        std::vector<std::uint8_t>(200, 0x3f), std::vector<std::uint8_t>{0, 0, 0x3f}}) {
+    const run_result r = run_concurrent(in);
+    EXPECT_TRUE(r.ok) << r.message;
   }
 }
 
