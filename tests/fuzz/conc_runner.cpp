@@ -18,7 +18,7 @@ namespace svm::fuzz {
 
 namespace {
 
-constexpr va_t cpu_base = va_t{1} << 30;
+constexpr va_t cpu_base = universe_base;
 constexpr std::uint64_t s_pages = 64, c_first = 256, c_span = 240, c_end = 512, b_first = 1024, b_end = 1088;
 constexpr std::uint64_t half = page_size / 2;  // S: device bytes below, CPU bytes above
 constexpr std::uint64_t cpu_tag = 0xc5c5ull << 48;
@@ -108,7 +108,7 @@ enum class region : std::uint8_t { s, c, b };
 
 class conc_runner {
  public:
-  explicit conc_runner(const conc_program& p);
+  conc_runner(const conc_program& p, const run_hooks* h);
   ~conc_runner();
   run_result run();
 
@@ -132,6 +132,7 @@ class conc_runner {
   }
 
   const conc_program& prog_;
+  const run_hooks* hooks_;
   ref_model cm_;  ///< the CPU stream's model: S (its half) and C
   ref_model dm_;  ///< the device stream's model: S (its half) and the BOs
   std::unique_ptr<mm> m_;
@@ -140,12 +141,13 @@ class conc_runner {
   std::unique_ptr<gpu_vm> vm_;
   std::unique_ptr<access_oracle> oracle_;
   std::string cpu_err_, dev_err_, err_;  ///< owned by their stream's thread; read after the join
-  std::uint64_t accesses_ = 0, kernels_ = 0, records_ = 0, concurrent_phases_ = 0;
+  std::uint64_t accesses_ = 0, kernels_ = 0, kernels_beside_ = 0;
+  bool beside_ = false;  ///< the phase runs its two streams at once (set between phases)
   static constexpr int foreign_owner_ = 0;  // the device-private pool's owner (not the VM)
 };
 
-conc_runner::conc_runner(const conc_program& p)
-    : prog_(p), cm_(cpu_base, mm_options{}.mmap_limit), dm_(cpu_base, mm_options{}.mmap_limit) {
+conc_runner::conc_runner(const conc_program& p, const run_hooks* h)
+    : prog_(p), hooks_(h), cm_(cpu_base, mm_options{}.mmap_limit), dm_(cpu_base, mm_options{}.mmap_limit) {
   const std::uint8_t c = p.config;
   mm_options mo;
   mo.frames = 4096;
@@ -318,6 +320,7 @@ bool conc_runner::kernel(std::size_t ph, std::size_t k, const rec& r, region g) 
     return false;
   };
   ++kernels_;
+  if (beside_) ++kernels_beside_;
   if (g == region::c) {
     // Racing the CPU stream: each load is 0 or a CPU-tagged value; a failure
     // is a cancelled fault the churn explains, at an access an item stopped at.
@@ -470,6 +473,7 @@ run_result conc_runner::run() {
       for (std::size_t k = 0; k < p.dev.size(); ++k)
         if (!dev_step(ph, k, p.dev[k])) return;
     };
+    beside_ = !(p.sched & 0x40);
     if (p.sched & 0x40) {
       if (p.sched & 0x80) {
         dev_chunk();
@@ -479,12 +483,12 @@ run_result conc_runner::run() {
         dev_chunk();
       }
     } else {
-      ++concurrent_phases_;
       std::thread cpu(cpu_chunk);  // joined below: the phase's barrier
       dev_chunk();
       cpu.join();
     }
     res.ops += p.cpu.size() + p.dev.size();
+    if (hooks_ && hooks_->after_op) hooks_->after_op(ph, *m_);
     if (!cpu_err_.empty() || !dev_err_.empty() || !check_phase(ph)) {
       res.ok = false;
       res.message = !cpu_err_.empty() ? cpu_err_ : !dev_err_.empty() ? dev_err_ : err_;
@@ -493,17 +497,17 @@ run_result conc_runner::run() {
   }
   res.accesses = accesses_;
   g_kernels.fetch_add(kernels_, std::memory_order_relaxed);
-  g_concurrent.fetch_add(concurrent_phases_, std::memory_order_relaxed);
+  g_concurrent.fetch_add(kernels_beside_, std::memory_order_relaxed);
   return res;
 }
 
 }  // namespace
 
-run_result run_concurrent(std::span<const std::uint8_t> data) {
+run_result run_concurrent(std::span<const std::uint8_t> data, const run_hooks* hooks) {
   const conc_program p = decode_conc(data);
   run_result res;
   {
-    conc_runner r(p);
+    conc_runner r(p, hooks);
     res = r.run();
   }
   g_runs.fetch_add(1, std::memory_order_relaxed);

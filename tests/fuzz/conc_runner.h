@@ -75,7 +75,9 @@ inline constexpr std::size_t max_phases = 16;
 
 /// Run `data` as a concurrent-mode input (see above). The result's ops
 /// counts records executed; accesses the device accesses made.
-[[nodiscard]] run_result run_concurrent(std::span<const std::uint8_t> data);
+/// hooks->after_op runs after each phase's records, before its checks
+/// (tests only).
+[[nodiscard]] run_result run_concurrent(std::span<const std::uint8_t> data, const run_hooks* hooks = nullptr);
 
 /// Totals over every run_concurrent() of this process (relaxed atomics).
 [[nodiscard]] run_totals concurrent_totals() noexcept;

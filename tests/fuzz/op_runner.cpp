@@ -20,7 +20,7 @@ namespace svm::fuzz {
 
 namespace {
 
-constexpr va_t cpu_base = va_t{1} << 30;                  // 2M aligned: THP fits
+constexpr va_t cpu_base = universe_base;                  // 2M aligned: THP fits
 constexpr va_t window_gpu_base = cpu_base + (va_t{256} << 20);  // delta a 2M multiple
 constexpr std::uint64_t file_pages[2] = {64, 600};
 
@@ -99,7 +99,7 @@ std::string bytes_hex(std::span<const std::uint8_t> b) {
 // The state of one run: svm's objects and the model.
 class runner {
  public:
-  explicit runner(const program& p);
+  explicit runner(const program& p, const run_hooks* h);
   ~runner();
   run_result run();
 
@@ -121,6 +121,7 @@ class runner {
   std::uint64_t pick_bo(std::uint8_t b) const;
 
   const program& prog_;
+  const run_hooks* hooks_;
   va_t gpu_base_;
   ref_model model_;
   std::unique_ptr<mm> m_;
@@ -137,7 +138,7 @@ class runner {
   static constexpr pfn_t low_frames = 1024;  // the device-private pool's owner (not the VM)
 };
 
-runner::runner(const program& p) : prog_(p), model_(cpu_base, mm_options{}.mmap_limit) {
+runner::runner(const program& p, const run_hooks* h) : prog_(p), hooks_(h), model_(cpu_base, mm_options{}.mmap_limit) {
   const std::uint8_t c = p.config;
   mm_options mo;
   mo.frames = 4096;
@@ -793,6 +794,7 @@ run_result runner::run() {
       res.message = msg_;
       break;
     }
+    if (hooks_ && hooks_->after_op) hooks_->after_op(i, *m_);
   }
   res.accesses = accesses_;
   return res;
@@ -854,11 +856,11 @@ std::vector<std::uint8_t> encode(const program& p) {
   return out;
 }
 
-run_result run_input(std::span<const std::uint8_t> data) {
+run_result run_input(std::span<const std::uint8_t> data, const run_hooks* hooks) {
   const program p = decode(data);
   run_result res;
   {
-    runner r(p);
+    runner r(p, hooks);
     res = r.run();
   }
   g_runs.fetch_add(1, std::memory_order_relaxed);

@@ -104,12 +104,19 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <span>
 #include <string>
 #include <vector>
 
+namespace svm {
+class mm;
+}
+
 namespace svm::fuzz {
 
+/// CPU VA of the universe's page 0 (both modes; 2M aligned).
+inline constexpr std::uint64_t universe_base = std::uint64_t{1} << 30;
 inline constexpr std::size_t max_ops = 64;
 inline constexpr unsigned max_kernel_accesses = 8;
 inline constexpr std::uint64_t universe_pages = 1024;
@@ -158,8 +165,16 @@ struct run_result {
   bool exhausted = false;     ///< ended early: svm ran out of system frames (not a mismatch)
 };
 
-/// Run `data` against svm and the model.
-[[nodiscard]] run_result run_input(std::span<const std::uint8_t> data);
+/// Test hooks: what a test does behind the models' back, to show that the
+/// checks catch it.
+struct run_hooks {
+  /// Called on the running thread after operation `op` (the concurrent
+  /// mode: after phase `op`'s records, before its checks) with the run's mm.
+  std::function<void(std::size_t op, mm& m)> after_op;
+};
+
+/// Run `data` against svm and the model (hooks: tests only).
+[[nodiscard]] run_result run_input(std::span<const std::uint8_t> data, const run_hooks* hooks = nullptr);
 
 /// Totals over every run_input() of this process (relaxed atomics: read
 /// them once the runs are over, e.g. at exit).
@@ -169,7 +184,7 @@ struct run_totals {
   std::uint64_t replays = 0;       ///< stalled accesses replayed
   std::uint64_t cancels = 0;       ///< stalled accesses cancelled
   std::uint64_t oracle_checked = 0;  ///< SVM accesses the access oracle checked
-  std::uint64_t concurrent = 0;    ///< kernels that ran beside a CPU operation
+  std::uint64_t concurrent = 0;    ///< kernels that ran beside a CPU operation (or the CPU stream)
 };
 /// One line of totals (runs, ops, kernels, accesses, accesses per run and
 /// per kernel, faults, replays, cancels, oracle checks), prefixed `prefix`.

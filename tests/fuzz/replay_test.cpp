@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstring>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -17,6 +18,7 @@
 
 #include "fuzz/conc_runner.h"
 #include "fuzz/op_runner.h"
+#include "svm/notifier/mm.h"
 
 namespace svm::fuzz {
 namespace {
@@ -38,7 +40,10 @@ std::vector<fs::path> inputs(const fs::path& dir) {
   return out;
 }
 
-void replay_dir(const fs::path& dir, run_result (*run)(std::span<const std::uint8_t>) = run_input) {
+run_result replay_seq(std::span<const std::uint8_t> b) { return run_input(b); }
+run_result replay_conc(std::span<const std::uint8_t> b) { return run_concurrent(b); }
+
+void replay_dir(const fs::path& dir, run_result (*run)(std::span<const std::uint8_t>) = replay_seq) {
   for (const fs::path& p : inputs(dir)) {
     SCOPED_TRACE(p.string());
     const auto bytes = slurp(p);
@@ -56,10 +61,10 @@ TEST(FuzzReplay, Regressions) { replay_dir(fuzz_dir / "regressions"); }
 
 TEST(FuzzReplay, ConcurrentSeedCorpus) {
   ASSERT_FALSE(inputs(fuzz_dir / "corpus_conc").empty());
-  replay_dir(fuzz_dir / "corpus_conc", run_concurrent);
+  replay_dir(fuzz_dir / "corpus_conc", replay_conc);
 }
 
-TEST(FuzzReplay, ConcurrentRegressions) { replay_dir(fuzz_dir / "regressions_conc", run_concurrent); }
+TEST(FuzzReplay, ConcurrentRegressions) { replay_dir(fuzz_dir / "regressions_conc", replay_conc); }
 
 // SVM_FUZZ_REPLAY_DIR=<dir>: replay a fuzzer's working corpus too
 // (SVM_FUZZ_REPLAY_CONC_DIR for the concurrent mode's).
@@ -68,7 +73,7 @@ TEST(FuzzReplay, ExtraDirFromEnvironment) {
   const char* c = std::getenv("SVM_FUZZ_REPLAY_CONC_DIR");
   if (!d && !c) GTEST_SKIP() << "SVM_FUZZ_REPLAY_DIR / SVM_FUZZ_REPLAY_CONC_DIR not set";
   if (d) replay_dir(d);
-  if (c) replay_dir(c, run_concurrent);
+  if (c) replay_dir(c, replay_conc);
 }
 
 TEST(FuzzCorpus, CheckedInSeedsMatchTheGenerator) {
@@ -150,6 +155,65 @@ TEST(FuzzCorpus, GarbageDecodesAndRuns) {
     const run_result r = run_input(in);
     EXPECT_TRUE(r.ok) << r.message;
   }
+}
+
+// The checks can fail: a byte changed behind the models' back is reported.
+std::vector<std::uint8_t> seed_named(const char* name, bool conc) {
+  for (const auto& [n, b] : conc ? conc_seed_corpus() : seed_corpus())
+    if (n == name) return b;
+  ADD_FAILURE() << "no seed " << name;
+  return {};
+}
+void scribble(mm& m, va_t va, std::uint64_t v) {
+  std::uint8_t b[8];
+  std::memcpy(b, &v, 8);
+  ASSERT_EQ(m.write(va, std::as_bytes(std::span{b})), errc::ok);
+}
+
+TEST(FuzzChecks, ARangeKernelReadsWhatTheModelDoesNot) {
+  // range_many_pages: op 1 stores over pages 0..255 (access 0 at byte 16 of
+  // page 0), op 2 loads them back.
+  run_hooks h{[](std::size_t op, mm& m) {
+    if (op == 1) scribble(m, universe_base + 16, 0xeeeeeeeeeeeeeeee);
+  }};
+  const run_result r = run_input(seed_named("range_many_pages", false), &h);
+  EXPECT_FALSE(r.ok);
+  EXPECT_NE(r.message.find("op #2 kernel_range"), std::string::npos) << r.message;
+}
+
+TEST(FuzzChecks, AKernelBesideAnOperationIsExactOnPagesItDoesNotTouch) {
+  // during_munmap: op 1 stores over pages 0..63, op 2 runs a mixed kernel
+  // beside munmap of pages 16..31; its access 1 is an atomic add at byte
+  // 128 of page 1 (not unmapped), where op 1 stored.
+  run_hooks h{[](std::size_t op, mm& m) {
+    if (op == 1) scribble(m, universe_base + page_size + 128, 0xeeeeeeeeeeeeeeee);
+  }};
+  const run_result r = run_input(seed_named("during_munmap", false), &h);
+  EXPECT_FALSE(r.ok);
+  EXPECT_NE(r.message.find("op #2 kernel_during"), std::string::npos) << r.message;
+}
+
+TEST(FuzzChecks, TheConcurrentModeChecksTheStableBufferEveryPhase) {
+  run_hooks h{[](std::size_t ph, mm& m) {
+    if (ph == 1) scribble(m, universe_base + 5 * page_size + 64, 0x1234);  // the device's half of page 5
+  }};
+  const run_result r = run_concurrent(seed_named("stable_beside_reclaim_migrate", true), &h);
+  EXPECT_FALSE(r.ok);
+  EXPECT_NE(r.message.find("after phase 1: stable page 5"), std::string::npos) << r.message;
+}
+
+TEST(FuzzChecks, TheConcurrentModeRejectsAChurnedValueNobodyWrote) {
+  // Phase 0 does nothing (the hook then writes an untagged value at byte 0
+  // of C page 256); phase 1 is one device record: a one-item kernel loading
+  // byte 0 of C pages 256..259.
+  const std::vector<std::uint8_t> in = {0x00, 48, 0x40, 0x08, 1, 0, 3, 0, 0 | 3 << 3, 0};
+  run_hooks h{[](std::size_t ph, mm& m) {
+    if (ph == 0) scribble(m, universe_base + 256 * page_size, 0x1234);
+  }};
+  const run_result r = run_concurrent(in, &h);
+  EXPECT_FALSE(r.ok);
+  EXPECT_NE(r.message.find("neither zero nor a CPU-written value"), std::string::npos) << r.message;
+  EXPECT_TRUE(run_concurrent(in).ok);  // and without the scribble, it passes
 }
 
 }  // namespace
