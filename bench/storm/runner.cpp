@@ -106,13 +106,13 @@ run_result run_device(const run_config& c, const runner_options& o) {
     return r;
   }
   mm m(sc->mm_opts(c));
-  svm::device_config dc;
+  svm::driver_config dc;
   dc.hw = sc->hw(c);
   dc.hw.engines = c.engines;
   dc.wait_spin_ns = c.wait_spin_ns;
   dc.handler_threads = c.handler_threads;
   dc.batch = c.batch;
-  svm::device dev(dc);
+  svm::driver dev(dc);
   dev.set_trace(o.trace);
   vm_config vc;
   vc.seq = c.seq;

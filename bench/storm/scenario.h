@@ -35,14 +35,14 @@ namespace svm::storm {
 /// What a scenario works with. Counters are atomics: kernels (engine
 /// threads), the storm thread and the main thread all add to them.
 struct storm_env {
-  storm_env(const run_config& c, svm::mm& mm_, svm::device& d, gpu_vm& v, trace_sink* t) noexcept
+  storm_env(const run_config& c, svm::mm& mm_, svm::driver& d, gpu_vm& v, trace_sink* t) noexcept
       : cfg(c), m(mm_), dev(d), vm(v), trace(t) {}
   storm_env(const storm_env&) = delete;
   storm_env& operator=(const storm_env&) = delete;
 
   const run_config& cfg;
   svm::mm& m;
-  svm::device& dev;
+  svm::driver& dev;
   gpu_vm& vm;
   trace_sink* trace = nullptr;  ///< null: no trace
   /// Device accesses each kernel makes per work item are counted by the

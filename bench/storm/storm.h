@@ -37,7 +37,7 @@ struct run_config {
   bool cpu_burn = false;
   std::uint64_t stride = 4096; ///< bytes between the accesses of `stride`
   bool huge_leaves = true;
-  std::optional<std::uint32_t> wait_spin_ns;  ///< nullopt: automatic (see svm::device_config)
+  std::optional<std::uint32_t> wait_spin_ns;  ///< nullopt: automatic (see svm::driver_config)
   /// invalidate-disjoint's CPU operation on the other 2M block: munmap + mmap
   /// (mmap_lock for write, as the issue defines it) or MADV_DONTNEED (the
   /// read lock: isolates the sequence protocol from mmap_lock contention).

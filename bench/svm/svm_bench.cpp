@@ -28,7 +28,7 @@ benchmark::Counter per(double n) { return benchmark::Counter(n, benchmark::Count
 struct rig {
   rig(seq_mode seq, std::uint64_t window, std::uint32_t spin_ns)
       : m(mm_options{.frames = 16384}),
-        dev(device_config{.hw = {.engines = 1}, .handler_threads = 1, .wait_spin_ns = spin_ns}) {
+        dev(driver_config{.hw = {.engines = 1}, .handler_threads = 1, .wait_spin_ns = spin_ns}) {
     vm_config c;
     c.seq = seq;
     c.window = std::make_shared<fixed_window_policy>(window);
@@ -52,7 +52,7 @@ struct rig {
   void reset(va_t va, std::uint64_t bytes) { (void)m.mprotect(va, bytes, rw); }
 
   mm m;
-  device dev;
+  driver dev;
   std::unique_ptr<gpu_vm> vm;
 };
 

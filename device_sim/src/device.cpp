@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <array>
 #include <deque>
+#include <sstream>
 #include <thread>
 #include <unordered_map>
 #include <vector>
@@ -69,8 +70,10 @@ struct queue_state;
 /// Protection: items, fn, vm, q, chunk, done are immutable after submit.
 /// next, completed and status are protected by device::impl::sched_lock_
 /// (a lock of another object, so not expressible to clang-tsa).
-/// aborted is set (relaxed) under sched_lock_ together with status and read
-/// racily by engines as a hint to stop taking this kernel's work items.
+/// aborted is set under sched_lock_ together with status (seq_cst: the
+/// cancel protocol pairs it with the engines' fault word, see
+/// cancel_running_locked) and read by engines to stop taking this kernel's
+/// work items and, after a cancel, to abort the ones in progress.
 struct job {
   std::uint64_t items = 0;
   kernel_fn fn;
@@ -82,6 +85,7 @@ struct job {
   std::uint64_t completed = 0;
   kernel_status status;
   std::atomic<bool> aborted{false};
+  std::uint64_t serial = 0;  // immutable: completion::state::serial
 };
 
 /// A queue. Protected by device::impl::sched_lock_: jobs (front = the one
@@ -115,6 +119,13 @@ class device::impl {
   errc detach_vm(vm_id id) SVM_EXCLUDES(sched_lock_);
   result<queue_id> create_queue(vm_id vm) SVM_EXCLUDES(sched_lock_);
   errc destroy_queue(queue_id q) SVM_EXCLUDES(sched_lock_);
+  errc cancel_queue(queue_id q, errc reason) SVM_EXCLUDES(sched_lock_, inval_lock_);
+  errc cancel_vm(vm_id vm, errc reason) SVM_EXCLUDES(sched_lock_, inval_lock_);
+  /// Cancel one kernel; its fence (and others finalized with it) goes to
+  /// `sig`, to be signalled by the caller once it holds no lock.
+  errc cancel_kernel(queue_id q, std::uint64_t serial, errc reason, signal_list& sig)
+      SVM_EXCLUDES(sched_lock_, inval_lock_);
+  std::string describe() const SVM_EXCLUDES(sched_lock_);
   result<completion> submit(queue_id q, std::uint64_t items, kernel_fn fn) SVM_EXCLUDES(sched_lock_);
   std::size_t replay(std::span<const fault_record> records) noexcept;
   std::size_t cancel(std::span<const fault_record> records, errc reason) noexcept;
@@ -171,6 +182,10 @@ class device::impl {
   std::atomic<std::uint32_t> work_seq_{0};
   std::atomic<std::uint32_t> idle_sleepers_{0};  // seq_cst; notify only when nonzero
 
+  /// The completions' way back here (see detail::device_anchor).
+  std::shared_ptr<detail::device_anchor> anchor_ = std::make_shared<detail::device_anchor>();
+  std::uint64_t next_serial_ SVM_GUARDED_BY(sched_lock_) = 1;
+
   mutable mutex oracle_lock_{oracle_class, 3};
   std::vector<std::unique_ptr<access_validator>> oracles_ SVM_GUARDED_BY(oracle_lock_);
 
@@ -182,6 +197,16 @@ class device::impl {
   void activate_next_locked(queue_state& q, signal_list& sig) SVM_REQUIRES(sched_lock_);
   void drop_unclaimed_locked(job& j) SVM_REQUIRES(sched_lock_);
   void publish_work() noexcept;
+  /// Cancel job j (front or waiting) of q: see cancel_queue().
+  void cancel_job_locked(queue_state& q, job& j, errc reason, signal_list& sig) SVM_REQUIRES(sched_lock_);
+  /// Cancel the faults that engines running j are stalled on.
+  void cancel_running_locked(const job& j, errc reason) SVM_REQUIRES(sched_lock_);
+  /// Cancel every kernel of q (the running one stays until its chunks end).
+  void cancel_all_locked(queue_state& q, errc reason, signal_list& sig) SVM_REQUIRES(sched_lock_);
+  /// Make every running engine take its slow path at its next access (a
+  /// no-op invalidation: the engines check their kernel's abort flag when
+  /// they acknowledge it).
+  void kick_engines() SVM_EXCLUDES(inval_lock_);
 };
 
 namespace detail {
@@ -207,6 +232,13 @@ struct engine {
   bool prefetch(va_t va);
   [[noreturn]] void bad_access(va_t va, unsigned size, svm::access acc);
   void process_invalidations();
+  /// An access boundary inside a work item: acknowledge invalidations, then
+  /// abort the work item if its kernel was cancelled meanwhile (a cancel
+  /// bumps the invalidation sequence, so this runs only on the slow path).
+  void ack_in_kernel() {
+    process_invalidations();
+    if (cur->aborted.load(std::memory_order_seq_cst)) throw kernel_abort{};
+  }
 
   device::impl& dev;    // immutable
   const unsigned index;  // immutable
@@ -227,6 +259,11 @@ struct engine {
   micro_tlb l0;
   std::uint64_t fault_serial = 0; // owner
   bool running = false;           // owner: mode_running published and epoch entered
+  /// The kernel whose chunk the engine runs, or null: stored (seq_cst) by
+  /// the owner before the chunk's first work item and cleared before the
+  /// chunk completes; read by cancellers under sched_lock_ (compared, never
+  /// dereferenced) to find the faults of a cancelled kernel.
+  std::atomic<const job*> job_pub{nullptr};
 
   /// (ack & ack_mask) << 2 | mode. Written only by the owner (seq_cst store,
   /// then notify_all if inval_sleepers_); read by invalidators (seq_cst,
@@ -260,7 +297,7 @@ struct engine {
 std::uint64_t item_engine(const engine& e) noexcept { return e.index; }
 bool prefetch(engine& e, va_t va) { return e.prefetch(va); }
 void boundary(engine& e) {
-  if (e.dev.inval_seq_.load(std::memory_order_acquire) != e.seen_inval) e.process_invalidations();
+  if (e.dev.inval_seq_.load(std::memory_order_acquire) != e.seen_inval) e.ack_in_kernel();
   epoch::quiescent();
 }
 
@@ -320,7 +357,7 @@ inline std::byte* engine::do_access(va_t va, unsigned size, svm::access acc) {
     bad_access(va, size, acc);
   // The access boundary: acknowledge pending invalidations before using the TLB.
   if (dev.inval_seq_.load(std::memory_order_acquire) != seen_inval) [[unlikely]]
-    process_invalidations();
+    ack_in_kernel();
   const tlb_entry* t = fast_tlb ? fast_tlb->lookup(vmid, va) : tlb->lookup(vmid, va);
   if (t && (!needs_write(acc) || dev_pte::is_writable(t->pte))) [[likely]] {
     bump(hits);
@@ -374,6 +411,8 @@ std::byte* translate(engine& e, va_t va, unsigned size, svm::access acc) { retur
 std::byte* engine::access_slow(va_t va, unsigned, svm::access acc) {
   bump(slow);
   for (;;) {
+    // A replay after a cancel of the kernel: stop here.
+    if (cur->aborted.load(std::memory_order_seq_cst)) throw kernel_abort{};
     // No node pointer is live here: a good point to let reclamation advance.
     epoch::quiescent();
     bump(walks);
@@ -396,7 +435,7 @@ std::byte* engine::access_slow(va_t va, unsigned, svm::access acc) {
 
 bool engine::prefetch(va_t va) {
   if (va >= limit) return false;
-  if (dev.inval_seq_.load(std::memory_order_acquire) != seen_inval) process_invalidations();
+  if (dev.inval_seq_.load(std::memory_order_acquire) != seen_inval) ack_in_kernel();
   if (tlb->lookup(vmid, va)) {
     bump(hits);
     return true;
@@ -428,6 +467,17 @@ std::uint32_t engine::raise_fault(va_t va, svm::access acc) {
   // the word ready for its replay CAS. seq_cst: pairs with the shutdown
   // sweep, which closes the buffer and then reads this word.
   fault_word.store(pending, std::memory_order_seq_cst);
+  // The cancel recheck: a canceller stores aborted (seq_cst) and then reads
+  // this word (seq_cst); we store the word and then read aborted. One side
+  // sees the other, so a cancel never misses a stall.
+  if (cur->aborted.load(std::memory_order_seq_cst)) {
+    // Take the word back; a canceller that claimed it first is writing the
+    // reason: let it finish, so its store cannot land on a later fault.
+    std::uint32_t exp = pending;
+    if (!fault_word.compare_exchange_strong(exp, word(token, f_cancel), std::memory_order_acquire))
+      while ((fault_word.load(std::memory_order_acquire) & 3) == f_claimed) SVM_CPU_RELAX();
+    throw kernel_abort{};
+  }
   bump(faults);
   // Stalled from here: counts as acknowledged for invalidations, and out of
   // the epoch section so reclamation does not wait for the driver.
@@ -472,6 +522,7 @@ void engine::run_chunk(const claim& c) {
   l0.vpn = ~std::uint64_t{0};  // another kernel may run on another VM
   vmid = vm->id;
   limit = vm->limit;
+  job_pub.store(cur, std::memory_order_seq_cst);
   try {
     for (std::uint64_t i = c.begin; i < c.end; ++i) {
       if (cur->aborted.load(std::memory_order_relaxed)) break;
@@ -484,6 +535,7 @@ void engine::run_chunk(const claim& c) {
   } catch (...) {
     dev.fail_job(*cur, {errc::io, 0, errc::io, svm::access::read});
   }
+  job_pub.store(nullptr, std::memory_order_seq_cst);
 }
 
 void engine::run() {
@@ -516,7 +568,7 @@ std::uint64_t device::impl::read_invalidations_locked(std::uint64_t seen, tlb_mo
   } else {
     for (std::uint64_t s = seen + 1; s <= now; ++s) {
       const log_entry& e = inval_log_[s % inval_log_size];
-      tlb.invalidate(e.vm, e.r);
+      if (!e.r.empty()) tlb.invalidate(e.vm, e.r);  // empty: a cancel's kick
     }
   }
   return now;
@@ -557,6 +609,30 @@ kernel_status completion::wait(std::chrono::nanoseconds timeout) const {
   return state_->status;
 }
 
+errc completion::cancel(errc reason) const {
+  if (!state_ || reason == errc::ok) return errc::inval;
+  if (done()) return errc::ok;
+  signal_list sig;
+  errc e = errc::ok;
+  {
+    lock_guard g(state_->anchor->lock);
+    if (!state_->anchor->dev) return errc::ok;  // the device cancelled it on its way out
+    e = state_->anchor->dev->impl_->cancel_kernel(state_->queue, state_->serial, reason, sig);
+  }
+  signal_all(sig);  // no lock held: fence callbacks may take theirs
+  return e == errc::noent ? errc::ok : e;  // finished meanwhile
+}
+
+std::string completion::describe() const {
+  if (!state_) return "empty completion";
+  std::ostringstream os;
+  os << "kernel #" << state_->serial << " on queue " << state_->queue << (done() ? ": done\n" : ": not done\n");
+  lock_guard g(state_->anchor->lock);
+  if (state_->anchor->dev) os << state_->anchor->dev->describe();
+  else os << "device destroyed\n";
+  return os.str();
+}
+
 // ---------------------------------------------------------------------------
 // impl
 
@@ -577,8 +653,20 @@ device::impl::impl(device_config c)
 
 device::impl::~impl() {
   {
-    lock_guard g(sched_lock_);
-    stopping_ = true;
+    // No completion reaches this device from now on (see device_anchor).
+    lock_guard a(anchor_->lock);
+    anchor_->dev = nullptr;
+  }
+  {
+    // Cancel what runs, so that every engine reaches the end of its chunk.
+    signal_list sig;
+    {
+      lock_guard g(sched_lock_);
+      stopping_ = true;
+      for (auto& [id, q] : queues_) cancel_all_locked(*q, errc::canceled, sig);
+    }
+    kick_engines();
+    signal_all(sig);
   }
   // Close the buffer first, then sweep: an engine that publishes f_pending
   // after the sweep looked sees the buffer closed in push() and cancels
@@ -662,10 +750,148 @@ errc device::impl::destroy_queue(queue_id q) {
   return errc::ok;
 }
 
+void device::impl::cancel_running_locked(const job& j, errc reason) {
+  // j.aborted was stored (seq_cst) before: an engine that stores its fault
+  // word after our load below sees it and cancels itself (raise_fault).
+  for (auto& e : engines_) {
+    if (e->job_pub.load(std::memory_order_seq_cst) != &j) continue;
+    std::uint32_t w = e->fault_word.load(std::memory_order_seq_cst);
+    if ((w & 3) != f_pending) continue;
+    if (e->fault_word.compare_exchange_strong(w, (w & ~3u) | f_claimed, std::memory_order_relaxed)) {
+      e->cancel_reason.store(static_cast<int>(reason), std::memory_order_relaxed);
+      e->fault_word.store((w & ~3u) | f_cancel, std::memory_order_release);
+      e->fault_word.notify_all();
+    }
+  }
+}
+
+void device::impl::cancel_job_locked(queue_state& q, job& j, errc reason, signal_list& sig) {
+  if (j.status.ok()) j.status = {errc::canceled, 0, reason, access::read};
+  if (&j != q.jobs.front().get()) {
+    // Waiting behind the front kernel: never started, complete it now.
+    j.done->status = j.status;
+    kernels_failed_.fetch_add(1, std::memory_order_relaxed);
+    sig.push_back(j.done);
+    q.jobs.erase(std::find_if(q.jobs.begin(), q.jobs.end(), [&](const auto& p) { return p.get() == &j; }));
+    return;
+  }
+  j.aborted.store(true, std::memory_order_seq_cst);
+  cancel_running_locked(j, reason);
+  drop_unclaimed_locked(j);
+  if (j.completed == j.items) finalize_locked(j, sig);  // no chunk in flight
+}
+
+void device::impl::cancel_all_locked(queue_state& q, errc reason, signal_list& sig) {
+  // The waiting ones first, so that finalizing the front activates nothing.
+  while (q.jobs.size() > 1) cancel_job_locked(q, *q.jobs.back(), reason, sig);
+  if (!q.jobs.empty()) cancel_job_locked(q, *q.jobs.front(), reason, sig);
+}
+
+void device::impl::kick_engines() {
+  lock_guard g(inval_lock_);
+  const std::uint64_t s = ++inval_next_;
+  inval_log_[s % inval_log_size] = {s, 0, {}};
+  inval_seq_.store(s, std::memory_order_seq_cst);
+}
+
+errc device::impl::cancel_queue(queue_id qid, errc reason) {
+  if (reason == errc::ok) return errc::inval;
+  signal_list sig;
+  {
+    lock_guard g(sched_lock_);
+    auto it = queues_.find(qid);
+    if (it == queues_.end()) return errc::noent;
+    cancel_all_locked(*it->second, reason, sig);
+  }
+  kick_engines();
+  signal_all(sig);
+  return errc::ok;
+}
+
+errc device::impl::cancel_vm(vm_id vm, errc reason) {
+  if (reason == errc::ok) return errc::inval;
+  signal_list sig;
+  {
+    lock_guard g(sched_lock_);
+    auto v = vms_.find(vm);
+    if (v == vms_.end()) return errc::noent;
+    for (auto& [id, q] : queues_)
+      if (q->vm == v->second.get()) cancel_all_locked(*q, reason, sig);
+  }
+  kick_engines();
+  signal_all(sig);
+  return errc::ok;
+}
+
+errc device::impl::cancel_kernel(queue_id qid, std::uint64_t serial, errc reason, signal_list& sig) {
+  if (reason == errc::ok) return errc::inval;
+  {
+    lock_guard g(sched_lock_);
+    auto it = queues_.find(qid);
+    if (it == queues_.end()) return errc::noent;
+    queue_state& q = *it->second;
+    auto j = std::find_if(q.jobs.begin(), q.jobs.end(), [&](const auto& p) { return p->serial == serial; });
+    if (j == q.jobs.end()) return errc::noent;
+    // The front one, finalized, activates the next kernel, which runs.
+    cancel_job_locked(q, **j, reason, sig);
+  }
+  kick_engines();
+  return errc::ok;
+}
+
+namespace {
+const char* mode_name(std::uint32_t m) {
+  switch (m) {
+    case mode_idle: return "idle";
+    case mode_running: return "running";
+    case mode_stalled: return "stalled";
+    default: return "?";
+  }
+}
+const char* fault_state_name(std::uint32_t f) {
+  switch (f) {
+    case f_claimed: return "claimed";
+    case f_pending: return "pending";
+    case f_replay: return "replayed";
+    default: return "cancelled";
+  }
+}
+}  // namespace
+
+std::string device::impl::describe() const {
+  std::ostringstream os;
+  lock_guard g(sched_lock_);
+  os << "device: " << engines_.size() << " engines, fault buffer " << faults_.size() << "/" << faults_.capacity()
+     << ", invalidation seq " << inval_seq_.load(std::memory_order_relaxed) << (stopping_ ? ", stopping" : "") << "\n";
+  std::unordered_map<const job*, std::pair<queue_id, std::uint64_t>> names;
+  for (auto& [id, q] : queues_)
+    for (auto& j : q->jobs) names[j.get()] = {id, j->serial};
+  for (auto& e : engines_) {
+    const std::uint32_t st = e->status.load(std::memory_order_relaxed);
+    const std::uint32_t fw = e->fault_word.load(std::memory_order_relaxed);
+    os << "  engine " << e->index << ": " << mode_name(st & 3) << ", ack " << (st >> 2);
+    if (const job* j = e->job_pub.load(std::memory_order_relaxed)) {
+      auto n = names.find(j);
+      if (n != names.end()) os << ", kernel #" << n->second.second << " of queue " << n->second.first;
+    }
+    os << ", last fault token " << (fw >> 2) << " " << fault_state_name(fw & 3) << "\n";
+  }
+  for (auto& [id, q] : queues_) {
+    os << "  queue " << id << " (vm " << q->vm->id << "): " << q->jobs.size() << " kernels";
+    for (auto& j : q->jobs)
+      os << "; #" << j->serial << " items " << j->completed << "/" << j->next << "/" << j->items
+         << (j->aborted.load(std::memory_order_relaxed) ? " aborted" : "");
+    os << "\n";
+  }
+  return os.str();
+}
+
 result<completion> device::impl::submit(queue_id qid, std::uint64_t items, kernel_fn fn) {
   if (!fn) return errc::inval;
   auto st = std::make_shared<completion::state>();
   st->done = fence::create("kernel");
+  st->queue = qid;
+  st->anchor = anchor_;
   signal_list sig;
   {
     lock_guard g(sched_lock_);
@@ -680,6 +906,7 @@ result<completion> device::impl::submit(queue_id qid, std::uint64_t items, kerne
     j->q = &q;
     j->chunk = std::clamp<std::uint64_t>(items / (std::uint64_t{cfg_.engines} * 4), 1, 1024);
     j->done = st;
+    j->serial = st->serial = next_serial_++;
     const bool was_idle = q.jobs.empty();
     q.jobs.push_back(std::move(j));
     if (was_idle) activate_next_locked(q, sig);
@@ -870,8 +1097,14 @@ device_stats device::impl::stats() const {
 // ---------------------------------------------------------------------------
 // device: forwards to impl
 
-device::device(device_config cfg) : impl_(std::make_unique<impl>(std::move(cfg))) {}
+device::device(device_config cfg) : impl_(std::make_unique<impl>(std::move(cfg))) {
+  lock_guard g(impl_->anchor_->lock);
+  impl_->anchor_->dev = this;
+}
 device::~device() = default;
+errc device::cancel_queue(queue_id q, errc reason) { return impl_->cancel_queue(q, reason); }
+errc device::cancel_vm(vm_id vm, errc reason) { return impl_->cancel_vm(vm, reason); }
+std::string device::describe() const { return impl_->describe(); }
 errc device::attach_vm(vm_id id, dev_page_table& t, phys_mem& m) { return impl_->attach_vm(id, t, m); }
 errc device::detach_vm(vm_id id) { return impl_->detach_vm(id); }
 result<queue_id> device::create_queue(vm_id vm) { return impl_->create_queue(vm); }

@@ -228,7 +228,7 @@ std::string describe(const stale_report& r) {
 
 // ---- access_oracle ------------------------------------------------------------
 
-access_oracle::access_oracle(device& dev, oracle_options o)
+access_oracle::access_oracle(driver& dev, oracle_options o)
     : dev_(dev), st_(std::make_shared<state>(o)) {
   // The validator shares the state: a racing access after our destruction
   // still finds it alive (the device keeps the callable).

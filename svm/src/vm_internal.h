@@ -1,6 +1,21 @@
-// Private pieces of gpu_vm shared by its source files.
+// Private pieces of gpu_vm shared by its source files:
+//   gpu_vm.cpp      construction, teardown, windows, statistics
+//   driver.cpp      svm::driver and its fault handler threads
+//   fault.cpp       the fault path (servicing, the retry loop, BO populate)
+//   invalidate.cpp  the lazily inserted notifiers and their callbacks
+//   mirror_page.cpp, mirror_range.cpp  the two mirror implementations
+//   bo.cpp          buffer objects, bind/unbind, eviction
 #pragma once
 
+#include <array>
+#include <atomic>
+#include <concepts>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <span>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "svm/svm/gpu_vm.h"
@@ -27,5 +42,207 @@ struct gpu_vm::bo {
   resv reservation;
 };
 
+/// The VM's counters: relaxed atomics, statistics only.
+struct gpu_vm::counters {
+  std::atomic<std::uint64_t> faults_raised{0}, faults_serviced{0}, faults_cancelled{0}, valid_faults{0},
+      batches{0}, hmm_calls{0}, retries_busy{0}, retries_seq{0}, false_retries{0}, invalidations{0},
+      ptes_written{0}, ptes_zapped{0}, tlb_invalidations{0}, huge_leaves{0}, bo_faults{0}, evictions{0},
+      preemptions{0};
+  std::array<std::atomic<std::uint64_t>, latency_histogram::buckets> latency{};
+};
+
+/// Forwards a notifier callback to its VM and chunk.
+class gpu_vm::chunk_ops final : public interval_notifier_ops {
+ public:
+  chunk_ops(gpu_vm& vm, chunk& c) : vm_(vm), c_(c) {}
+  bool invalidate(interval_notifier& sub, const mmu_notifier_range& r, std::uint64_t cur_seq) override {
+    return vm_.invalidate(c_, sub, r, cur_seq);
+  }
+
+ private:
+  gpu_vm& vm_;
+  chunk& c_;
+};
+
+/// One lazily inserted interval notifier over an aligned CPU chunk.
+struct gpu_vm::chunk {
+  static constexpr lock_class mirror_class{"gpu_vm.chunk.mirror", lockdep::rank::mirror};
+  chunk(gpu_vm& vm, std::uint64_t idx, va_range r) : index(idx), cpu(r), ops(vm, *this) {}
+  const std::uint64_t index;
+  const va_range cpu;
+  interval_notifier sub;
+  chunk_ops ops;
+  /// The notifier-wide mode's driver lock: the callback holds it exclusive
+  /// around set_seq() and the PTE clear; a fault holds it shared around
+  /// read_retry() and the PTE write.
+  shared_mutex mirror_lock{mirror_class};
+  /// 0 inserting, 1 inserted, 2 insert failed. Written once by the
+  /// inserting thread (release); others wait on it (acquire).
+  std::atomic<std::uint32_t> state{0};
+  errc insert_error = errc::ok;  // written before state is released
+  /// Faults using this chunk; guarded by gpu_vm::chunks_lock_.
+  unsigned users = 0;
+};
+
+namespace detail {
+
+/// A non-owning reference to a callable (the callee only calls it before
+/// returning; no allocation, unlike std::function).
+template <class>
+class fn_ref;
+template <class R, class... A>
+class fn_ref<R(A...)> {
+ public:
+  template <class F>
+    requires(!std::same_as<std::remove_cvref_t<F>, fn_ref> && std::invocable<F&, A...>)
+  fn_ref(F&& f) noexcept  // NOLINT(google-explicit-constructor)
+      : obj_(const_cast<void*>(static_cast<const void*>(&f))),
+        call_([](void* o, A... a) -> R { return (*static_cast<std::remove_reference_t<F>*>(o))(std::forward<A>(a)...); }) {}
+  R operator()(A... a) const { return call_(obj_, std::forward<A>(a)...); }
+
+ private:
+  void* obj_;
+  R (*call_)(void*, A...);
+};
+
+inline std::uint64_t now_ns() noexcept { return trace_now_ns(); }
+
+inline void bump(std::atomic<std::uint64_t>& c, std::uint64_t n = 1) noexcept {
+  c.fetch_add(n, std::memory_order_relaxed);
+}
+
+inline va_range intersect(va_range a, va_range b) noexcept {
+  va_range r{std::max(a.start, b.start), std::min(a.end, b.end)};
+  if (r.end < r.start) r.end = r.start;
+  return r;
+}
+
+/// A trace span around a scope, when a sink is installed.
+class span_scope {
+ public:
+  span_scope(trace_sink* t, const char* name, std::uint64_t arg = 0) noexcept
+      : t_(t), name_(name), arg_(arg), start_(t ? now_ns() : 0) {}
+  ~span_scope() {
+    if (t_) t_->span(name_, start_, now_ns() - start_, arg_);
+  }
+  span_scope(const span_scope&) = delete;
+  span_scope& operator=(const span_scope&) = delete;
+
+ private:
+  trace_sink* t_;
+  const char* name_;
+  std::uint64_t arg_;
+  std::uint64_t start_;
+};
+
+}  // namespace detail
+
+/// The mirror implementation: what differs between the page-centric mirror
+/// and the range-based, VM-locked baseline. gpu_vm owns one, chosen at
+/// construction by vm_config::impl; the fault path's retry loop
+/// (fault.cpp), the window choice and the batching are shared and call it
+/// at each step that differs.
+class gpu_vm::mirror {
+ public:
+  explicit mirror(gpu_vm& vm) noexcept : vm_(vm) {}
+  virtual ~mirror() = default;
+  mirror(const mirror&) = delete;
+  mirror& operator=(const mirror&) = delete;
+
+  /// One 4K page's fault, with the strongest access among its records:
+  /// takes vm.lock (shared for the page mirror, exclusive for the
+  /// VM-locked baseline) around gpu_vm::service_page_locked.
+  virtual errc service_page(va_t gva, access acc) = 0;
+  /// True when faults snapshot the device page-table node's sequence
+  /// (seq_mode::pgtable), so zaps must advance node sequences.
+  [[nodiscard]] virtual bool node_seq() const noexcept = 0;
+  /// Open a fault's read side over CPU window `cwin` pinned in node `n`;
+  /// returns the sequence snapshot that commit() checks.
+  virtual std::uint64_t read_begin(chunk& c, pt::node& n, va_range cwin) = 0;
+  /// Fill the parts of `range` that guard the walk (is_valid in the
+  /// per-node mode), for the window's entries [first, last] of `n`.
+  virtual void guard_walk(hmm_range& range, pt::node& n, std::uint64_t snap, unsigned first, unsigned last) = 0;
+  /// The commit: under the mirror's commit lock and n's lock, check that
+  /// the snapshot is still current and, if so, call `write` (the PTE
+  /// write, with n.lock held) and record the window's pages. Returns false
+  /// when stale (nothing written).
+  virtual bool commit(chunk& c, pt::node& n, std::uint64_t snap, unsigned first, unsigned last, va_range win,
+                      std::span<const hmm_pfn> pages, detail::fn_ref<void()> write) = 0;
+  /// Our own migration: nothing of ours goes stale, but advance the
+  /// notifier sequence under the mirror's lock, as the kernel's drivers do.
+  virtual void own_migration(chunk& c, interval_notifier& sub, std::uint64_t cur_seq) = 0;
+  /// A non-blockable callback: advance the sequence without waiting; false
+  /// if that would block.
+  virtual bool try_advance(chunk& c, interval_notifier& sub, std::uint64_t cur_seq) = 0;
+  /// A blockable callback: advance the sequence and clear the mirror's
+  /// PTEs (and its bookkeeping) over the GPU ranges `gpu`, collecting the
+  /// ranges to flush.
+  virtual void invalidate(chunk& c, interval_notifier& sub, std::uint64_t cur_seq, std::span<const va_range> gpu,
+                          std::vector<va_range>& flush) = 0;
+  /// Range objects the implementation holds (0 for the page mirror).
+  [[nodiscard]] virtual std::size_t ranges() const = 0;
+
+ protected:
+  gpu_vm& vm_;
+};
+
+/// The page-centric mirror (mirror_page.cpp): its state is the device page
+/// table itself. seq_mode::pgtable: the per-node sequence, no driver lock
+/// but the node's; seq_mode::notifier: the chunk notifier's sequence under
+/// the chunk's mirror lock.
+class gpu_vm::page_mirror final : public gpu_vm::mirror {
+ public:
+  page_mirror(gpu_vm& vm, seq_mode seq) noexcept : mirror(vm), seq_(seq) {}
+  errc service_page(va_t gva, access acc) override;
+  [[nodiscard]] bool node_seq() const noexcept override { return seq_ == seq_mode::pgtable; }
+  std::uint64_t read_begin(chunk& c, pt::node& n, va_range cwin) override;
+  void guard_walk(hmm_range& range, pt::node& n, std::uint64_t snap, unsigned first, unsigned last) override;
+  bool commit(chunk& c, pt::node& n, std::uint64_t snap, unsigned first, unsigned last, va_range win,
+              std::span<const hmm_pfn> pages, detail::fn_ref<void()> write) override;
+  void own_migration(chunk& c, interval_notifier& sub, std::uint64_t cur_seq) override;
+  bool try_advance(chunk& c, interval_notifier& sub, std::uint64_t cur_seq) override;
+  void invalidate(chunk& c, interval_notifier& sub, std::uint64_t cur_seq, std::span<const va_range> gpu,
+                  std::vector<va_range>& flush) override;
+  [[nodiscard]] std::size_t ranges() const override { return 0; }
+
+ private:
+  const seq_mode seq_;
+};
+
+/// The range-based, VM-locked baseline (mirror_range.cpp) that svm-storm
+/// compares against. It keeps per-range objects with their own page arrays
+/// (the hmm output of the window that created them), split when partly
+/// invalidated and dropped when emptied, and one VM-wide lock taken by
+/// every fault commit and every invalidation, with the notifier-wide
+/// sequence. Its faults hold vm.lock exclusive across the whole service.
+class gpu_vm::range_mirror final : public gpu_vm::mirror {
+ public:
+  explicit range_mirror(gpu_vm& vm) noexcept : mirror(vm) {}
+  errc service_page(va_t gva, access acc) override;
+  [[nodiscard]] bool node_seq() const noexcept override { return false; }
+  std::uint64_t read_begin(chunk& c, pt::node& n, va_range cwin) override;
+  void guard_walk(hmm_range& range, pt::node& n, std::uint64_t snap, unsigned first, unsigned last) override;
+  bool commit(chunk& c, pt::node& n, std::uint64_t snap, unsigned first, unsigned last, va_range win,
+              std::span<const hmm_pfn> pages, detail::fn_ref<void()> write) override;
+  void own_migration(chunk& c, interval_notifier& sub, std::uint64_t cur_seq) override;
+  bool try_advance(chunk& c, interval_notifier& sub, std::uint64_t cur_seq) override;
+  void invalidate(chunk& c, interval_notifier& sub, std::uint64_t cur_seq, std::span<const va_range> gpu,
+                  std::vector<va_range>& flush) override;
+  [[nodiscard]] std::size_t ranges() const override;
+
+ private:
+  struct svm_range {
+    va_t end;                     ///< GPU VA, exclusive
+    std::vector<hmm_pfn> pages;   ///< one per 4K page from the range's start
+  };
+  static constexpr lock_class baseline_class{"gpu_vm.baseline", lockdep::rank::mirror};
+  /// The VM-wide mirror lock: every fault commit and every invalidation of
+  /// the baseline; guards the range objects.
+  mutable mutex lock_{baseline_class};
+  std::map<va_t, svm_range> ranges_ SVM_GUARDED_BY(lock_);  ///< by GPU start
+  /// Remove [r.start, r.end) from the range objects, splitting the ones
+  /// that straddle its edges.
+  void cut_locked(va_range r) SVM_REQUIRES(lock_);
+};
 
 }  // namespace svm

@@ -4,7 +4,7 @@
 #include <thread>
 #include <vector>
 
-#include "e2e/e2e_fixture.h"
+#include "common/e2e_fixture.h"
 
 namespace svm::test {
 namespace {
@@ -126,7 +126,7 @@ namespace {
 // running across it keep working on the same data.
 TEST(LongRunningVm, EvictionPreemptsRebindsAndResumes) {
   mm m(mm_options{.frames = 4096});
-  device dev(device_config{.hw = {.engines = 2, .vram_bytes = 64 * page_size}});
+  driver dev(driver_config{.hw = {.engines = 2, .vram_bytes = 64 * page_size}});
   vm_config c;
   c.mode = vm_mode::long_running;
   c.mirror = mirror_kind::none;

@@ -4,7 +4,7 @@
 #include <thread>
 #include <vector>
 
-#include "e2e/e2e_fixture.h"
+#include "common/e2e_fixture.h"
 
 namespace svm::test {
 namespace {

@@ -19,7 +19,7 @@
 #include <atomic>
 #include <vector>
 
-#include "e2e/e2e_fixture.h"
+#include "common/e2e_fixture.h"
 #include "svm/notifier/frame_pool.h"
 
 namespace svm::test {

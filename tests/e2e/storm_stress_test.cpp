@@ -32,8 +32,8 @@
 #include <thread>
 #include <vector>
 
-#include "e2e/e2e_fixture.h"
-#include "e2e/watchdog.h"
+#include "common/e2e_fixture.h"
+#include "common/watchdog.h"
 #include "svm/notifier/frame_pool.h"
 
 namespace svm::test {
@@ -121,7 +121,7 @@ class storm {
     auto p = m_->attach_pool(numa_, pool_kind::numa);
     EXPECT_TRUE(p.ok());
     numa_index_ = p.ok() ? *p : 0;
-    dev_ = std::make_unique<device>(device_config{
+    dev_ = std::make_unique<driver>(driver_config{
         .hw = {.engines = v.engines, .fault_buffer_entries = 64, .vram_bytes = 3 * bo_pages * page_size},
         .handler_threads = v.handlers});
     vm_config c;
@@ -511,7 +511,7 @@ class storm {
   std::unique_ptr<mm> m_;
   std::shared_ptr<frame_pool> numa_;
   unsigned numa_index_ = 0;
-  std::unique_ptr<device> dev_;
+  std::unique_ptr<driver> dev_;
   std::unique_ptr<gpu_vm> vm_;
   std::unique_ptr<access_oracle> oracle_;
   va_t base_ = 0, stable_ = 0, spare_ = 0;
@@ -566,7 +566,7 @@ class ProgressStress : public ::testing::TestWithParam<e2e_param> {};
 
 TEST_P(ProgressStress, NonstopInvalidationOfTheFaultedPageNeverHangs) {
   mm m(mm_options{.frames = 4096});
-  device dev(device_config{.hw = {.engines = 2}});
+  driver dev(driver_config{.hw = {.engines = 2}});
   vm_config c;
   c.seq = GetParam().seq;
   c.impl = GetParam().impl;
@@ -631,7 +631,7 @@ TEST_P(ProgressStress, NonstopInvalidationOfTheFaultedPageNeverHangs) {
 // the hook is gone the same access completes.
 TEST_P(ProgressStress, AFaultThatCanNeverCommitTimesOutWithEbusy) {
   mm m(mm_options{.frames = 4096});
-  device dev(device_config{.hw = {.engines = 1}});
+  driver dev(driver_config{.hw = {.engines = 1}});
   vm_config c;
   c.seq = GetParam().seq;
   c.impl = GetParam().impl;

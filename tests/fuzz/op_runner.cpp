@@ -127,7 +127,7 @@ class runner {
   std::unique_ptr<mm> m_;
   std::unique_ptr<mm> child_;
   std::shared_ptr<svm::file> files_[2];
-  std::unique_ptr<device> dev_;
+  std::unique_ptr<driver> dev_;
   std::unique_ptr<gpu_vm> vm_;
   std::unique_ptr<access_oracle> oracle_;
   std::string msg_;
@@ -158,11 +158,11 @@ runner::runner(const program& p, const run_hooks* h) : prog_(p), hooks_(h), mode
       (void)model_.file_pwrite(obj, pg * page_size + 8, b);
     }
   }
-  device_config dc;
+  driver_config dc;
   dc.hw.engines = (c & 0x10) ? 2 : 1;
   dc.hw.vram_bytes = (16 + p.vram % 48) * page_size;
   dc.handler_threads = 1;
-  dev_ = std::make_unique<device>(dc);
+  dev_ = std::make_unique<driver>(dc);
   vm_config vc;
   vc.seq = (c & 1) ? seq_mode::notifier : seq_mode::pgtable;
   vc.impl = (c & 2) ? mirror_impl::range : mirror_impl::page;

@@ -28,7 +28,7 @@ class GpuVm : public ::testing::TestWithParam<mode> {
  protected:
   void SetUp() override {
     m = std::make_unique<mm>(mm_options{.frames = 4096});
-    dev = std::make_unique<device>(device_config{.hw = {.engines = 2}});
+    dev = std::make_unique<driver>(driver_config{.hw = {.engines = 2}});
     vm_config c;
     c.seq = GetParam().seq;
     c.impl = GetParam().impl;
@@ -56,7 +56,7 @@ class GpuVm : public ::testing::TestWithParam<mode> {
   void dontneed(va_t va) { ASSERT_EQ(m->madvise(va, page_size, madvice::dontneed), errc::ok); }
 
   std::unique_ptr<mm> m;
-  std::unique_ptr<device> dev;
+  std::unique_ptr<driver> dev;
   std::unique_ptr<gpu_vm> vm;
   va_t base = 0;
 };
@@ -179,7 +179,7 @@ TEST_P(GpuVm, DisjointInvalidationRetriesOnlyInNotifierWideMode) {
 // hardware threads; an explicit value always wins.
 TEST(DeviceConfig, WaitSpinIsAutomaticUnlessGiven) {
   const unsigned hw = std::max(1u, std::thread::hardware_concurrency());
-  device_config c;
+  driver_config c;
   c.hw.engines = hw + 1;
   EXPECT_EQ(c.effective_wait_spin_ns(), 0u);
   c.hw.engines = 1;

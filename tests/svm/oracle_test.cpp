@@ -49,7 +49,7 @@ class Oracle : public ::testing::TestWithParam<mode> {
     vm.reset();
     dev.reset();
     m = std::make_unique<mm>(mm_options{.frames = 8192});
-    dev = std::make_unique<device>(device_config{.hw = {.engines = 2}});
+    dev = std::make_unique<driver>(driver_config{.hw = {.engines = 2}});
     vm_config c;
     c.mirror = mirror;
     c.seq = GetParam().seq;
@@ -92,7 +92,7 @@ class Oracle : public ::testing::TestWithParam<mode> {
   }
 
   std::unique_ptr<mm> m;
-  std::unique_ptr<device> dev;
+  std::unique_ptr<driver> dev;
   std::unique_ptr<gpu_vm> vm;
   std::unique_ptr<access_oracle> oracle;
 };

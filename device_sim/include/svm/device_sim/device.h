@@ -64,10 +64,12 @@
 #include <functional>
 #include <memory>
 #include <span>
+#include <string>
 #include <type_traits>
 
 #include "svm/base/errc.h"
 #include "svm/base/fence.h"
+#include "svm/base/mutex.h"
 #include "svm/base/phys_mem.h"
 #include "svm/base/types.h"
 #include "svm/device_sim/copy_engine.h"
@@ -151,6 +153,7 @@ struct device_stats {
   std::uint64_t fault_buffer_full_stalls = 0;
 };
 
+class device;
 namespace detail {
 struct engine;
 /// Thrown through a kernel when its access failed (the kernel is aborted).
@@ -284,23 +287,62 @@ class work_item {
 /// A kernel: called once per work item, on engine threads, concurrently.
 using kernel_fn = std::function<void(work_item&)>;
 
+namespace detail {
+/// The link from completions back to their device, so that a completion
+/// can cancel its kernel or describe the device while the device lives, and
+/// does nothing once it is gone. `dev` is set at construction and cleared
+/// (under `lock`) at the start of the device's destruction; a caller holds
+/// `lock` (rank leaf, key 0: before the scheduler lock, key 1) while it uses
+/// `dev`, so the device cannot go away under it.
+inline constexpr lock_class anchor_lock_class{"device.anchor", lockdep::rank::leaf};
+struct device_anchor {
+  mutex lock{anchor_lock_class, 0};  ///< see above
+  device* dev SVM_GUARDED_BY(lock) = nullptr;  ///< the device, or null once it is being destroyed
+};
+}  // namespace detail
+
+/// How long completion::wait() waits by default before it gives up with
+/// ETIMEDOUT (a stuck kernel is diagnosed, never waited for for a day).
+inline constexpr std::chrono::seconds default_wait_timeout{120};
+
 /// Completion handle of a submitted kernel. Copyable; all copies see the
 /// same completion.
 class completion {
  public:
   completion() = default;
   /// Wait at most `timeout` for the kernel to finish. Returns its status,
-  /// or {errc::timedout} if it is still running. Locking: may block; must
-  /// not be called from a kernel or inside a notifier callback.
-  [[nodiscard]] kernel_status wait(std::chrono::nanoseconds timeout = std::chrono::hours(24)) const;
+  /// or {errc::timedout} if it is still running (describe() then says what
+  /// the device is doing). An empty handle returns {errc::inval}.
+  /// Locking: may block; must not be called from a kernel or inside a
+  /// notifier callback.
+  [[nodiscard]] kernel_status wait(std::chrono::nanoseconds timeout = default_wait_timeout) const;
+  /// True once the kernel finished (successfully or not).
   [[nodiscard]] bool done() const noexcept { return state_ && state_->done->is_signaled(); }
   /// The fence signalled at completion (with the status's error).
   [[nodiscard]] fence_ptr fence() const noexcept { return state_ ? state_->done : nullptr; }
+  /// Cancel this kernel: it ends with {ECANCELED, reason}; if it has not
+  /// started it never starts, and its running work items abort at their
+  /// next device access or work_item::boundary() (see device::cancel_queue).
+  /// Returns ok, also when the kernel had already finished (its status
+  /// stays) or the device is gone; EINVAL for an empty handle or
+  /// reason == ok. Locking: takes the device's anchor and scheduler locks
+  /// (leaf); never blocks; must not be called from a kernel of the same
+  /// device that then waits for it.
+  errc cancel(errc reason = errc::canceled) const;
+  /// One line per engine and queue saying what the device is doing (see
+  /// device::describe), prefixed by this kernel's queue and progress; for
+  /// a diagnosis after wait() timed out.
+  [[nodiscard]] std::string describe() const;
 
+  /// Shared by all copies of a completion.
   struct state {
-    fence_ptr done;
+    fence_ptr done;        ///< signalled once, when the kernel finished
     kernel_status status;  ///< written once before done is signalled (release)
+    queue_id queue = 0;    ///< the queue it was submitted on (immutable)
+    std::uint64_t serial = 0;  ///< the device-wide kernel number (immutable)
+    std::shared_ptr<detail::device_anchor> anchor;  ///< its device (immutable pointer)
   };
+  /// Used by the device at submit().
   explicit completion(std::shared_ptr<state> s) noexcept : state_(std::move(s)) {}
 
  private:
@@ -310,9 +352,12 @@ class completion {
 class device {
  public:
   explicit device(device_config cfg = {});
-  /// Stops the engines and the copy engine: waves stalled on faults are
-  /// cancelled (ECANCELED), pending kernels complete with ECANCELED, and
-  /// every thread is joined. The attached page tables and memories must
+  /// Stops the engines and the copy engine: every kernel queued or running
+  /// is cancelled as by cancel_queue(q, ECANCELED) (running work items
+  /// abort at their next access or boundary, accesses stalled on faults
+  /// are cancelled), and every thread is joined. It returns once every
+  /// running work item has reached such a point (a work item that never
+  /// touches device memory nor calls boundary() keeps it waiting). The attached page tables and memories must
   /// outlive the device.
   ~device();
   device(const device&) = delete;
@@ -328,8 +373,32 @@ class device {
   errc detach_vm(vm_id id);
   /// A queue bound to `vm`. Errors: ENOENT (unknown vm).
   [[nodiscard]] result<queue_id> create_queue(vm_id vm);
-  /// Errors: ENOENT (unknown queue), EBUSY (kernels still queued or running).
+  /// Errors: ENOENT (unknown queue), EBUSY (kernels still queued or running:
+  /// cancel_queue() and wait for them first).
   errc destroy_queue(queue_id q);
+
+  /// Cancel every kernel queued or running on `q`: each ends with status
+  /// {ECANCELED, address 0, reason}; kernels not started never start; work
+  /// items in progress abort at their next device access (also one served
+  /// by the micro-TLB) or work_item::boundary(), and accesses stalled on a
+  /// fault are cancelled. Returns at once: wait for the completions, then
+  /// destroy_queue() succeeds. Kernels submitted later run normally.
+  /// A work item that neither touches device memory nor calls boundary()
+  /// cannot be stopped (there is no preemption): it runs until it returns.
+  /// Errors: ENOENT (unknown queue), EINVAL (reason == ok).
+  /// Locking: takes the scheduler lock, then inval_lock_ (leaf) briefly;
+  /// never blocks; lock-free on the engines' words.
+  errc cancel_queue(queue_id q, errc reason);
+  /// cancel_queue() for every queue bound to `vm`.
+  /// Errors: ENOENT (unknown vm), EINVAL (reason == ok).
+  errc cancel_vm(vm_id vm, errc reason);
+
+  /// What the device is doing, one line per item: each engine's mode,
+  /// current kernel and queue, outstanding fault (address and token); each
+  /// queue's kernels with their progress; the fault buffer's fill and the
+  /// invalidation sequence. Racy snapshot for diagnosis (after a wait()
+  /// timed out). Locking: takes the scheduler lock (leaf) briefly.
+  [[nodiscard]] std::string describe() const;
 
   /// Submit `items` work items of `fn` on queue `q`. Kernels of one queue run
   /// one after another in submission order; kernels of different queues run
@@ -380,6 +449,7 @@ class device {
   class impl;
 
  private:
+  friend class completion;
   std::unique_ptr<impl> impl_;
 };
 

@@ -1,6 +1,6 @@
 // The driver: one GPU VA space (gpu_vm) pairing an SVM mirror of a process
 // address space with buffer-object mappings, on a device whose faults are
-// serviced by svm::device's fault handler (ARCHITECTURE.md).
+// serviced by svm::driver's fault handler (svm/svm/driver.h).
 //
 // ## The mirror is page-centric
 // Its state is the device page table itself plus the interval notifiers:
@@ -65,13 +65,13 @@
 #include "svm/notifier/hmm.h"
 #include "svm/notifier/mm.h"
 #include "svm/notifier/mmu_notifier.h"
+#include "svm/svm/driver.h"
 #include "svm/svm/gpuva.h"
 #include "svm/svm/resv.h"
 
 namespace svm {
 
 class gpu_vm;
-class device;
 
 /// How the VM runs: with recoverable faults (SVM + BOs), or long-running
 /// without faults (BOs only, kept safe by preempt fences).
@@ -161,92 +161,6 @@ struct vm_stats {
 };
 std::ostream& operator<<(std::ostream& os, const vm_stats& s);
 
-/// The fault handler's own counters.
-struct handler_stats {
-  std::uint64_t batches = 0;
-  std::uint64_t records = 0;
-  std::uint64_t coalesced = 0;        ///< records merged into another of the same page
-  std::uint64_t unknown_vm = 0;       ///< records cancelled because no VM had their id
-  /// Time the handler threads spent servicing batches (fetch to replay),
-  /// summed over threads: the driver's CPU cost of the faults.
-  std::uint64_t busy_ns = 0;
-};
-
-/// A sink for trace spans (svm-storm writes them as Chrome trace events).
-/// Spans: "fault_batch" (a handler batch), "hmm_range_fault", "invalidate"
-/// (one notifier callback), "tlb_invalidate". Called on the thread that did
-/// the work, after it finished; must be thread-safe and must not block for
-/// long (it runs inside notifier callbacks).
-class trace_sink {
- public:
-  virtual ~trace_sink() = default;
-  virtual void span(const char* name, std::uint64_t start_ns, std::uint64_t dur_ns, std::uint64_t arg) noexcept = 0;
-};
-
-/// steady_clock now, in ns (the time base of trace spans and fault records).
-[[nodiscard]] std::uint64_t trace_now_ns() noexcept;
-
-struct device_config {
-  dev::device_config hw{};  ///< hw.wait_spin_ns is overridden by wait_spin_ns below
-  unsigned handler_threads = 1;
-  std::size_t batch = 256;  ///< records fetched per batch (1..256)
-  /// How long a faulted wave and an idle handler spin before they sleep on
-  /// a futex (dev::device_config::wait_spin_ns). nullopt: automatic, 20 µs
-  /// when the engines and handler threads together fit in the machine's
-  /// hardware threads (spinning then costs nobody a core), else 0.
-  std::optional<std::uint32_t> wait_spin_ns{};
-  /// The value the automatic choice gives for this configuration.
-  [[nodiscard]] std::uint32_t effective_wait_spin_ns() const noexcept;
-};
-
-/// A device with its driver: the simulated hardware plus the fault handler
-/// threads that service its fault buffer for every registered gpu_vm.
-class device {
- public:
-  explicit device(device_config c = {});
-  /// Stops the handler threads, then the hardware. Every gpu_vm must be
-  /// destroyed first.
-  ~device();
-  device(const device&) = delete;
-  device& operator=(const device&) = delete;
-
-  [[nodiscard]] dev::device& hw() noexcept { return hw_; }
-  /// Submit `items` work items of `fn` on the VM's queue (see
-  /// dev::device::submit). Errors: ECANCELED while the VM's queues are
-  /// suspended by a preempt fence is not an error: the kernel waits.
-  [[nodiscard]] result<dev::completion> submit(gpu_vm& vm, std::uint64_t items, dev::kernel_fn fn);
-  [[nodiscard]] handler_stats stats() const noexcept;
-  /// Install a trace sink (nullptr: off). Set before concurrent use; it must
-  /// outlive its installation.
-  void set_trace(trace_sink* t) noexcept { trace_.store(t, std::memory_order_release); }
-  [[nodiscard]] trace_sink* trace() const noexcept { return trace_.load(std::memory_order_acquire); }
-
- private:
-  friend class gpu_vm;
-  /// The trace sink; release store in set_trace pairs with the acquire load
-  /// in trace().
-  std::atomic<trace_sink*> trace_{nullptr};
-  static constexpr lock_class reg_class{"svm.device.registry", lockdep::rank::driver};
-
-  /// Registry of VMs by id. Handler threads hold reg_lock_ shared while they
-  /// service a batch; a VM registers and unregisters under it exclusive, so
-  /// once unregister returns no handler is inside the VM.
-  result<dev::vm_id> register_vm(gpu_vm* vm) SVM_EXCLUDES(reg_lock_);
-  void unregister_vm(dev::vm_id id) SVM_EXCLUDES(reg_lock_);
-  void handler_loop(std::stop_token st);
-  void gc_all() SVM_REQUIRES_SHARED(reg_lock_);
-  void process(std::span<dev::fault_record> recs) SVM_REQUIRES_SHARED(reg_lock_);
-
-  device_config cfg_;  // immutable
-  dev::device hw_;
-  mutable shared_mutex reg_lock_{reg_class};
-  std::unordered_map<dev::vm_id, gpu_vm*> vms_ SVM_GUARDED_BY(reg_lock_);
-  dev::vm_id next_id_ SVM_GUARDED_BY(reg_lock_) = 1;
-  // Counters; relaxed, statistics only.
-  std::atomic<std::uint64_t> batches_{0}, records_{0}, coalesced_{0}, unknown_{0}, busy_ns_{0};
-  std::vector<std::jthread> handlers_;  // started last, joined first
-};
-
 /// The device's system aperture spans every frame pool of the mm: the
 /// device pfn of frame `pfn` of the mm's pool `pool` is (pool << 32) | pfn.
 inline constexpr unsigned mm_pool_shift = 32;
@@ -265,7 +179,7 @@ class gpu_vm {
 
   /// Register with `dev`, attach a device page table, create a queue.
   /// The mm and the device must outlive the VM.
-  gpu_vm(device& dev, mm& m, vm_config cfg = {});
+  gpu_vm(driver& dev, mm& m, vm_config cfg = {});
   /// Waits for nothing: destroy only with no kernel running on the VM.
   /// Removes the notifiers, unregisters, frees the BOs.
   ~gpu_vm();
@@ -342,19 +256,22 @@ class gpu_vm {
   void set_test_hooks(test_hooks h) { hooks_ = std::move(h); }
 
  private:
-  friend class device;
+  friend class driver;  // calls service() and gc_notifiers()
   struct bo;
   struct chunk;
   struct window;
   struct counters;
   class chunk_ops;
+  // The mirror implementation (a strategy chosen at construction by
+  // vm_config::impl): mirror.h in the sources.
+  class mirror;
+  class page_mirror;
+  class range_mirror;
 
-  // The fault path, called by device::process with the registry held shared.
-  void service(std::span<dev::fault_record> recs);
-  // One 4K page's fault, with the strongest access among its records.
-  // Locking: takes lock_ shared (the page mirror) or exclusive (the
-  // VM-locked baseline) around service_page_locked.
-  errc service_page(va_t gva, access acc, std::uint64_t* ptes) SVM_EXCLUDES(lock_);
+  // The fault path, called by driver::process with the registry held
+  // shared. Returns how many records were coalesced into another of the
+  // same page (the driver counts them).
+  std::uint64_t service(std::span<dev::fault_record> recs);
   errc service_page_locked(va_t gva, access acc) SVM_REQUIRES_SHARED(lock_);
   errc service_svm_locked(va_t gva, va_t cpu_va, access acc, va_range allowed) SVM_REQUIRES_SHARED(lock_);
   errc service_bo_locked(const gpuva& m, va_t gva, access acc) SVM_REQUIRES_SHARED(lock_);
@@ -389,7 +306,7 @@ class gpu_vm {
   void ctr_add_preemptions() noexcept;
   bool overlapped_since(va_range win, std::uint64_t since) const;
 
-  device& dev_;
+  driver& dev_;
   svm::mm& mm_;
   const vm_config cfg_;
   std::shared_ptr<const window_policy> policy_;
@@ -433,22 +350,7 @@ class gpu_vm {
   std::unique_ptr<counters> ctr_;
   test_hooks hooks_;
 
-  // ---- the range-based, VM-locked baseline (mirror_impl::range) ----------
-  // It keeps per-range objects with their own page arrays (the hmm output of
-  // the window that created them), split when partly invalidated and
-  // dropped when emptied, and one VM-wide lock taken by every fault commit
-  // and every invalidation, with the notifier-wide sequence. Same batching,
-  // window choice and retry loop as the page-centric mirror.
-  struct svm_range {
-    va_t end;                     ///< GPU VA, exclusive
-    std::vector<hmm_pfn> pages;   ///< one per 4K page from the range's start
-  };
-  static constexpr lock_class baseline_class{"gpu_vm.baseline", lockdep::rank::mirror};
-  mutable mutex baseline_lock_{baseline_class};
-  std::map<va_t, svm_range> ranges_ SVM_GUARDED_BY(baseline_lock_);  ///< by GPU start
-  /// Remove [r.start, r.end) from the range objects, splitting the ones
-  /// that straddle its edges.
-  void baseline_cut_locked(va_range r) SVM_REQUIRES(baseline_lock_);
+  std::unique_ptr<mirror> mirror_;  // immutable after construction
 
  public:
   /// Range objects the baseline holds now (tests; 0 for the page mirror).

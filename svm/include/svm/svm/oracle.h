@@ -66,7 +66,7 @@
 // shared_ptr, so an access racing with the oracle's destruction still finds
 // live state (the device keeps old validators alive until it is destroyed).
 // The oracle therefore need not outlive the device's use of it, but the
-// svm::device must be alive when the oracle is destroyed or detach() is
+// svm::driver must be alive when the oracle is destroyed or detach() is
 // called (they call set_oracle(nullptr)). Each watched mm must stay alive
 // while kernels of its VM run (a gpu_vm already requires that); unwatch()
 // before destroying an mm whose VM id may still run kernels.
@@ -159,7 +159,7 @@ class access_oracle {
   /// Attach to `dev` (dev.hw().set_oracle). `dev` must be alive until the
   /// oracle is destroyed or detach()ed. Locking: takes the device's oracle
   /// lock (leaf); never blocks.
-  explicit access_oracle(device& dev, oracle_options o = {});
+  explicit access_oracle(driver& dev, oracle_options o = {});
   /// detach(). Locking: as detach().
   ~access_oracle();
   access_oracle(const access_oracle&) = delete;
@@ -226,7 +226,7 @@ class access_oracle {
  private:
   struct state;  // oracle.cpp: the registry, counters and reports
 
-  device& dev_;
+  driver& dev_;
   /// The state the validator shares (immutable pointer). Its registry lock
   /// ("access_oracle.registry", rank leaf) guards registrations and the
   /// attached flag; see oracle.cpp.

@@ -1,7 +1,7 @@
 // Shared fixture of the end-to-end tests: an mm, a device with its fault
 // handler, and a gpu_vm, parameterised by sequence mode and mirror.
 //
-// The access oracle is on for every test (issue 7: on in test builds): it
+// The access oracle is on for every test (it is on in test builds): it
 // watches the fixture's VM (full-mm mirror; a windows mirror must call
 // watch_windows()) and TearDown fails the test on any stale access.
 #pragma once
@@ -46,7 +46,7 @@ class E2E : public ::testing::TestWithParam<e2e_param> {
     dev.reset();
     m = std::make_unique<mm>(mm_options{.frames = 8192});
     if (hw.engines == 4) hw.engines = 2;
-    dev = std::make_unique<device>(device_config{.hw = hw});
+    dev = std::make_unique<driver>(driver_config{.hw = hw});
     cfg.seq = GetParam().seq;
     cfg.impl = GetParam().impl;
     vm = std::make_unique<gpu_vm>(*dev, *m, cfg);
@@ -77,7 +77,7 @@ class E2E : public ::testing::TestWithParam<e2e_param> {
   }
 
   std::unique_ptr<mm> m;
-  std::unique_ptr<device> dev;
+  std::unique_ptr<driver> dev;
   std::unique_ptr<gpu_vm> vm;
   std::unique_ptr<access_oracle> oracle;  ///< destroyed before the device
 };

@@ -1,0 +1,146 @@
+// The driver side of a device: the simulated hardware (svm::dev::device)
+// plus the fault handler threads that fetch its replayable fault buffer and
+// service each record in the gpu_vm whose id it carries.
+//
+// ## Registry protocol
+// The driver keeps the live VMs by id. A handler thread holds the registry
+// lock shared while it services one batch; a gpu_vm registers and
+// unregisters under it exclusive, so once unregistration returns no handler
+// thread is inside that VM. Records of an id no VM holds are cancelled
+// (EFAULT) and counted in handler_stats::unknown_vm.
+//
+// ## Lifetime
+// A driver outlives every gpu_vm created on it: its destructor stops the
+// handler threads, then the hardware, and refuses loudly (naming the VM id
+// still registered) if a VM is left.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+#include <span>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "svm/base/errc.h"
+#include "svm/base/mutex.h"
+#include "svm/base/types.h"
+#include "svm/device_sim/device.h"
+
+namespace svm {
+
+class gpu_vm;
+
+/// The fault handler's own counters (driver::stats()).
+struct handler_stats {
+  std::uint64_t batches = 0;     ///< batches fetched from the fault buffer and serviced
+  std::uint64_t records = 0;     ///< fault records in those batches
+  std::uint64_t coalesced = 0;   ///< records merged into another of the same page
+  std::uint64_t unknown_vm = 0;  ///< records cancelled because no VM had their id
+  /// Time the handler threads spent servicing batches (fetch to replay),
+  /// summed over threads: the driver's CPU cost of the faults.
+  std::uint64_t busy_ns = 0;
+};
+
+/// A sink for trace spans (svm-storm writes them as Chrome trace events).
+/// Spans: "fault_batch" (a handler batch), "hmm_range_fault", "invalidate"
+/// (one notifier callback), "tlb_invalidate". Called on the thread that did
+/// the work, after it finished; must be thread-safe and must not block for
+/// long (it runs inside notifier callbacks).
+class trace_sink {
+ public:
+  virtual ~trace_sink() = default;
+  /// One finished span: `name` (static storage), start and duration in the
+  /// time base of trace_now_ns(), and a span-specific argument (pages,
+  /// records).
+  virtual void span(const char* name, std::uint64_t start_ns, std::uint64_t dur_ns, std::uint64_t arg) noexcept = 0;
+};
+
+/// steady_clock now, in ns (the time base of trace spans and fault records).
+[[nodiscard]] std::uint64_t trace_now_ns() noexcept;
+
+/// Configuration of a driver.
+struct driver_config {
+  dev::device_config hw{};  ///< hw.wait_spin_ns is overridden by wait_spin_ns below
+  unsigned handler_threads = 1;  ///< fault handler threads (>= 1)
+  std::size_t batch = 256;  ///< records fetched per batch (1..256)
+  /// How long a faulted wave and an idle handler spin before they sleep on
+  /// a futex (dev::device_config::wait_spin_ns). nullopt: automatic, 20 µs
+  /// when the engines and handler threads together fit in the machine's
+  /// hardware threads (spinning then costs nobody a core), else 0.
+  std::optional<std::uint32_t> wait_spin_ns{};
+  /// The value the automatic choice gives for this configuration.
+  [[nodiscard]] std::uint32_t effective_wait_spin_ns() const noexcept;
+};
+
+/// A device with its driver: the simulated hardware plus the fault handler
+/// threads that service its fault buffer for every registered gpu_vm.
+class driver {
+ public:
+  /// Start the hardware and the handler threads. The configuration must be
+  /// valid (validate()); an invalid one aborts, naming the field. Use
+  /// create() to get the error as a value instead.
+  explicit driver(driver_config c = {});
+  /// Check a configuration: EINVAL for batch outside 1..256 or no handler
+  /// thread.
+  [[nodiscard]] static errc validate(const driver_config& c) noexcept;
+  /// Stops the handler threads, then the hardware. Every gpu_vm must be
+  /// destroyed first: a VM still registered is reported by id on stderr and
+  /// the process aborts (it would otherwise be left pointing at a dead
+  /// driver).
+  ~driver();
+  driver(const driver&) = delete;
+  driver& operator=(const driver&) = delete;
+
+  /// The hardware: engines, queues, fault buffer, TLBs, VRAM.
+  [[nodiscard]] dev::device& hw() noexcept { return hw_; }
+  /// Submit `items` work items of `fn` on the VM's queue (see
+  /// dev::device::submit).
+  [[nodiscard]] result<dev::completion> submit(gpu_vm& vm, std::uint64_t items, dev::kernel_fn fn);
+  /// A snapshot of the handler counters.
+  [[nodiscard]] handler_stats stats() const noexcept;
+  /// Install a trace sink (nullptr: off). Set before concurrent use; it must
+  /// outlive its installation.
+  void set_trace(trace_sink* t) noexcept { trace_.store(t, std::memory_order_release); }
+  /// The installed trace sink, or null.
+  [[nodiscard]] trace_sink* trace() const noexcept { return trace_.load(std::memory_order_acquire); }
+
+  /// The key that only gpu_vm can make: the registry below is its interface
+  /// to the driver and nobody else's.
+  class vm_key {
+    friend class gpu_vm;
+    vm_key() = default;
+  };
+  /// Register `vm` under a fresh id (gpu_vm's construction). ENOSPC when
+  /// every id of the device is in use. Locking: takes the registry lock
+  /// exclusive.
+  [[nodiscard]] result<dev::vm_id> register_vm(vm_key, gpu_vm* vm) SVM_EXCLUDES(reg_lock_);
+  /// Drop `id` from the registry; once it returns no handler thread is
+  /// inside that VM. Locking: takes the registry lock exclusive.
+  void unregister_vm(vm_key, dev::vm_id id) SVM_EXCLUDES(reg_lock_);
+
+ private:
+  /// The trace sink; release store in set_trace pairs with the acquire load
+  /// in trace().
+  std::atomic<trace_sink*> trace_{nullptr};
+  static constexpr lock_class reg_class{"svm.driver.registry", lockdep::rank::driver};
+
+  void handler_loop(std::stop_token st);
+  void gc_all() SVM_REQUIRES_SHARED(reg_lock_);
+  void process(std::span<dev::fault_record> recs) SVM_REQUIRES_SHARED(reg_lock_);
+
+  driver_config cfg_;  // immutable
+  dev::device hw_;
+  /// The registry lock (see the file comment): handler threads hold it
+  /// shared across a batch; register/unregister take it exclusive.
+  mutable shared_mutex reg_lock_{reg_class};
+  std::unordered_map<dev::vm_id, gpu_vm*> vms_ SVM_GUARDED_BY(reg_lock_);
+  dev::vm_id next_id_ SVM_GUARDED_BY(reg_lock_) = 1;
+  // Counters; relaxed, statistics only, written by the handler threads.
+  std::atomic<std::uint64_t> batches_{0}, records_{0}, coalesced_{0}, unknown_{0}, busy_ns_{0};
+  std::vector<std::jthread> handlers_;  // started last, joined first
+};
+
+}  // namespace svm

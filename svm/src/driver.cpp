@@ -1,0 +1,130 @@
+// svm::driver: the hardware plus the fault handler threads that fetch the
+// fault buffer and hand each VM its records (svm/svm/driver.h).
+#include "svm/svm/driver.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+
+#include "check.h"
+#include "vm_internal.h"
+
+namespace svm {
+
+using detail::now_ns;
+using detail::span_scope;
+
+std::uint64_t trace_now_ns() noexcept {
+  return static_cast<std::uint64_t>(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+          .count());
+}
+
+std::uint32_t driver_config::effective_wait_spin_ns() const noexcept {
+  if (wait_spin_ns) return *wait_spin_ns;
+  const unsigned hw_threads = std::max(1u, std::thread::hardware_concurrency());
+  return hw.engines + handler_threads <= hw_threads ? 20'000u : 0u;
+}
+
+namespace {
+dev::device_config hw_config(const driver_config& c) {
+  dev::device_config h = c.hw;
+  h.wait_spin_ns = c.effective_wait_spin_ns();
+  return h;
+}
+}  // namespace
+
+errc driver::validate(const driver_config& c) noexcept {
+  if (c.batch < 1 || c.batch > 256) return errc::inval;
+  if (c.handler_threads < 1) return errc::inval;
+  return errc::ok;
+}
+
+driver::driver(driver_config c) : cfg_(c), hw_(hw_config(c)) {
+  SVM_CHECK(cfg_.batch >= 1 && cfg_.batch <= 256, "driver_config::batch must be 1..256");
+  SVM_CHECK(cfg_.handler_threads >= 1, "driver_config::handler_threads must be >= 1");
+  for (unsigned i = 0; i < cfg_.handler_threads; ++i)
+    handlers_.emplace_back([this](std::stop_token st) { handler_loop(st); });
+}
+
+driver::~driver() {
+  for (auto& h : handlers_) h.request_stop();
+  hw_.faults().wake_fetchers();
+  handlers_.clear();  // joins
+  shared_lock_guard g(reg_lock_);
+  SVM_CHECK(vms_.empty(), "svm::driver destroyed while a gpu_vm still uses it");
+}
+
+result<dev::completion> driver::submit(gpu_vm& vm, std::uint64_t items, dev::kernel_fn fn) {
+  return hw_.submit(vm.queue(), items, std::move(fn));
+}
+
+handler_stats driver::stats() const noexcept {
+  return {batches_.load(std::memory_order_relaxed), records_.load(std::memory_order_relaxed),
+          coalesced_.load(std::memory_order_relaxed), unknown_.load(std::memory_order_relaxed),
+          busy_ns_.load(std::memory_order_relaxed)};
+}
+
+result<dev::vm_id> driver::register_vm(vm_key, gpu_vm* vm) {
+  lock_guard g(reg_lock_);
+  for (dev::vm_id tries = 0; tries <= dev::max_vm_id; ++tries) {
+    dev::vm_id id = next_id_;
+    next_id_ = next_id_ >= dev::max_vm_id ? 1 : next_id_ + 1;
+    if (!vms_.contains(id)) {
+      vms_.emplace(id, vm);
+      return id;
+    }
+  }
+  return errc::nospc;
+}
+
+void driver::unregister_vm(vm_key, dev::vm_id id) {
+  lock_guard g(reg_lock_);
+  vms_.erase(id);
+}
+
+void driver::handler_loop(std::stop_token st) {
+  std::vector<dev::fault_record> buf(cfg_.batch);
+  while (!st.stop_requested()) {
+    const std::size_t n = hw_.faults().fetch_wait(buf, std::chrono::milliseconds(5));
+    shared_lock_guard g(reg_lock_);
+    if (n == 0) {
+      gc_all();  // idle: drop the notifiers of chunks with nothing mapped
+      continue;
+    }
+    const std::uint64_t t0 = now_ns();
+    process(std::span(buf).first(n));
+    busy_ns_.fetch_add(now_ns() - t0, std::memory_order_relaxed);
+  }
+}
+
+void driver::gc_all() {
+  for (auto& [id, vm] : vms_) vm->gc_notifiers();
+}
+
+void driver::process(std::span<dev::fault_record> recs) {
+  span_scope sp(trace(), "fault_batch", recs.size());
+  batches_.fetch_add(1, std::memory_order_relaxed);
+  records_.fetch_add(recs.size(), std::memory_order_relaxed);
+  // Sort by (vm, address): duplicates become neighbours and each VM's
+  // records a run, in address order for per-2M-block grouping.
+  std::sort(recs.begin(), recs.end(), [](const dev::fault_record& a, const dev::fault_record& b) {
+    return a.vm != b.vm ? a.vm < b.vm : a.gva < b.gva;
+  });
+  for (std::size_t i = 0; i < recs.size();) {
+    std::size_t j = i;
+    while (j < recs.size() && recs[j].vm == recs[i].vm) ++j;
+    auto run = recs.subspan(i, j - i);
+    auto it = vms_.find(recs[i].vm);
+    if (it == vms_.end()) {
+      unknown_.fetch_add(run.size(), std::memory_order_relaxed);
+      hw_.cancel(run, errc::fault);
+    } else {
+      coalesced_.fetch_add(it->second->service(run), std::memory_order_relaxed);
+    }
+    i = j;
+  }
+}
+
+}  // namespace svm
