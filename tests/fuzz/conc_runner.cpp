@@ -137,7 +137,7 @@ class conc_runner {
   ref_model dm_;  ///< the device stream's model: S (its half) and the BOs
   std::unique_ptr<mm> m_;
   std::unique_ptr<mm> child_;
-  std::unique_ptr<device> dev_;
+  std::unique_ptr<driver> dev_;
   std::unique_ptr<gpu_vm> vm_;
   std::unique_ptr<access_oracle> oracle_;
   std::string cpu_err_, dev_err_, err_;  ///< owned by their stream's thread; read after the join
@@ -156,11 +156,11 @@ conc_runner::conc_runner(const conc_program& p, const run_hooks* h)
   m_ = std::make_unique<mm>(mo);
   (void)m_->attach_pool(std::make_shared<frame_pool>(1024), pool_kind::numa);
   (void)m_->attach_pool(std::make_shared<frame_pool>(1024), pool_kind::device_private, &foreign_owner_);
-  device_config dc;
+  driver_config dc;
   dc.hw.engines = (c & 0x10) ? 2 : 1;
   dc.hw.vram_bytes = (16 + p.vram % 48) * page_size;
   dc.handler_threads = 1;
-  dev_ = std::make_unique<device>(dc);
+  dev_ = std::make_unique<driver>(dc);
   vm_config vc;
   vc.seq = (c & 1) ? seq_mode::notifier : seq_mode::pgtable;
   vc.impl = (c & 2) ? mirror_impl::range : mirror_impl::page;

@@ -56,6 +56,7 @@ constexpr std::array<std::uint8_t, op_count> arg_bytes = {
     0,  // gc_notifiers
     6,  // kernel_range: k pg pg n s v
     11, // kernel_during: c cpg cpg cn x, k pg pg n s v
+    7,  // kernel_cancel: k pg pg n s v r
 };
 
 class reader {
@@ -109,6 +110,7 @@ class runner {
   bool kernel(std::size_t i, const op_desc& op);
   bool kernel_range(std::size_t i, const op_desc& op);
   bool kernel_during(std::size_t i, const op_desc& op);
+  bool kernel_cancel(std::size_t i, const op_desc& op);
   /// The accesses and work items of a range kernel from args [at, at+6),
   /// steered over the pages reachable in `m`.
   std::vector<range_access> range_accesses(std::size_t i, const op_desc& op, std::size_t at, const ref_model& m,
@@ -400,6 +402,7 @@ bool runner::step(std::size_t i, const op_desc& op) {
     case op_kind::gc_notifiers: (void)vm_->gc_notifiers(); return true;
     case op_kind::kernel_range: return kernel_range(i, op);
     case op_kind::kernel_during: return kernel_during(i, op);
+    case op_kind::kernel_cancel: return kernel_cancel(i, op);
     case op_kind::count: break;
   }
   return true;
@@ -627,6 +630,70 @@ bool runner::kernel_range(std::size_t i, const op_desc& op) {
   return read_back(i, op, acc, o);
 }
 
+// A range kernel cancelled from the host at its items' midpoint.
+bool runner::kernel_cancel(std::size_t i, const op_desc& op) {
+  unsigned items = 1;
+  const std::vector<range_access> acc = range_accesses(i, op, 0, model_, &items);
+  const errc reason = (op.args[6] & 1) ? errc::timedout : errc::canceled;
+  // Does any access fail? Then one item, in order: the failure comes first
+  // if it lies before the midpoint.
+  std::size_t first_fail = acc.size();
+  {
+    ref_model probe = model_;
+    for (std::size_t j = 0; j < acc.size() && first_fail == acc.size(); ++j)
+      if (!acc[j].prefetch && probe.dev_access(acc[j].va, acc[j].size, acc[j].op, acc[j].v, acc[j].desired).error != errc::ok)
+        first_fail = j;
+  }
+  if (first_fail < acc.size()) items = 1;
+  errc cancel_e = errc::ok;
+  const range_outcome o = run_range_kernel(*dev_, *vm_, acc, items, true, [] {},
+                                           [&](const dev::completion& c) { cancel_e = c.cancel(reason); });
+  g_kernels.fetch_add(1, std::memory_order_relaxed);
+  std::size_t done = 0;
+  for (std::size_t d : o.done) done += d;
+  accesses_ += done;
+  if (cancel_e != errc::ok) return fail(i, op, std::string("completion::cancel: ") + errc_name(cancel_e));
+  auto mid = [&](unsigned w) {
+    const std::size_t mine = acc.size() > w ? (acc.size() - w + o.items - 1) / o.items : 0;
+    return mine / 2;
+  };
+  const bool fails_first = first_fail < acc.size() && first_fail < mid(0);
+  if (acc.empty()) {
+    if (!o.st.ok()) return fail(i, op, "an empty kernel cancelled after it ended: " + show_status(o.st));
+  } else if (fails_first) {
+    const ref_dev_result f = ref_model(model_).dev_access(acc[first_fail].va, acc[first_fail].size, acc[first_fail].op,
+                                                          acc[first_fail].v, acc[first_fail].desired);
+    if (o.st.error != f.error || o.st.reason != f.reason || o.st.address != acc[first_fail].va || o.done[0] != first_fail)
+      return fail(i, op, "cancelled kernel: svm " + show_status(o.st) + " after " + std::to_string(o.done[0]) +
+                             "; model " + errc_name(f.error) + "/" + errc_name(f.reason) + " at " +
+                             hex(acc[first_fail].va) + " first");
+  } else if (o.st.error != errc::canceled || o.st.reason != reason) {
+    return fail(i, op, "cancelled kernel: svm " + show_status(o.st) + ", want ECANCELED/" + errc_name(reason));
+  }
+  for (unsigned w = 0; w < o.items; ++w)
+    if (o.done[w] > mid(w))
+      return fail(i, op, "item " + std::to_string(w) + " completed " + std::to_string(o.done[w]) +
+                             " accesses after the cancel at its midpoint " + std::to_string(mid(w)));
+  for (std::size_t j = 0; j < acc.size(); ++j) {
+    if (!o.completed(j)) continue;
+    const range_access& r = acc[j];
+    if (r.prefetch) {
+      const ref_dev_result rd = ref_model(model_).dev_access(align_down(r.va, 8), 1, dev_op::load, 0, 0);
+      if (o.vals[j] == 1 && rd.error != errc::ok)
+        return fail(i, op, "prefetch " + std::to_string(j) + " at " + hex(r.va) + " mapped a page the model cannot read");
+      continue;
+    }
+    const ref_dev_result rr = model_.dev_access(r.va, r.size, r.op, r.v, r.desired);
+    if (rr.error != errc::ok)
+      return fail(i, op, "access " + std::to_string(j) + " at " + hex(r.va) + " completed; model " + errc_name(rr.error));
+    if (r.op != dev_op::store && rr.value != o.vals[j])
+      return fail(i, op, "access " + std::to_string(j) + " at " + hex(r.va) + ": svm " + hex(o.vals[j]) + ", model " +
+                             hex(rr.value));
+  }
+  if (!check_oracle(i, op)) return false;
+  return read_back(i, op, acc, o);
+}
+
 // A range kernel with a CPU operation beside it; invariants, not an
 // interleaving (op_runner.h).
 bool runner::kernel_during(std::size_t i, const op_desc& op) {
@@ -807,7 +874,7 @@ const char* to_string(op_kind k) noexcept {
       "mmap_anon", "mmap_file", "munmap", "mprotect", "madvise", "mremap", "fork", "child_store", "child_load",
       "reclaim", "migrate", "cpu_store", "cpu_load", "cpu_fetch_add", "file_pwrite", "bo_create", "bo_destroy",
       "bo_bind", "bo_unbind", "bo_evict", "bo_write", "bo_read", "kernel", "child_exit", "gc_notifiers",
-      "kernel_range", "kernel_during"};
+      "kernel_range", "kernel_during", "kernel_cancel"};
   const auto i = static_cast<unsigned>(k);
   return i < op_count ? names[i] : "?";
 }
@@ -972,6 +1039,10 @@ class seed {
     return add(op_kind::kernel_range, {k, lo(pg), hi(pg), n, s, v});
   }
   /// A range kernel beside CPU operation c on [cpg, cpg + cn pages), x its parameter.
+  /// A range kernel cancelled at its midpoint (r odd: reason ETIMEDOUT).
+  seed& kernel_cancel(std::uint8_t k, std::uint16_t pg, std::uint8_t n, std::uint8_t s, std::uint8_t v, std::uint8_t r) {
+    return add(op_kind::kernel_cancel, {k, lo(pg), hi(pg), n, s, v, r});
+  }
   seed& kernel_during(std::uint8_t c, std::uint16_t cpg, std::uint8_t cn, std::uint8_t x, std::uint8_t k,
                       std::uint16_t pg, std::uint8_t n, std::uint8_t s, std::uint8_t v) {
     return add(op_kind::kernel_during, {c, lo(cpg), hi(cpg), cn, x, k, lo(pg), hi(pg), n, s, v});
@@ -1372,6 +1443,17 @@ std::vector<std::pair<std::string, std::vector<std::uint8_t>>> seed_corpus() {
                                     .kernel_during(c_reclaim, 16, n32, 0, add8, 0, n64, items(2), 4)
                                     .kernel_range(ld8, 0, n64, items(4), 1)
                                     .cpu_load(3, 0, 3));
+  put("cancel_from_host", seed(0x10)
+                              .mmap_anon(0, n64)
+                              .kernel_range(st8, 0, n64, items(4), 1)
+                              .kernel_cancel(mixed8, 0, n64, items(4), 2, 0)
+                              .kernel_range(ld8, 0, n64, items(4), 1)
+                              .kernel_cancel(st8, 0, n64, items(1), 3, 1)
+                              .kernel_cancel(ld8, 0, n128, items(8), 4, 0)
+                              .munmap(8, 0)
+                              .kernel_cancel(ld8, 0, 15, items(4), 5, 0)
+                              .kernel_cancel(ld8, 4, 15, items(2), 5, 1)
+                              .kernel_range(mixed8, 16, n32, items(4), 6));
   put("during_thp_madvise", seed(0x20)
                                 .mmap_anon(0, n1024)
                                 .kernel_range(st8, 0, n512, items(8), 1)

@@ -50,6 +50,10 @@
 //   26 kernel_during   c cpg:u16 cn x, then k pg:u16 n s v  a range kernel with a CPU operation run
 //                                                           while it runs: see "Kernels under a CPU
 //                                                           operation" below
+//   27 kernel_cancel   k pg:u16 n s v r                     a range kernel cancelled from the host
+//                                                           (completion::cancel, reason ECANCELED if
+//                                                           r is even, else ETIMEDOUT) once its items
+//                                                           reach their midpoint
 //
 //   Addresses: pg is a CPU page index (pg % 1088) in the universe at
 //   cpu_base; gpg a GPU page index (gpg % 1088) at gpu_base (== cpu_base for
@@ -83,6 +87,12 @@
 //   in order is then the kernel's status, exactly). A prefetch must not
 //   report a page mapped that the device may not read. Every store is read
 //   back by the CPU afterwards and compared with the model.
+//
+//   A cancelled kernel ends {ECANCELED, reason}, or with the failure of an
+//   access before the midpoint if the model says one fails (it then runs as
+//   one item); no item completes an access past its midpoint; the accesses
+//   that did complete are exact and stay in the model; the queue's next
+//   kernel runs normally.
 //
 //   Kernels under a CPU operation (c cpg:u16 cn x): c%8 picks 0 munmap, 1
 //   mprotect (prot x&7), 2 madvise DONTNEED, 3 mremap to page x*4 (MAYMOVE|
@@ -126,7 +136,7 @@ inline constexpr unsigned max_range_accesses = 512;  ///< accesses of one range 
 enum class op_kind : std::uint8_t {
   mmap_anon, mmap_file, munmap, mprotect, madvise, mremap, fork, child_store, child_load, reclaim,
   migrate, cpu_store, cpu_load, cpu_fetch_add, file_pwrite, bo_create, bo_destroy, bo_bind, bo_unbind,
-  bo_evict, bo_write, bo_read, kernel, child_exit, gc_notifiers, kernel_range, kernel_during, count
+  bo_evict, bo_write, bo_read, kernel, child_exit, gc_notifiers, kernel_range, kernel_during, kernel_cancel, count
 };
 inline constexpr unsigned op_count = static_cast<unsigned>(op_kind::count);
 [[nodiscard]] const char* to_string(op_kind k) noexcept;

@@ -22,6 +22,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "fuzz/ref_model.h"
@@ -84,9 +85,12 @@ inline std::uint64_t do_access(dev::work_item& wi, const range_access& a) {
 /// `beside` (with the midpoint handshake) while the kernel runs, and wait.
 /// Aborts the process if the kernel does not finish in 30 s (its items
 /// still reference `acc` and the outcome: nothing safe to return to).
-template <class Beside>
-range_outcome run_range_kernel(device& dev, gpu_vm& vm, const std::vector<range_access>& acc, unsigned items,
-                               bool sync, Beside&& beside) {
+/// With `sync`, `at_midpoint(completion)` runs once an item reached its
+/// midpoint (or the kernel ended), before the items are let go: a host
+/// cancel issued there finds every running item at or before its midpoint.
+template <class Beside, class AtMidpoint>
+range_outcome run_range_kernel(driver& dev, gpu_vm& vm, const std::vector<range_access>& acc, unsigned items,
+                               bool sync, Beside&& beside, AtMidpoint&& at_midpoint) {
   range_outcome out;
   out.items = std::max(1u, std::min<unsigned>(items, static_cast<unsigned>(std::max<std::size_t>(acc.size(), 1))));
   out.vals.assign(acc.size(), 0);
@@ -118,6 +122,7 @@ range_outcome run_range_kernel(device& dev, gpu_vm& vm, const std::vector<range_
   }
   if (sync) {
     while (!ks.started.load(std::memory_order_acquire) && !c->done()) std::this_thread::yield();
+    at_midpoint(*c);
     ks.go.store(true, std::memory_order_release);
     beside();
   }
@@ -127,6 +132,12 @@ range_outcome run_range_kernel(device& dev, gpu_vm& vm, const std::vector<range_
     std::abort();
   }
   return out;
+}
+
+template <class Beside>
+range_outcome run_range_kernel(driver& dev, gpu_vm& vm, const std::vector<range_access>& acc, unsigned items,
+                               bool sync, Beside&& beside) {
+  return run_range_kernel(dev, vm, acc, items, sync, std::forward<Beside>(beside), [](const dev::completion&) {});
 }
 
 }  // namespace svm::fuzz
