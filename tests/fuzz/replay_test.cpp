@@ -1,10 +1,14 @@
-// Replays the op-sequence fuzzer's seed corpus and regression inputs
-// (tests/fuzz/corpus, tests/fuzz/regressions) against svm and the reference
-// model, one test per directory, and checks that the checked-in seed corpus
-// is what the generator produces.
+// Replays the fuzzer's seed corpora and regression inputs against svm:
+// tests/fuzz/corpus and tests/fuzz/regressions through the sequential mode
+// (op_runner.h, against the reference model), tests/fuzz/corpus_conc and
+// tests/fuzz/regressions_conc through the concurrent mode (conc_runner.h).
+// It checks that the checked-in seeds are what the generators produce, that
+// the seeds reach every op kind and the device at scale, and that the checks
+// can fail (FuzzChecks: a byte changed behind the models' back is caught).
 //
 // Regenerate the seeds: SVM_FUZZ_WRITE_CORPUS=1 ./fuzz_tests --gtest_filter='FuzzCorpus.*'
-// Replay another directory (a fuzzer's working corpus): SVM_FUZZ_REPLAY_DIR=<dir>.
+// Replay another directory (a fuzzer's working corpus): SVM_FUZZ_REPLAY_DIR=<dir>
+// (sequential) or SVM_FUZZ_REPLAY_CONC_DIR=<dir> (concurrent).
 #include <gtest/gtest.h>
 
 #include <algorithm>
