@@ -102,11 +102,14 @@ TEST(FuzzCorpus, ConcurrentSeedsRunToTheEndOnTwoThreads) {
   for (const auto& [name, bytes] : conc_seed_corpus()) {
     const run_result r = run_concurrent(bytes);
     EXPECT_TRUE(r.ok) << name << ": " << r.message;
-    EXPECT_GE(r.accesses, 32u) << name;
+    EXPECT_GT(r.accesses, 0u) << name;  // a kernel on C may stop early: the count varies
     std::printf("[ conc     ] %-30s %3llu records %6llu device accesses\n", name.c_str(),
                 static_cast<unsigned long long>(r.ops), static_cast<unsigned long long>(r.accesses));
   }
   const run_totals after = concurrent_totals();
+  // Kernels on S always run every access: the seeds' S kernels alone make
+  // well over this.
+  EXPECT_GE(after.accesses - before.accesses, 500u);
   EXPECT_GT(after.concurrent, before.concurrent);  // phases run at once
   EXPECT_GT(after.oracle_checked, before.oracle_checked);
 }
@@ -121,8 +124,9 @@ TEST(FuzzCorpus, ConcurrentGarbageDecodesAndRuns) {
 }
 
 // Every seed runs to its end (no early stop on exhausted frames), and the
-// device seeds (range kernels, kernels beside CPU operations) reach the
-// device at scale: the fuzzer's start points are not one access per kernel.
+// device seeds (range kernels, kernels beside CPU operations, host cancels)
+// reach the device, the range seeds at scale: the fuzzer's start points are
+// not one access per kernel.
 TEST(FuzzCorpus, SeedsRunToTheEndAndDeviceSeedsReachTheDevice) {
   std::uint64_t device_seeds = 0;
   for (const auto& [name, bytes] : seed_corpus()) {
@@ -130,9 +134,15 @@ TEST(FuzzCorpus, SeedsRunToTheEndAndDeviceSeedsReachTheDevice) {
     EXPECT_TRUE(r.ok) << name << ": " << r.message;
     EXPECT_FALSE(r.exhausted) << name;
     EXPECT_EQ(r.ops, decode(bytes).ops.size()) << name;
-    if (name.starts_with("range_") || name.starts_with("during_")) {
+    // Range seeds have no concurrency: their count is exact. A kernel beside
+    // a CPU operation or a host cancel may stop earlier or later from run to
+    // run, so for those only "it reached the device" is fixed.
+    if (name.starts_with("range_")) {
       ++device_seeds;
       EXPECT_GE(r.accesses, 32u) << name << " made " << r.accesses << " device accesses";
+    } else if (name.starts_with("during_") || name.starts_with("cancel_")) {
+      ++device_seeds;
+      EXPECT_GT(r.accesses, 0u) << name;
     }
     std::printf("[ seed     ] %-28s %3llu ops %6llu device accesses\n", name.c_str(),
                 static_cast<unsigned long long>(r.ops), static_cast<unsigned long long>(r.accesses));
