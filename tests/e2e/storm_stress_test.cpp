@@ -18,7 +18,8 @@
 // prints its seed on failure; SVM_STRESS_SCALE multiplies the operation
 // counts (sanitizer builds divide them by 4 by default).
 // The *Soak* test runs for SVM_SOAK_SECONDS (default 600) and is kept out of
-// the default run by its label.
+// the default run by its label; `ctest --preset soak` runs it, under a ctest
+// TIMEOUT of 1500 s (tests/CMakeLists.txt) that its default fits with margin.
 #include <gtest/gtest.h>
 
 #include <atomic>

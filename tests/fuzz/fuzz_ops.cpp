@@ -1,9 +1,9 @@
-// libFuzzer entry of the op-sequence fuzzer (issue 7): each input is a
+// libFuzzer entry of the op-sequence fuzzer: each input is a
 // program (op_runner.h) run against svm and the reference model; a mismatch
 // prints the op and both results and aborts (a crash for libFuzzer).
 //
-// At exit it prints its own totals ("svm_fuzz: runs ... ops ..."), next to
-// libFuzzer's -print_final_stats=1 figures.
+// At exit it prints its own totals ("svm_fuzz: runs ... device accesses ...
+// (N per execution ...)"), next to libFuzzer's -print_final_stats=1 figures.
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -13,11 +13,7 @@
 
 namespace {
 void print_totals() {
-  const svm::fuzz::run_totals t = svm::fuzz::totals();
-  std::fprintf(stderr, "svm_fuzz: runs %llu ops %llu kernels %llu device accesses %llu out-of-frames %llu\n",
-               static_cast<unsigned long long>(t.runs), static_cast<unsigned long long>(t.ops),
-               static_cast<unsigned long long>(t.kernels), static_cast<unsigned long long>(t.accesses),
-               static_cast<unsigned long long>(t.exhausted));
+  std::fprintf(stderr, "%s\n", svm::fuzz::describe(svm::fuzz::totals(), "svm_fuzz").c_str());
 }
 }  // namespace
 

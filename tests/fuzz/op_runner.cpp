@@ -11,6 +11,7 @@
 #include <optional>
 #include <sstream>
 
+#include "fuzz/range_kernel.h"
 #include "fuzz/ref_model.h"
 #include "svm/svm/gpu_vm.h"
 #include "svm/svm/oracle.h"
@@ -19,12 +20,13 @@ namespace svm::fuzz {
 
 namespace {
 
-constexpr va_t cpu_base = va_t{1} << 30;                  // 2M aligned: THP fits
+constexpr va_t cpu_base = universe_base;                  // 2M aligned: THP fits
 constexpr va_t window_gpu_base = cpu_base + (va_t{256} << 20);  // delta a 2M multiple
 constexpr std::uint64_t file_pages[2] = {64, 600};
 
 // Totals over all runs; relaxed: statistics, read after the runs.
-std::atomic<std::uint64_t> g_runs{0}, g_ops{0}, g_accesses{0}, g_kernels{0}, g_exhausted{0};
+std::atomic<std::uint64_t> g_runs{0}, g_ops{0}, g_accesses{0}, g_kernels{0}, g_exhausted{0}, g_faults{0},
+    g_replays{0}, g_cancels{0}, g_checked{0}, g_concurrent{0};
 
 constexpr std::array<std::uint8_t, op_count> arg_bytes = {
     4,  // mmap_anon: fl pg pg n
@@ -52,6 +54,9 @@ constexpr std::array<std::uint8_t, op_count> arg_bytes = {
     1,  // kernel: k (+ accesses)
     0,  // child_exit
     0,  // gc_notifiers
+    6,  // kernel_range: k pg pg n s v
+    11, // kernel_during: c cpg cpg cn x, k pg pg n s v
+    7,  // kernel_cancel: k pg pg n s v r
 };
 
 class reader {
@@ -95,7 +100,7 @@ std::string bytes_hex(std::span<const std::uint8_t> b) {
 // The state of one run: svm's objects and the model.
 class runner {
  public:
-  explicit runner(const program& p);
+  explicit runner(const program& p, const run_hooks* h);
   ~runner();
   run_result run();
 
@@ -103,9 +108,22 @@ class runner {
   bool step(std::size_t i, const op_desc& op);  // false: mismatch (msg_ set)
   bool fail(std::size_t i, const op_desc& op, const std::string& what);
   bool kernel(std::size_t i, const op_desc& op);
+  bool kernel_range(std::size_t i, const op_desc& op);
+  bool kernel_during(std::size_t i, const op_desc& op);
+  bool kernel_cancel(std::size_t i, const op_desc& op);
+  /// The accesses and work items of a range kernel from args [at, at+6),
+  /// steered over the pages reachable in `m`.
+  std::vector<range_access> range_accesses(std::size_t i, const op_desc& op, std::size_t at, const ref_model& m,
+                                           unsigned* items) const;
+  /// Read every completed store of `acc` back through the CPU and compare
+  /// with the model (the data check).
+  bool read_back(std::size_t i, const op_desc& op, const std::vector<range_access>& acc, const range_outcome& o);
+  bool check_oracle(std::size_t i, const op_desc& op);
+  std::string show_status(const dev::kernel_status& st) const;
   std::uint64_t pick_bo(std::uint8_t b) const;
 
   const program& prog_;
+  const run_hooks* hooks_;
   va_t gpu_base_;
   ref_model model_;
   std::unique_ptr<mm> m_;
@@ -122,7 +140,7 @@ class runner {
   static constexpr pfn_t low_frames = 1024;  // the device-private pool's owner (not the VM)
 };
 
-runner::runner(const program& p) : prog_(p), model_(cpu_base, mm_options{}.mmap_limit) {
+runner::runner(const program& p, const run_hooks* h) : prog_(p), hooks_(h), model_(cpu_base, mm_options{}.mmap_limit) {
   const std::uint8_t c = p.config;
   mm_options mo;
   mo.frames = 4096;
@@ -176,6 +194,11 @@ runner::runner(const program& p) : prog_(p), model_(cpu_base, mm_options{}.mmap_
 }
 
 runner::~runner() {
+  const dev::device_stats ds = dev_->hw().stats();
+  g_faults.fetch_add(ds.faults, std::memory_order_relaxed);
+  g_replays.fetch_add(ds.replays, std::memory_order_relaxed);
+  g_cancels.fetch_add(ds.cancels, std::memory_order_relaxed);
+  g_checked.fetch_add(oracle_->svm_checked(), std::memory_order_relaxed);
   oracle_.reset();
   vm_.reset();
   dev_.reset();
@@ -377,6 +400,9 @@ bool runner::step(std::size_t i, const op_desc& op) {
     }
     case op_kind::kernel: return kernel(i, op);
     case op_kind::gc_notifiers: (void)vm_->gc_notifiers(); return true;
+    case op_kind::kernel_range: return kernel_range(i, op);
+    case op_kind::kernel_during: return kernel_during(i, op);
+    case op_kind::kernel_cancel: return kernel_cancel(i, op);
     case op_kind::count: break;
   }
   return true;
@@ -481,12 +507,343 @@ bool runner::kernel(std::size_t i, const op_desc& op) {
                            (want_ok ? std::string("-") : hex(items[want_done].va)) + " after " +
                            std::to_string(want_done));
   }
+  return check_oracle(i, op);
+}
+
+bool runner::check_oracle(std::size_t i, const op_desc& op) {
   if (oracle_->stale() != 0) {
     std::string r;
     for (const auto& rep : oracle_->reports()) r += "\n  " + describe(rep);
     return fail(i, op, "access oracle saw " + std::to_string(oracle_->stale()) + " stale accesses:" + r);
   }
   return true;
+}
+
+std::string runner::show_status(const dev::kernel_status& st) const {
+  return std::string(errc_name(st.error)) + "/" + errc_name(st.reason) + " at " + hex(st.address);
+}
+
+std::vector<range_access> runner::range_accesses(std::size_t i, const op_desc& op, std::size_t at, const ref_model& m,
+                                                 unsigned* items) const {
+  const auto& a = op.args;
+  const std::uint8_t k = a[at], n = a[at + 3], s = a[at + 4], v = a[at + 5];
+  const std::uint16_t pg = u16(a, at + 1);
+  std::uint64_t start = pg;
+  if (pg >= address_pages) {
+    const std::vector<va_t> reach = m.reachable_gpu_pages(cpu_base, gpu_base_, address_pages);
+    start = reach.empty() ? 0 : (reach[(pg - address_pages) % reach.size()] - gpu_base_) / page_size;
+  }
+  const std::uint64_t stride = (1 + (s & 3)) * ((k & 0x20) ? 16 : 1);
+  *items = 1 + ((s >> 2) & 7);
+  const std::uint64_t count = std::min<std::uint64_t>(decode_pages(n), max_range_accesses);
+  const unsigned size = 1u << ((k >> 3) & 3);
+  std::vector<range_access> out;
+  for (std::uint64_t j = 0; j < count; ++j) {
+    const std::uint64_t page = start + j * stride;
+    if (page >= address_pages) break;
+    range_access r;
+    unsigned kind = k % 8;
+    if (kind >= 6) kind = static_cast<unsigned>((j + v) % 6);
+    r.prefetch = kind == 5;
+    r.op = kind == 1 ? dev_op::store : kind == 2 ? dev_op::add : kind == 3 ? dev_op::cmpxchg : kind == 4 ? dev_op::xchg
+                                                                                                    : dev_op::load;
+    r.size = size;
+    const std::uint64_t off = align_down(((v + 7 * j) % 256) * 16 + ((k >> 6) & 3) * 4, size);
+    r.va = gpu_base_ + page * page_size + off;
+    r.v = pattern(static_cast<std::uint8_t>(v + j), i);
+    r.desired = pattern(static_cast<std::uint8_t>(v + j + 1), i);
+    out.push_back(r);
+  }
+  return out;
+}
+
+bool runner::read_back(std::size_t i, const op_desc& op, const std::vector<range_access>& acc, const range_outcome& o) {
+  unsigned checked = 0;
+  for (std::size_t j = 0; j < acc.size() && checked < 64; ++j) {
+    if (!acc[j].writes() || !o.completed(j)) continue;
+    ++checked;
+    const va_t cpu = align_down(acc[j].va, 8) - gpu_base_ + cpu_base;
+    std::uint8_t got[8] = {}, want[8] = {};
+    const errc ge = m_->read(cpu, std::as_writable_bytes(std::span{got}));
+    const errc we = model_.cpu_read(model_.parent, cpu, want);
+    if (ge != we || (ge == errc::ok && std::memcmp(got, want, 8) != 0))
+      return fail(i, op, "read back of the device's store " + std::to_string(j) + " at cpu " + hex(cpu) + ": svm " +
+                             errc_name(ge) + " " + bytes_hex(got) + ", model " + errc_name(we) + " " + bytes_hex(want));
+  }
+  return true;
+}
+
+// A kernel over many pages, several work items; exact against the model.
+bool runner::kernel_range(std::size_t i, const op_desc& op) {
+  unsigned items = 1;
+  const std::vector<range_access> acc = range_accesses(i, op, 0, model_, &items);
+  // The model's outcome, in order, up to its first failure (each access is
+  // on its own page: the order among items does not change any value).
+  ref_model probe = model_;
+  std::vector<ref_dev_result> want(acc.size());
+  std::size_t first_fail = acc.size();
+  for (std::size_t j = 0; j < acc.size(); ++j) {
+    const range_access& r = acc[j];
+    if (r.prefetch) {
+      const ref_dev_result rd = probe.dev_access(align_down(r.va, 8), 1, dev_op::load, 0, 0);
+      want[j] = {errc::ok, errc::ok, rd.error == errc::ok ? 1u : 0u};
+      continue;
+    }
+    want[j] = probe.dev_access(r.va, r.size, r.op, r.v, r.desired);
+    if (want[j].error != errc::ok) {
+      first_fail = j;
+      break;
+    }
+  }
+  if (first_fail < acc.size()) items = 1;  // the first failure in order is then the status
+  const range_outcome o = run_range_kernel(*dev_, *vm_, acc, items, false, [] {});
+  g_kernels.fetch_add(1, std::memory_order_relaxed);
+  std::size_t done = 0;
+  for (std::size_t d : o.done) done += d;
+  accesses_ += done;
+  if (first_fail < acc.size()) {
+    const ref_dev_result& f = want[first_fail];
+    if (o.st.error != f.error || o.st.reason != f.reason || o.st.address != acc[first_fail].va || o.done[0] != first_fail)
+      return fail(i, op, "range kernel: svm " + show_status(o.st) + " after " + std::to_string(o.done[0]) +
+                             " accesses; model " + errc_name(f.error) + "/" + errc_name(f.reason) + " at " +
+                             hex(acc[first_fail].va) + " after " + std::to_string(first_fail));
+  } else if (!o.st.ok() || done != acc.size()) {
+    return fail(i, op, "range kernel: svm " + show_status(o.st) + " after " + std::to_string(done) + " of " +
+                           std::to_string(acc.size()) + " accesses; model ok");
+  }
+  for (std::size_t j = 0; j < acc.size(); ++j) {
+    if (!o.completed(j)) continue;
+    const range_access& r = acc[j];
+    if (r.prefetch) {
+      // Residency is invisible to the model: a prefetch may leave a
+      // readable page unmapped, but never map one the device may not read.
+      if (o.vals[j] == 1 && want[j].value == 0)
+        return fail(i, op, "prefetch " + std::to_string(j) + " at " + hex(r.va) + " mapped a page the model cannot read");
+      continue;
+    }
+    if (r.op != dev_op::store && o.vals[j] != want[j].value)
+      return fail(i, op, "range access " + std::to_string(j) + " at " + hex(r.va) + " size " + std::to_string(r.size) +
+                             ": svm returned " + hex(o.vals[j]) + ", model " + hex(want[j].value));
+  }
+  model_ = std::move(probe);
+  if (!check_oracle(i, op)) return false;
+  return read_back(i, op, acc, o);
+}
+
+// A range kernel cancelled from the host at its items' midpoint.
+bool runner::kernel_cancel(std::size_t i, const op_desc& op) {
+  unsigned items = 1;
+  const std::vector<range_access> acc = range_accesses(i, op, 0, model_, &items);
+  const errc reason = (op.args[6] & 1) ? errc::timedout : errc::canceled;
+  // Does any access fail? Then one item, in order: the failure comes first
+  // if it lies before the midpoint.
+  std::size_t first_fail = acc.size();
+  {
+    ref_model probe = model_;
+    for (std::size_t j = 0; j < acc.size() && first_fail == acc.size(); ++j)
+      if (!acc[j].prefetch && probe.dev_access(acc[j].va, acc[j].size, acc[j].op, acc[j].v, acc[j].desired).error != errc::ok)
+        first_fail = j;
+  }
+  if (first_fail < acc.size()) items = 1;
+  errc cancel_e = errc::ok;
+  const range_outcome o = run_range_kernel(*dev_, *vm_, acc, items, true, [] {},
+                                           [&](const dev::completion& c) { cancel_e = c.cancel(reason); });
+  g_kernels.fetch_add(1, std::memory_order_relaxed);
+  std::size_t done = 0;
+  for (std::size_t d : o.done) done += d;
+  accesses_ += done;
+  if (cancel_e != errc::ok) return fail(i, op, std::string("completion::cancel: ") + errc_name(cancel_e));
+  auto mid = [&](unsigned w) {
+    const std::size_t mine = acc.size() > w ? (acc.size() - w + o.items - 1) / o.items : 0;
+    return mine / 2;
+  };
+  const bool fails_first = first_fail < acc.size() && first_fail < mid(0);
+  if (acc.empty()) {
+    if (!o.st.ok()) return fail(i, op, "an empty kernel cancelled after it ended: " + show_status(o.st));
+  } else if (fails_first) {
+    const ref_dev_result f = ref_model(model_).dev_access(acc[first_fail].va, acc[first_fail].size, acc[first_fail].op,
+                                                          acc[first_fail].v, acc[first_fail].desired);
+    if (o.st.error != f.error || o.st.reason != f.reason || o.st.address != acc[first_fail].va || o.done[0] != first_fail)
+      return fail(i, op, "cancelled kernel: svm " + show_status(o.st) + " after " + std::to_string(o.done[0]) +
+                             "; model " + errc_name(f.error) + "/" + errc_name(f.reason) + " at " +
+                             hex(acc[first_fail].va) + " first");
+  } else if (o.st.error != errc::canceled || o.st.reason != reason) {
+    return fail(i, op, "cancelled kernel: svm " + show_status(o.st) + ", want ECANCELED/" + errc_name(reason));
+  }
+  for (unsigned w = 0; w < o.items; ++w)
+    if (o.done[w] > mid(w))
+      return fail(i, op, "item " + std::to_string(w) + " completed " + std::to_string(o.done[w]) +
+                             " accesses after the cancel at its midpoint " + std::to_string(mid(w)));
+  for (std::size_t j = 0; j < acc.size(); ++j) {
+    if (!o.completed(j)) continue;
+    const range_access& r = acc[j];
+    if (r.prefetch) {
+      const ref_dev_result rd = ref_model(model_).dev_access(align_down(r.va, 8), 1, dev_op::load, 0, 0);
+      if (o.vals[j] == 1 && rd.error != errc::ok)
+        return fail(i, op, "prefetch " + std::to_string(j) + " at " + hex(r.va) + " mapped a page the model cannot read");
+      continue;
+    }
+    const ref_dev_result rr = model_.dev_access(r.va, r.size, r.op, r.v, r.desired);
+    if (rr.error != errc::ok)
+      return fail(i, op, "access " + std::to_string(j) + " at " + hex(r.va) + " completed; model " + errc_name(rr.error));
+    if (r.op != dev_op::store && rr.value != o.vals[j])
+      return fail(i, op, "access " + std::to_string(j) + " at " + hex(r.va) + ": svm " + hex(o.vals[j]) + ", model " +
+                             hex(rr.value));
+  }
+  if (!check_oracle(i, op)) return false;
+  return read_back(i, op, acc, o);
+}
+
+// A range kernel with a CPU operation beside it; invariants, not an
+// interleaving (op_runner.h).
+bool runner::kernel_during(std::size_t i, const op_desc& op) {
+  const auto& a = op.args;
+  const unsigned c = a[0] % 8;
+  const bool dontunmap = (a[0] & 8) != 0;
+  const va_t cva = page_va(cpu_base, u16(a, 1));
+  const std::uint64_t clen = decode_pages(a[3]) * page_size;
+  const std::uint8_t x = a[4];
+  const va_t dst = page_va(cpu_base, static_cast<std::uint16_t>(x * 4));
+  // The pages the operation may change (CPU VA ranges); fork: every page.
+  std::vector<va_range> touched;
+  switch (c) {
+    case 0: case 1: case 2: touched.push_back({cva, cva + clen}); break;
+    case 3: touched.push_back({cva, cva + clen}); touched.push_back({dst, dst + clen}); break;
+    case 4: touched.push_back({0, ~va_t{0}}); break;
+    default: break;  // reclaim, migrate, madvise advice other than DONTNEED keep every byte
+  }
+  if (c == 7 && madvice(x % 3) == madvice::dontneed) touched.push_back({cva, cva + clen});
+  auto is_touched = [&](va_t gva) {
+    const va_t cpu = align_down(gva, page_size) - gpu_base_ + cpu_base;
+    for (const va_range& r : touched)
+      if (cpu + page_size > r.start && cpu < r.end) return true;
+    return false;
+  };
+  unsigned items = 1;
+  std::vector<range_access> acc = range_accesses(i, op, 5, model_, &items);
+  for (range_access& r : acc)
+    if (r.writes() && is_touched(r.va)) r.op = dev_op::load;  // only loads where the outcome is racy
+
+  // The model before and after the operation.
+  const ref_model pre = model_;
+  errc want_e = errc::ok;
+  std::uint64_t want_va = 0;
+  switch (c) {
+    case 0: want_e = model_.munmap(model_.parent, cva, clen); break;
+    case 1: want_e = model_.mprotect(model_.parent, cva, clen, prot(x & 7)); break;
+    case 2: want_e = model_.madvise(model_.parent, cva, clen, madvice::dontneed); break;
+    case 3: {
+      auto r = model_.mremap(model_.parent, cva, clen, clen, mremap_flags(dontunmap ? 7 : 3), dst);
+      want_e = r.ok() ? errc::ok : r.error();
+      want_va = r.ok() ? *r : 0;
+      break;
+    }
+    case 4: model_.fork(); break;
+    case 5: case 6: want_e = model_.reclaim_or_migrate_check(cva, clen); break;
+    default: want_e = model_.madvise(model_.parent, cva, clen, madvice(x % 3)); break;
+  }
+  // Each access's outcome in either state (probes: the writes of a probe
+  // stay in it).
+  ref_model pre_probe = pre, post_probe = model_;
+  std::vector<ref_dev_result> rpre(acc.size()), rpost(acc.size());
+  for (std::size_t j = 0; j < acc.size(); ++j) {
+    const range_access& r = acc[j];
+    if (r.prefetch) {
+      rpre[j] = pre_probe.dev_access(align_down(r.va, 8), 1, dev_op::load, 0, 0);
+      rpost[j] = post_probe.dev_access(align_down(r.va, 8), 1, dev_op::load, 0, 0);
+      continue;
+    }
+    rpre[j] = pre_probe.dev_access(r.va, r.size, r.op, r.v, r.desired);
+    rpost[j] = post_probe.dev_access(r.va, r.size, r.op, r.v, r.desired);
+  }
+
+  if (c == 4) child_.reset();
+  errc got_e = errc::ok;
+  std::uint64_t got_va = 0;
+  auto beside = [&] {
+    switch (c) {
+      case 0: got_e = m_->munmap(cva, clen); break;
+      case 1: got_e = m_->mprotect(cva, clen, prot(x & 7)); break;
+      case 2: got_e = m_->madvise(cva, clen, madvice::dontneed); break;
+      case 3: {
+        auto r = m_->mremap(cva, clen, clen, mremap_flags(dontunmap ? 7 : 3), dst);
+        got_e = r.ok() ? errc::ok : r.error();
+        got_va = r.ok() ? *r : 0;
+        break;
+      }
+      case 4: {
+        auto ch = m_->fork();
+        got_e = ch.ok() ? errc::ok : ch.error();
+        if (ch.ok()) child_ = std::move(*ch);
+        break;
+      }
+      case 5: {
+        auto r = m_->reclaim(cva, clen);
+        got_e = r.ok() ? errc::ok : r.error();
+        break;
+      }
+      case 6: {
+        auto r = m_->migrate(cva, clen, 1 + (x & 1), (x & 1) ? &foreign_owner_ : nullptr);
+        got_e = r.ok() ? errc::ok : r.error();
+        break;
+      }
+      default: got_e = m_->madvise(cva, clen, madvice(x % 3)); break;
+    }
+  };
+  const range_outcome o = run_range_kernel(*dev_, *vm_, acc, items, true, beside);
+  g_kernels.fetch_add(1, std::memory_order_relaxed);
+  g_concurrent.fetch_add(1, std::memory_order_relaxed);
+  std::size_t done = 0;
+  for (std::size_t d : o.done) done += d;
+  accesses_ += done;
+  if (got_e != want_e || got_va != want_va)
+    return fail(i, op, std::string("operation beside the kernel: svm ") + errc_name(got_e) + " " + hex(got_va) +
+                           ", model " + errc_name(want_e) + " " + hex(want_va));
+
+  auto same = [](const ref_dev_result& r, const dev::kernel_status& st) {
+    return r.error == st.error && r.reason == st.reason;
+  };
+  // The kernel's end: ok with every access done, or the failure of an
+  // access some item stopped at, explained by one of the two states.
+  if (o.st.ok()) {
+    if (done != acc.size())
+      return fail(i, op, "kernel beside the operation: ok after " + std::to_string(done) + " of " +
+                             std::to_string(acc.size()) + " accesses");
+  } else {
+    bool explained = false;
+    for (unsigned w = 0; w < o.items && !explained; ++w) {
+      const std::size_t j = o.next_of(w);
+      explained = j < acc.size() && acc[j].va == o.st.address && (same(rpre[j], o.st) || same(rpost[j], o.st));
+    }
+    if (!explained) return fail(i, op, "kernel beside the operation: " + show_status(o.st) + " explained by neither state");
+  }
+  // Completed accesses: racy pages return what either state holds; the
+  // others are exact and their writes go into the model.
+  for (std::size_t j = 0; j < acc.size(); ++j) {
+    if (!o.completed(j)) continue;
+    const range_access& r = acc[j];
+    const std::string where = "access " + std::to_string(j) + " at " + hex(r.va) + ": svm ";
+    if (r.prefetch) {
+      if (o.vals[j] == 1 && rpre[j].error != errc::ok && rpost[j].error != errc::ok)
+        return fail(i, op, "prefetch " + std::to_string(j) + " at " + hex(r.va) + " mapped a page neither state maps");
+      continue;
+    }
+    if (is_touched(r.va)) {
+      const bool ok_pre = rpre[j].error == errc::ok && rpre[j].value == o.vals[j];
+      const bool ok_post = rpost[j].error == errc::ok && rpost[j].value == o.vals[j];
+      if (!ok_pre && !ok_post)
+        return fail(i, op, where + hex(o.vals[j]) + "; before " + errc_name(rpre[j].error) + " " + hex(rpre[j].value) +
+                               ", after " + errc_name(rpost[j].error) + " " + hex(rpost[j].value));
+      continue;
+    }
+    const ref_dev_result rr = model_.dev_access(r.va, r.size, r.op, r.v, r.desired);
+    if (rr.error != errc::ok)
+      return fail(i, op, where + "completed, model " + errc_name(rr.error) + "/" + errc_name(rr.reason));
+    if (r.op != dev_op::store && rr.value != o.vals[j])
+      return fail(i, op, where + hex(o.vals[j]) + ", model " + hex(rr.value));
+  }
+  if (!check_oracle(i, op)) return false;
+  return read_back(i, op, acc, o);
 }
 
 run_result runner::run() {
@@ -504,6 +861,7 @@ run_result runner::run() {
       res.message = msg_;
       break;
     }
+    if (hooks_ && hooks_->after_op) hooks_->after_op(i, *m_);
   }
   res.accesses = accesses_;
   return res;
@@ -515,7 +873,8 @@ const char* to_string(op_kind k) noexcept {
   static constexpr const char* names[] = {
       "mmap_anon", "mmap_file", "munmap", "mprotect", "madvise", "mremap", "fork", "child_store", "child_load",
       "reclaim", "migrate", "cpu_store", "cpu_load", "cpu_fetch_add", "file_pwrite", "bo_create", "bo_destroy",
-      "bo_bind", "bo_unbind", "bo_evict", "bo_write", "bo_read", "kernel", "child_exit", "gc_notifiers"};
+      "bo_bind", "bo_unbind", "bo_evict", "bo_write", "bo_read", "kernel", "child_exit", "gc_notifiers",
+      "kernel_range", "kernel_during", "kernel_cancel"};
   const auto i = static_cast<unsigned>(k);
   return i < op_count ? names[i] : "?";
 }
@@ -564,11 +923,11 @@ std::vector<std::uint8_t> encode(const program& p) {
   return out;
 }
 
-run_result run_input(std::span<const std::uint8_t> data) {
+run_result run_input(std::span<const std::uint8_t> data, const run_hooks* hooks) {
   const program p = decode(data);
   run_result res;
   {
-    runner r(p);
+    runner r(p, hooks);
     res = r.run();
   }
   g_runs.fetch_add(1, std::memory_order_relaxed);
@@ -579,9 +938,34 @@ run_result run_input(std::span<const std::uint8_t> data) {
 }
 
 run_totals totals() noexcept {
-  return {g_runs.load(std::memory_order_relaxed), g_ops.load(std::memory_order_relaxed),
-          g_accesses.load(std::memory_order_relaxed), g_kernels.load(std::memory_order_relaxed),
-          g_exhausted.load(std::memory_order_relaxed)};
+  run_totals t;
+  t.runs = g_runs.load(std::memory_order_relaxed);
+  t.ops = g_ops.load(std::memory_order_relaxed);
+  t.accesses = g_accesses.load(std::memory_order_relaxed);
+  t.kernels = g_kernels.load(std::memory_order_relaxed);
+  t.exhausted = g_exhausted.load(std::memory_order_relaxed);
+  t.faults = g_faults.load(std::memory_order_relaxed);
+  t.replays = g_replays.load(std::memory_order_relaxed);
+  t.cancels = g_cancels.load(std::memory_order_relaxed);
+  t.oracle_checked = g_checked.load(std::memory_order_relaxed);
+  t.concurrent = g_concurrent.load(std::memory_order_relaxed);
+  return t;
+}
+
+std::string describe(const run_totals& t, const char* prefix) {
+  char b[512];
+  const double runs = t.runs ? static_cast<double>(t.runs) : 1.0, kernels = t.kernels ? static_cast<double>(t.kernels) : 1.0;
+  std::snprintf(b, sizeof b,
+                "%s: runs %llu ops %llu kernels %llu (%llu beside a CPU operation) device accesses %llu "
+                "(%.1f per execution, %.1f per kernel) faults %llu replays %llu cancels %llu oracle-checked %llu "
+                "out-of-frames %llu",
+                prefix, static_cast<unsigned long long>(t.runs), static_cast<unsigned long long>(t.ops),
+                static_cast<unsigned long long>(t.kernels), static_cast<unsigned long long>(t.concurrent),
+                static_cast<unsigned long long>(t.accesses), static_cast<double>(t.accesses) / runs,
+                static_cast<double>(t.accesses) / kernels, static_cast<unsigned long long>(t.faults),
+                static_cast<unsigned long long>(t.replays), static_cast<unsigned long long>(t.cancels),
+                static_cast<unsigned long long>(t.oracle_checked), static_cast<unsigned long long>(t.exhausted));
+  return b;
 }
 
 }  // namespace svm::fuzz
@@ -649,6 +1033,20 @@ class seed {
   }
   seed& bo_read(std::uint8_t b, std::uint8_t boff, std::uint8_t off) { return add(op_kind::bo_read, {b, boff, off}); }
   seed& gc() { return add(op_kind::gc_notifiers, {}); }
+  /// A range kernel (op_runner.h): kind k, first page pg, encoded count n,
+  /// s: stride-1 in bits 0-1, items-1 in bits 2-4; v the value byte.
+  seed& kernel_range(std::uint8_t k, std::uint16_t pg, std::uint8_t n, std::uint8_t s, std::uint8_t v) {
+    return add(op_kind::kernel_range, {k, lo(pg), hi(pg), n, s, v});
+  }
+  /// A range kernel beside CPU operation c on [cpg, cpg + cn pages), x its parameter.
+  /// A range kernel cancelled at its midpoint (r odd: reason ETIMEDOUT).
+  seed& kernel_cancel(std::uint8_t k, std::uint16_t pg, std::uint8_t n, std::uint8_t s, std::uint8_t v, std::uint8_t r) {
+    return add(op_kind::kernel_cancel, {k, lo(pg), hi(pg), n, s, v, r});
+  }
+  seed& kernel_during(std::uint8_t c, std::uint16_t cpg, std::uint8_t cn, std::uint8_t x, std::uint8_t k,
+                      std::uint16_t pg, std::uint8_t n, std::uint8_t s, std::uint8_t v) {
+    return add(op_kind::kernel_during, {c, lo(cpg), hi(cpg), cn, x, k, lo(pg), hi(pg), n, s, v});
+  }
   /// A kernel; each access {kind, page, off, v} (kind: op%8 | log2(size)<<3 | unaligned<<5 | sub<<6).
   seed& kernel(std::vector<access_desc> acc) {
     op_desc op;
@@ -671,6 +1069,15 @@ class seed {
 constexpr std::uint8_t ld8 = 0 | 3 << 3, st8 = 1 | 3 << 3, add8 = 2 | 3 << 3, cas8 = 3 | 3 << 3, xchg8 = 4 | 3 << 3;
 constexpr std::uint8_t ld1 = 0, st2 = 1 | 1 << 3, add4 = 2 | 2 << 3, cas2 = 3 | 1 << 3, xchg1 = 4;
 constexpr std::uint8_t unaligned = 0x20;
+// Range kernel kinds (op_runner.h): 5 prefetch, 6 mixed; bit5 strides by 16.
+constexpr std::uint8_t pf = 5, mixed8 = 6 | 3 << 3, mixed4 = 6 | 2 << 3, mixed2 = 6 | 1 << 3, mixed1 = 6, stride16 = 0x20;
+// Range work items: s = (items - 1) << 2 | (stride - 1).
+constexpr std::uint8_t items(unsigned n, unsigned stride = 1) { return static_cast<std::uint8_t>((n - 1) << 2 | (stride - 1)); }
+// Encoded page counts past 16 (decode_pages).
+constexpr std::uint8_t n32 = 240, n64 = 241, n128 = 242, n256 = 243, n511 = 244, n512 = 245, n1024 = 247;
+// kernel_during operations.
+constexpr std::uint8_t c_munmap = 0, c_mprotect = 1, c_dontneed = 2, c_mremap = 3, c_fork = 4, c_reclaim = 5,
+                       c_migrate = 6, c_madvise = 7, c_dontunmap = 8;
 
 }  // namespace
 
@@ -940,6 +1347,119 @@ std::vector<std::pair<std::string, std::vector<std::uint8_t>>> seed_corpus() {
                                .child_load(1, 0)
                                .child_store(0, 0, 4)
                                .cpu_load(0, 0, 3));
+  // ---- the device, at scale: range kernels and kernels beside CPU operations ----
+  put("range_many_pages", seed(0x10)
+                              .mmap_anon(0, n1024)
+                              .kernel_range(st8, 0, n256, items(4), 1)
+                              .kernel_range(ld8, 0, n256, items(8), 1)
+                              .kernel_range(mixed8, 0, n512, items(8, 2), 3)
+                              .kernel_range(mixed4, 1, n511, items(5, 2), 4)
+                              .kernel_range(mixed1 | 0x40, 256, n128, items(3, 3), 9)
+                              .cpu_load(0, 16, 3)
+                              .reclaim(0, n256)
+                              .kernel_range(ld8, 0, n256, items(8), 1));
+  put("range_faults_cancels", seed(0x01)
+                                  .mmap_anon(0, 15)
+                                  .mprotect(8, 3, 1)
+                                  .munmap(12, 3)
+                                  .kernel_range(st8, 0, 15, items(4), 2)
+                                  .kernel_range(ld8, 0, n511, items(8), 2)
+                                  .kernel_range(mixed2, 0, 7, items(2), 5)
+                                  .mprotect(0, 3, 0)
+                                  .kernel_range(add4, 0, 7, items(4), 6)
+                                  .kernel_range(static_cast<std::uint8_t>(ld8 | stride16), 0, n64, items(8), 7)
+                                  .kernel_range(cas2, 4, 3, items(2), 8)
+                                  .kernel_range(xchg1, 4, 3, items(1), 8));
+  put("range_prefetch_strides", seed(0x30)
+                                    .mmap_anon(0, 15)
+                                    .mmap_anon(512, 15)
+                                    .madvise(512, 15, 1)
+                                    .kernel_range(static_cast<std::uint8_t>(pf | stride16), 0, n64, items(6), 1)
+                                    .kernel_range(st8, 512, 15, items(2), 2)
+                                    .kernel_range(pf, 0, n32, items(7), 3)
+                                    .kernel_range(static_cast<std::uint8_t>(mixed8 | stride16), 0, n64, items(8, 2), 4)
+                                    .kernel_range(pf, 512, 15, items(3), 5)
+                                    .cpu_load(513, 0, 3));
+  put("range_bo_window", seed(0x44)
+                             .mmap_anon(0, 15)
+                             .bo_create(7)
+                             .bo_bind(0, 1030, 0, 7)
+                             .bo_create(3, true)
+                             .bo_bind(1, 1040, 0, 3)
+                             .kernel_range(mixed8, 1088, n32, items(4), 1)
+                             .kernel_range(st8, 1030, n32, items(4), 2)
+                             .bo_evict(0)
+                             .kernel_range(ld8, 1030, n32, items(4), 2)
+                             .bo_read(0, 2, 0)
+                             .kernel_range(mixed8, 0, n32, items(4), 3));
+  put("range_file_private", seed(0x00)
+                                .mmap_file(0, 15, 1, false, 0)
+                                .mmap_file(32, 15, 0, true, 0)
+                                .kernel_range(ld8, 0, 15, items(4), 1)
+                                .kernel_range(st8, 0, 7, items(4), 1)
+                                .kernel_range(add8, 32, 7, items(4), 1)
+                                .file_pwrite(1, 0, 9)
+                                .file_pwrite(0, 0, 9)
+                                .kernel_range(ld8, 0, 15, items(4), 1)
+                                .kernel_range(ld8, 32, 15, items(4), 1)
+                                .cpu_load(8, 0, 3));
+  put("during_munmap", seed(0x10)
+                           .mmap_anon(0, n64)
+                           .kernel_range(st8, 0, n64, items(4), 1)
+                           .kernel_during(c_munmap, 16, 15, 0, mixed8, 0, n64, items(4), 1)
+                           .kernel_during(c_munmap, 40, 3, 0, ld8, 0, n64, items(8), 1)
+                           .kernel_range(ld8, 0, n64, items(1), 1));
+  put("during_mprotect", seed(0x11)
+                             .mmap_anon(0, n32)
+                             .kernel_during(c_mprotect, 0, 15, 1, st8, 0, n32, items(4), 2)
+                             .kernel_during(c_mprotect, 8, 7, 0, mixed8, 0, n32, items(4), 3)
+                             .kernel_during(c_mprotect, 0, n32, 3, add8, 0, n32, items(8), 4)
+                             .kernel_range(ld8, 0, n32, items(1), 1));
+  put("during_dontneed", seed(0x12)
+                             .mmap_anon(0, n64)
+                             .kernel_range(st8, 0, n64, items(4), 1)
+                             .kernel_during(c_dontneed, 0, 15, 0, ld8, 0, n64, items(4), 1)
+                             .kernel_during(c_madvise, 16, 15, 0, mixed4, 0, n64, items(8), 2)
+                             .kernel_range(ld8, 0, n64, items(2), 1));
+  put("during_mremap", seed(0x13)
+                           .mmap_anon(0, 15)
+                           .kernel_range(st8, 0, 15, items(2), 1)
+                           .kernel_during(c_mremap, 0, 7, 50, mixed8, 0, n32, items(4), 1)
+                           .kernel_during(c_mremap | c_dontunmap, 200, 7, 100, ld8, 200, 15, items(4), 1)
+                           .kernel_range(ld8, 400, 15, items(2), 1));
+  put("during_fork", seed(0x10)
+                         .mmap_anon(0, n32)
+                         .kernel_range(st8, 0, n32, items(4), 1)
+                         .kernel_during(c_fork, 0, 0, 0, mixed8, 0, n32, items(4), 2)
+                         .kernel_range(st8, 0, n32, items(4), 3)
+                         .child_load(0, 0)
+                         .child_load(5, 0)
+                         .cpu_load(5, 0, 3));
+  put("during_reclaim_migrate", seed(0x15)
+                                    .mmap_anon(0, n64)
+                                    .kernel_during(c_reclaim, 0, n64, 0, mixed8, 0, n64, items(4), 1)
+                                    .kernel_during(c_migrate, 0, n32, 0, st8, 0, n64, items(8), 2)
+                                    .kernel_during(c_migrate, 0, n64, 1, mixed8, 0, n64, items(4), 3)
+                                    .kernel_during(c_reclaim, 16, n32, 0, add8, 0, n64, items(2), 4)
+                                    .kernel_range(ld8, 0, n64, items(4), 1)
+                                    .cpu_load(3, 0, 3));
+  put("cancel_from_host", seed(0x10)
+                              .mmap_anon(0, n64)
+                              .kernel_range(st8, 0, n64, items(4), 1)
+                              .kernel_cancel(mixed8, 0, n64, items(4), 2, 0)
+                              .kernel_range(ld8, 0, n64, items(4), 1)
+                              .kernel_cancel(st8, 0, n64, items(1), 3, 1)
+                              .kernel_cancel(ld8, 0, n128, items(8), 4, 0)
+                              .munmap(8, 0)
+                              .kernel_cancel(ld8, 0, 15, items(4), 5, 0)
+                              .kernel_cancel(ld8, 4, 15, items(2), 5, 1)
+                              .kernel_range(mixed8, 16, n32, items(4), 6));
+  put("during_thp_madvise", seed(0x20)
+                                .mmap_anon(0, n1024)
+                                .kernel_range(st8, 0, n512, items(8), 1)
+                                .kernel_during(c_madvise, 0, n512, 2, mixed8, 0, n512, items(8), 2)
+                                .kernel_during(c_madvise, 100, 15, 1, mixed8, 90, n32, items(4), 3)
+                                .kernel_during(c_munmap, 256, 3, 0, ld8, 250, 15, items(4), 1));
   return out;
 }
 

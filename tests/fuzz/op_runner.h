@@ -1,4 +1,4 @@
-// The op-sequence fuzzer's engine (issue 7): decode an input into a VM
+// The op-sequence fuzzer's engine: decode an input into a VM
 // configuration and a sequence of API operations, run them against svm and
 // against the reference model (ref_model.h), and report the first
 // disagreement. Used by the libFuzzer target (fuzz_ops.cpp) and by the
@@ -45,6 +45,15 @@
 //   22 kernel          k, then 1 + k%8 accesses             one work item runs them in order
 //   23 child_exit      -
 //   24 gc_notifiers    -
+//   25 kernel_range    k pg:u16 n s v                       a kernel over many pages: see "Range
+//                                                           kernels" below
+//   26 kernel_during   c cpg:u16 cn x, then k pg:u16 n s v  a range kernel with a CPU operation run
+//                                                           while it runs: see "Kernels under a CPU
+//                                                           operation" below
+//   27 kernel_cancel   k pg:u16 n s v r                     a range kernel cancelled from the host
+//                                                           (completion::cancel, reason ECANCELED if
+//                                                           r is even, else ETIMEDOUT) once its items
+//                                                           reach their midpoint
 //
 //   Addresses: pg is a CPU page index (pg % 1088) in the universe at
 //   cpu_base; gpg a GPU page index (gpg % 1088) at gpu_base (== cpu_base for
@@ -64,6 +73,40 @@
 //   size unless kind bit5 (then +1: unaligned, EINVAL; for a steered page
 //   only when v%8 == 0 as well).
 //
+//   Range kernels (k pg:u16 n s v): access j (j = 0 .. count-1) goes to GPU
+//   page pg + j*stride (pg >= 1088: steered, the start is the
+//   ((pg - 1088) mod count)th reachable page), stopping at the decoder's
+//   range; count = decode_pages(n), at most max_range_accesses. stride = 1 +
+//   s%4 pages, times 16 if k bit5. Work items: 1 + (s>>2)%8, item w runs the
+//   accesses j == w (mod items) in order. k%8: 0 load, 1 store, 2 add, 3
+//   cmpxchg, 4 exchange, 5 prefetch, 6-7 mixed (access j takes kind (j + v)
+//   % 6 of those); size 1 << ((k>>3)&3); byte offset ((v + 7j) % 256) * 16 +
+//   ((k>>6)&3)*4 aligned down to the size; value pattern(v + j). Each access
+//   touches its own page, so the items never race on data. If the model
+//   says an access will fail, the kernel runs as one item (the first failure
+//   in order is then the kernel's status, exactly). A prefetch must not
+//   report a page mapped that the device may not read. Every store is read
+//   back by the CPU afterwards and compared with the model.
+//
+//   A cancelled kernel ends {ECANCELED, reason}, or with the failure of an
+//   access before the midpoint if the model says one fails (it then runs as
+//   one item); no item completes an access past its midpoint; the accesses
+//   that did complete are exact and stay in the model; the queue's next
+//   kernel runs normally.
+//
+//   Kernels under a CPU operation (c cpg:u16 cn x): c%8 picks 0 munmap, 1
+//   mprotect (prot x&7), 2 madvise DONTNEED, 3 mremap to page x*4 (MAYMOVE|
+//   FIXED, | DONTUNMAP if c bit3), 4 fork, 5 reclaim, 6 migrate (pool as
+//   migrate's t = x), 7 madvise (x%3) over [cpg, cpg + decode_pages(cn)).
+//   The kernel is submitted, its items run up to half their accesses, the
+//   operation runs on the host, then the kernel finishes: real concurrency,
+//   so what is checked is an invariant, not an interleaving. Accesses to
+//   pages the operation may change (every page for fork) become loads; each
+//   must return what the page held before the operation or after it, and a
+//   failure must be one the state before or after explains. Accesses to
+//   other pages keep their kind and must behave exactly as the model says.
+//   The operation's own result is compared as usual.
+//
 // Each run makes a fresh mm (+ child), files, device, gpu_vm and access
 // oracle; nothing is shared between runs. A run is deterministic: one work
 // item per kernel, operations one after another.
@@ -71,21 +114,29 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <span>
 #include <string>
 #include <vector>
 
+namespace svm {
+class mm;
+}
+
 namespace svm::fuzz {
 
+/// CPU VA of the universe's page 0 (both modes; 2M aligned).
+inline constexpr std::uint64_t universe_base = std::uint64_t{1} << 30;
 inline constexpr std::size_t max_ops = 64;
 inline constexpr unsigned max_kernel_accesses = 8;
 inline constexpr std::uint64_t universe_pages = 1024;
 inline constexpr std::uint64_t address_pages = 1088;  ///< decoder's page index range
+inline constexpr unsigned max_range_accesses = 512;  ///< accesses of one range kernel, at most
 
 enum class op_kind : std::uint8_t {
   mmap_anon, mmap_file, munmap, mprotect, madvise, mremap, fork, child_store, child_load, reclaim,
   migrate, cpu_store, cpu_load, cpu_fetch_add, file_pwrite, bo_create, bo_destroy, bo_bind, bo_unbind,
-  bo_evict, bo_write, bo_read, kernel, child_exit, gc_notifiers, count
+  bo_evict, bo_write, bo_read, kernel, child_exit, gc_notifiers, kernel_range, kernel_during, kernel_cancel, count
 };
 inline constexpr unsigned op_count = static_cast<unsigned>(op_kind::count);
 [[nodiscard]] const char* to_string(op_kind k) noexcept;
@@ -124,14 +175,30 @@ struct run_result {
   bool exhausted = false;     ///< ended early: svm ran out of system frames (not a mismatch)
 };
 
-/// Run `data` against svm and the model.
-[[nodiscard]] run_result run_input(std::span<const std::uint8_t> data);
+/// Test hooks: what a test does behind the models' back, to show that the
+/// checks catch it.
+struct run_hooks {
+  /// Called on the running thread after operation `op` (the concurrent
+  /// mode: after phase `op`'s records, before its checks) with the run's mm.
+  std::function<void(std::size_t op, mm& m)> after_op;
+};
+
+/// Run `data` against svm and the model (hooks: tests only).
+[[nodiscard]] run_result run_input(std::span<const std::uint8_t> data, const run_hooks* hooks = nullptr);
 
 /// Totals over every run_input() of this process (relaxed atomics: read
 /// them once the runs are over, e.g. at exit).
 struct run_totals {
   std::uint64_t runs = 0, ops = 0, accesses = 0, kernels = 0, exhausted = 0;
+  std::uint64_t faults = 0;        ///< device fault records raised (device_stats::faults)
+  std::uint64_t replays = 0;       ///< stalled accesses replayed
+  std::uint64_t cancels = 0;       ///< stalled accesses cancelled
+  std::uint64_t oracle_checked = 0;  ///< SVM accesses the access oracle checked
+  std::uint64_t concurrent = 0;    ///< kernels that ran beside a CPU operation (or the CPU stream)
 };
+/// One line of totals (runs, ops, kernels, accesses, accesses per run and
+/// per kernel, faults, replays, cancels, oracle checks), prefixed `prefix`.
+[[nodiscard]] std::string describe(const run_totals& t, const char* prefix);
 [[nodiscard]] run_totals totals() noexcept;
 
 /// The seed corpus: named inputs covering every op kind (reproducible).
