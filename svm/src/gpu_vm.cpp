@@ -279,9 +279,16 @@ void gpu_vm::on_mm_release() {
 }
 
 gpu_vm::~gpu_vm() {
-  // The mm first: once remove_release() returns no release runs here, and
-  // a release that ran left released_ set.
-  if (release_) mm_.remove_release(*release_);
+  // The mm first. A release that ran left released_ set, and then the mm
+  // may be gone: do not touch it. Otherwise unsubscribe; once
+  // remove_release() returns no release runs here (one running on another
+  // thread, in an explicit mm::teardown(), is waited for).
+  bool released;
+  {
+    shared_lock_guard g(lock_);
+    released = released_;
+  }
+  if (release_ && !released) mm_.remove_release(*release_);
   if (has_queue_) {
     // Never free what running engines use: cancel the VM's kernels and
     // wait for their waves to leave. The VM stays registered meanwhile, so
@@ -305,7 +312,6 @@ gpu_vm::~gpu_vm() {
     }
   }
   if (registered_) dev_.unregister_vm(driver::vm_key{}, id_);  // no handler is inside this VM after this
-  bool released;
   {
     shared_lock_guard g(lock_);
     released = released_;
