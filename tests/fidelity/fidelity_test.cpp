@@ -645,6 +645,13 @@ std::uint64_t env_or(const char* name, std::uint64_t dflt) {
 void run_campaign(std::uint64_t sequences, std::size_t ops_per) {
   if (::geteuid() != 0) GTEST_SKIP() << "needs root: /proc/self/pagemap hides PFNs and /proc/kpageflags is closed";
   if (::access("/proc/kpageflags", R_OK) != 0) GTEST_SKIP() << "/proc/kpageflags is not readable";
+#if defined(__SANITIZE_THREAD__)
+  GTEST_SKIP() << "ThreadSanitizer reserves the arena's address range for its shadow memory";
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+  GTEST_SKIP() << "ThreadSanitizer reserves the arena's address range for its shadow memory";
+#endif
+#endif
   const host_settings hs = probe_host();
   auto* rec = static_cast<record*>(
       ::mmap(nullptr, sizeof(record), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0));
