@@ -341,7 +341,7 @@ std::int64_t model_access(mm& m, va_t va, std::uint64_t n, bool write, std::uint
     e = write ? m.write(va + d, std::span(buf.data() + d, chunk)) : m.read(va + d, std::span(buf.data() + d, 1));
     if (e != errc::ok) {
       // SIGBUS when a VMA allowing the access is there (past a shmem end).
-      auto g = m.read_lock();
+      mm::read_guard g(m);
       const va_t at = va + d;
       auto v = m.find_vma(at);
       const bool allowed = v && (write ? any(v->protection & prot::write) : any(v->protection & (prot::read | prot::write)));
