@@ -450,8 +450,11 @@ std::string replay(const host_settings& hs, const std::vector<op>& ops, std::uin
     const op& o = ops[i];
     const va_t a = arena + o.a;
     const snapshot& hafter = o.k == kind::fork ? rec.child[i] : rec.after[i];
-    const std::uint64_t pg = o.a / page_size;
-    host_thp = pg < arena_pages && (hafter.pages[pg].flags & (f_thp | f_hzero)) != 0;
+    // Any page the access touches that the host made a THP allows the model one.
+    host_thp = false;
+    for (std::uint64_t pg = o.a / page_size; pg < arena_pages && pg * page_size < o.a + std::max<std::uint64_t>(o.len, 1);
+         ++pg)
+      host_thp = host_thp || (hafter.pages[pg].flags & (f_thp | f_hzero)) != 0;
     std::int64_t rc = 0;
     switch (o.k) {
       case kind::mmap: {
