@@ -176,7 +176,13 @@ void mm_impl::move_vma(mm& m, vma* v, va_t target, std::uint64_t new_len, bool k
   // place (kernel: copy_vma), so it can merge there; a faulted one keeps
   // its offset (its pages' rmap index).
   if (nv->private_anon() && nv->anon_vma.load(std::memory_order_relaxed) == 0) nv->pgoff = target / page_size;
-  if (!keep_old) mm_impl::erase_vma(m, v);
+  if (!keep_old) {
+    mm_impl::erase_vma(m, v);
+  } else if (v->private_anon()) {
+    // DONTUNMAP: the old VMA has no pages left; it drops its anon_vma so it
+    // can merge again (kernel: unlink_anon_vmas in dontunmap_complete).
+    v->anon_vma.store(0, std::memory_order_relaxed);
+  }
   mm_impl::insert_vma(m, nv);
 }
 

@@ -341,7 +341,7 @@ std::int64_t model_access(mm& m, va_t va, std::uint64_t n, bool write, std::uint
     e = write ? m.write(va + d, std::span(buf.data() + d, chunk)) : m.read(va + d, std::span(buf.data() + d, 1));
     if (e != errc::ok) {
       // SIGBUS when a VMA allowing the access is there (past a shmem end).
-      auto g = m.read_lock();
+      mm::read_guard g(m);
       const va_t at = va + d;
       auto v = m.find_vma(at);
       const bool allowed = v && (write ? any(v->protection & prot::write) : any(v->protection & (prot::read | prot::write)));
@@ -450,8 +450,11 @@ std::string replay(const host_settings& hs, const std::vector<op>& ops, std::uin
     const op& o = ops[i];
     const va_t a = arena + o.a;
     const snapshot& hafter = o.k == kind::fork ? rec.child[i] : rec.after[i];
-    const std::uint64_t pg = o.a / page_size;
-    host_thp = pg < arena_pages && (hafter.pages[pg].flags & (f_thp | f_hzero)) != 0;
+    // Any page the access touches that the host made a THP allows the model one.
+    host_thp = false;
+    for (std::uint64_t pg = o.a / page_size; pg < arena_pages && pg * page_size < o.a + std::max<std::uint64_t>(o.len, 1);
+         ++pg)
+      host_thp = host_thp || (hafter.pages[pg].flags & (f_thp | f_hzero)) != 0;
     std::int64_t rc = 0;
     switch (o.k) {
       case kind::mmap: {
@@ -645,6 +648,13 @@ std::uint64_t env_or(const char* name, std::uint64_t dflt) {
 void run_campaign(std::uint64_t sequences, std::size_t ops_per) {
   if (::geteuid() != 0) GTEST_SKIP() << "needs root: /proc/self/pagemap hides PFNs and /proc/kpageflags is closed";
   if (::access("/proc/kpageflags", R_OK) != 0) GTEST_SKIP() << "/proc/kpageflags is not readable";
+#if defined(__SANITIZE_THREAD__)
+  GTEST_SKIP() << "ThreadSanitizer reserves the arena's address range for its shadow memory";
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+  GTEST_SKIP() << "ThreadSanitizer reserves the arena's address range for its shadow memory";
+#endif
+#endif
   const host_settings hs = probe_host();
   auto* rec = static_cast<record*>(
       ::mmap(nullptr, sizeof(record), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0));

@@ -300,6 +300,7 @@ void ref_model::move_piece(ref_space& s, va_t lo, va_t hi, va_t target, std::uin
   nv.end = target + new_len;
   if (nv.private_anon() && !nv.anon) nv.pgoff = target / page_size;
   if (!keep_old) s.vmas.erase(lo);
+  else if (s.vmas.at(lo).private_anon()) s.vmas.at(lo).anon = 0;  // DONTUNMAP: the emptied VMA drops its anon_vma
   s.vmas[target] = nv;
   for (auto& [va, bytes] : moved) s.priv[va] = bytes;
 }

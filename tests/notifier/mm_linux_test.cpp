@@ -273,7 +273,7 @@ TEST(MmLinux, ReadFaultOnSharedMemoryFaultsAround) {
   const va_t va = m.mmap(0x100000000, 32 * K4, rw, anon_shared | map::fixed).value();
   for (int i = 0; i < 32; ++i) ASSERT_EQ(m.store<int>(va + i * K4, i), errc::ok);
   ASSERT_EQ(m.madvise(va, 32 * K4, madvice::dontneed), errc::ok);
-  const auto& obj = m.vmas()[0].backing;
+  const std::shared_ptr<file> obj = m.vmas()[0].backing;
   EXPECT_NE(obj->lookup(3), 0u);  // still cached; lookup allocates nothing
   EXPECT_EQ(obj->lookup(40), 0u);
   ASSERT_EQ(m.load<int>(va + 20 * K4).value(), 20);
