@@ -37,6 +37,8 @@ ratio is the median of the per-repetition ratios:
           (scenario default: invalidate-overlap)
   host    svm against host-minor-fault           ratio = svm ns/page / host ns/page (P1)
           (scenario default: cpu-populated, with 1 engine and 4K windows unless given)
+  waves   --waves N (default 1024) against 1     ratio = pages/s N waves / pages/s 1 wave
+          (scenario default: first-touch, with 1 engine and 4K windows unless given)
 
 NO ARGUMENTS: the default storm set: every scenario, then the P1-P7 measurements of
 PERFORMANCE.md (--compare host, seq and mirror, thread scaling), a table and the
@@ -80,8 +82,8 @@ std::optional<int> parse_options(int argc, char** argv, options& o) {
   app.add_option("-s,--scenario", scenario, "Run one scenario (see SCENARIOS); default: the default storm set")
       ->check(CLI::IsMember(names));
   std::string compare;
-  app.add_option("-c,--compare", compare, "Compare side by side: seq, mirror or host (see COMPARISONS)")
-      ->check(CLI::IsMember({"seq", "mirror", "host"}));
+  app.add_option("-c,--compare", compare, "Compare side by side: seq, mirror, host or waves (see COMPARISONS)")
+      ->check(CLI::IsMember({"seq", "mirror", "host", "waves"}));
 
   run_config& b = o.base;
   auto* eng = app.add_option("-e,--engines", b.engines, "Device engines (threads running work items), 1..256")
@@ -160,6 +162,11 @@ std::optional<int> parse_options(int argc, char** argv, options& o) {
                  "Write a Chrome trace-event JSON file (loads in Perfetto): fault batches, hmm_range_fault, "
                  "invalidations, TLB invalidations and the storm's own phases, one track per thread");
   app.add_flag("-q,--quiet", o.quiet, "No progress lines on stderr");
+  // ---- waves ----
+  app.add_option("-w,--waves", b.waves,
+                 "Waves per engine: work items in flight on each engine thread, 1..4096 (1: one at a time, the "
+                 "engine stalls on each fault); default: the device's (256)")
+      ->check(CLI::Range(1u, 4096u));
 
   try {
     app.parse(argc, argv);
@@ -195,7 +202,7 @@ std::optional<int> parse_options(int argc, char** argv, options& o) {
   if (o.compare == "host" && o.scenario == "host-minor-fault")
     return fail("--compare host compares a device scenario against host-minor-fault; pick a device scenario");
   if (o.compare && o.compare != "host" && o.scenario == "host-minor-fault")
-    return fail("host-minor-fault has no sequence mode or mirror to compare");
+    return fail("host-minor-fault has no sequence mode, mirror or waves to compare");
   return std::nullopt;
 }
 

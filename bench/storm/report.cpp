@@ -10,6 +10,7 @@ nlohmann::json to_json(const run_config& c) {
       {"scenario", c.scenario},
       {"label", c.label},
       {"engines", c.engines},
+      {"waves", c.waves},
       {"handler_threads", c.handler_threads},
       {"size", c.size},
       {"seconds", c.seconds},
@@ -50,6 +51,11 @@ nlohmann::json to_json(const run_result& r) {
       {"valid_faults", r.valid_faults},
       {"batches", r.batches},
       {"mean_batch", r.mean_batch},
+      {"waves_per_engine", r.waves_per_engine},
+      {"distinct_pages_per_batch", r.distinct_per_batch},
+      {"coalesced_records", r.coalesced},
+      {"outstanding_high_water", r.outstanding_high_water},
+      {"faults_per_s", r.faults_per_s},
       {"hmm_calls", r.hmm_calls},
       {"retries_busy", r.retries_busy},
       {"retries_seq", r.retries_seq},
@@ -118,23 +124,27 @@ std::string us(std::uint64_t ns) {
 }  // namespace
 
 void print_table(std::FILE* out, const std::vector<const run_result*>& runs) {
-  std::fprintf(out, "%-36s %-8s %-5s %3s %2s %-7s %6s %9s %9s %8s %8s %7s %6s %7s %6s %6s %13s %5s %4s\n", "scenario",
-               "seq", "mirr", "eng", "ht", "window", "wall_s", "pages", "ns/page", "Mpage/s", "faults", "valid",
-               "batch", "retries", "false", "inval", "lat p50/p99us", "stale", "derr");
+  std::fprintf(out, "%-36s %-8s %-5s %3s %4s %2s %-7s %6s %9s %9s %8s %8s %7s %6s %6s %6s %7s %7s %7s %6s %6s %13s %5s %4s\n",
+               "scenario", "seq", "mirr", "eng", "wave", "ht", "window", "wall_s", "pages", "ns/page", "Mpage/s",
+               "faults", "valid", "batch", "dist", "outHW", "coal", "Mflt/s", "retries", "false", "inval",
+               "lat p50/p99us", "stale", "derr");
   for (const run_result* p : runs) {
     const run_result& r = *p;
     const bool h = r.host;
     char lat[40] = "-";
     if (!h && r.latency.total())
       std::snprintf(lat, sizeof lat, "%s/%s", us(r.latency.quantile(0.5)).c_str(), us(r.latency.quantile(0.99)).c_str());
-    std::fprintf(out, "%-36.36s %-8s %-5s %3s %2s %-7s %6.2f %9llu %9.1f %8.2f %8llu %7llu %6.1f %7llu %6llu %6llu %13s %5s %4llu%s\n",
+    std::fprintf(out, "%-36.36s %-8s %-5s %3s %4s %2s %-7s %6.2f %9llu %9.1f %8.2f %8llu %7llu %6.1f %6.1f %6llu %7llu %7.3f %7llu %6llu %6llu %13s %5s %4llu%s\n",
                  name_of(r).c_str(), h ? "-" : to_string(r.config.seq), h ? "-" : to_string(r.config.mirror),
                  h ? "-" : std::to_string(r.config.engines).c_str(),
+                 h ? "-" : std::to_string(r.waves_per_engine).c_str(),
                  h ? "-" : std::to_string(r.config.handler_threads).c_str(),
                  h ? "-" : to_string(r.config.effective_window()), r.wall_s,
                  static_cast<unsigned long long>(r.pages_mapped), r.ns_per_page, r.pages_per_s / 1e6,
                  static_cast<unsigned long long>(r.faults_raised), static_cast<unsigned long long>(r.valid_faults),
-                 r.mean_batch, static_cast<unsigned long long>(r.retries_busy + r.retries_seq),
+                 r.mean_batch, r.distinct_per_batch, static_cast<unsigned long long>(r.outstanding_high_water),
+                 static_cast<unsigned long long>(r.coalesced), r.faults_per_s / 1e6,
+                 static_cast<unsigned long long>(r.retries_busy + r.retries_seq),
                  static_cast<unsigned long long>(r.false_retries), static_cast<unsigned long long>(r.invalidations),
                  lat, r.stale_accesses ? std::to_string(*r.stale_accesses).c_str() : "off",
                  static_cast<unsigned long long>(r.data_errors), r.kernel_errors ? "  KERNEL ERROR" : "");

@@ -71,6 +71,7 @@ std::string mpages(double pages) {
 
 void finish(run_result& r) {
   r.mean_batch = r.batches ? static_cast<double>(r.faults_raised) / static_cast<double>(r.batches) : 0;
+  r.faults_per_s = r.wall_s > 0 ? static_cast<double>(r.faults_raised) / r.wall_s : 0;
   if (r.pages_mapped && r.wall_s > 0) {
     r.ns_per_page = r.wall_s * 1e9 / static_cast<double>(r.pages_mapped);
     r.pages_per_s = static_cast<double>(r.pages_mapped) / r.wall_s;
@@ -112,7 +113,9 @@ run_result run_device(const run_config& c, const runner_options& o) {
   dc.wait_spin_ns = c.wait_spin_ns;
   dc.handler_threads = c.handler_threads;
   dc.batch = c.batch;
+  if (c.waves) dc.hw.waves_per_engine = c.waves;
   svm::driver dev(dc);
+  r.waves_per_engine = dc.hw.waves_per_engine;
   dev.set_trace(o.trace);
   vm_config vc;
   vc.seq = c.seq;
@@ -135,6 +138,7 @@ run_result run_device(const run_config& c, const runner_options& o) {
   vm.reset_stats();
   const dev::device_stats d0 = dev.hw().stats();
   const std::uint64_t busy0 = dev.stats().busy_ns;
+  const std::uint64_t coalesced0 = dev.stats().coalesced, records0 = dev.stats().records;
   std::uint64_t timed_ns = 0;
   std::atomic<std::uint64_t> rounds_done{0};  // read by the progress thread
   progress_line progress(c, o.quiet, [&] {
@@ -225,6 +229,10 @@ run_result run_device(const run_config& c, const runner_options& o) {
   r.pages_mapped = s.ptes_written;
   r.cpu_ops = env.cpu_ops.load();
   r.handler_busy_s = static_cast<double>(dev.stats().busy_ns - busy0) / 1e9;
+  r.coalesced = dev.stats().coalesced - coalesced0;
+  const std::uint64_t records = dev.stats().records - records0;
+  r.outstanding_high_water = dev.hw().stats().outstanding_high_water;
+  r.distinct_per_batch = r.batches ? static_cast<double>(records - r.coalesced) / static_cast<double>(r.batches) : 0;
   r.data_errors = env.data_errors.load();
   r.kernel_errors = env.op_errors.load();
   r.first_error = env.first_error();

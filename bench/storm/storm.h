@@ -43,6 +43,10 @@ struct run_config {
   /// read lock: isolates the sequence protocol from mmap_lock contention).
   bool disjoint_dontneed = false;
   std::string label;           ///< shown in the table (e.g. "P6 1 thread")
+  // ---- waves (--waves) ----
+  /// Waves per engine (dev::device_config::waves_per_engine); 0: the
+  /// device's default.
+  unsigned waves = 0;
 
   /// The window the run really uses (automatic resolved for the scenario).
   [[nodiscard]] window_choice effective_window() const noexcept;
@@ -78,6 +82,12 @@ struct run_result {
   std::uint64_t kernel_errors = 0;
   std::string first_error;  ///< the first data or kernel error, described
   bool host = false;        ///< a host-minor-fault run (no device figures)
+  // ---- waves: what the handler was fed ----
+  unsigned waves_per_engine = 0;          ///< the device's, as run
+  std::uint64_t coalesced = 0;            ///< records merged into another of the same page
+  double distinct_per_batch = 0;          ///< (records - coalesced) / batches
+  std::uint64_t outstanding_high_water = 0;  ///< most faults outstanding at once (device)
+  double faults_per_s = 0;                ///< faults_raised / wall_s, end to end
 };
 
 /// One side-by-side comparison: both runs and the ratio.

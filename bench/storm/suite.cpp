@@ -64,6 +64,17 @@ void comparison_sides(const options& o, const std::string& name, run_config& a, 
     b.seq = seq_mode::notifier;  // the baseline always uses the notifier-wide sequence
     a.label = "mirror page";
     b.label = "mirror range";
+  } else if (name == "waves") {
+    // N waves per engine against 1 (the engine stalls on each fault), one
+    // engine and 4K windows unless given: what many faults in flight buy.
+    a.scenario = o.scenario.value_or("first-touch");
+    if (!o.engines_given) a.engines = 1;
+    if (!o.window_given) a.window = window_choice::w4k;
+    if (a.waves == 0) a.waves = 1024;
+    b = a;
+    b.waves = 1;
+    a.label = "waves " + std::to_string(a.waves);
+    b.label = "waves 1";
   } else {  // host
     a.scenario = o.scenario.value_or("cpu-populated");
     if (!o.engines_given) a.engines = 1;
@@ -81,6 +92,7 @@ comparison run_comparison(const options& o, const std::string& name, const runne
   if (name == "host")
     return compare(name, "svm ns/page / host ns/page (P1: <= 1.0)", a, b, o.reps, ro, ns_ratio);
   if (name == "seq") return compare(name, "pages/s pgtable / pages/s notifier", a, b, o.reps, ro, pps_ratio);
+  if (name == "waves") return compare(name, "pages/s N waves / pages/s 1 wave", a, b, o.reps, ro, pps_ratio);
   return compare(name, "pages/s page / pages/s range (P5: >= 2)", a, b, o.reps, ro, pps_ratio);
 }
 

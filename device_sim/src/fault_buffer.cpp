@@ -51,8 +51,29 @@ bool fault_buffer::push(const fault_record& r) {
   }
 }
 
+push_result fault_buffer::try_push(const fault_record& r) {
+  if (closed_.load(std::memory_order_seq_cst)) return push_result::closed;
+  {
+    lock_guard g(lock_);
+    if (count_ == capacity_) {
+      space_wanted_ = true;
+      ++stats_.full_stalls;
+      return push_result::full;
+    }
+    ring_[(head_ + count_) % capacity_] = r;
+    ++count_;
+    ++stats_.pushed;
+    stats_.high_water = std::max(stats_.high_water, count_);
+    count_hint_.store(count_, std::memory_order_relaxed);
+  }
+  pushed_.fetch_add(1, std::memory_order_seq_cst);
+  if (fetch_sleepers_.load(std::memory_order_seq_cst) != 0) detail::futex_wake_all(pushed_);
+  return push_result::pushed;
+}
+
 std::size_t fault_buffer::fetch(std::span<fault_record> out) {
   std::size_t n = 0;
+  bool space = false;
   {
     lock_guard g(lock_);
     n = std::min(out.size(), count_);
@@ -61,7 +82,12 @@ std::size_t fault_buffer::fetch(std::span<fault_record> out) {
     count_ -= n;
     stats_.fetched += n;
     count_hint_.store(count_, std::memory_order_relaxed);
+    if (n != 0 && space_wanted_) {
+      space_wanted_ = false;
+      space = true;
+    }
   }
+  if (space && space_fn_) space_fn_(space_ctx_);
   if (n != 0) {
     popped_.fetch_add(1, std::memory_order_seq_cst);
     if (push_sleepers_.load(std::memory_order_seq_cst) != 0) popped_.notify_all();
@@ -108,6 +134,7 @@ void fault_buffer::close() noexcept {
   wake_fetchers();
   popped_.fetch_add(1, std::memory_order_seq_cst);
   popped_.notify_all();
+  if (space_fn_) space_fn_(space_ctx_);
 }
 
 fault_buffer_stats fault_buffer::stats() const {

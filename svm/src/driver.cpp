@@ -38,8 +38,7 @@ dev::device_config hw_config(const driver_config& c) {
 errc driver::validate(const driver_config& c) noexcept {
   if (c.batch < 1 || c.batch > 256) return errc::inval;
   if (c.handler_threads < 1) return errc::inval;
-  if (c.hw.engines < 1 || c.hw.engines > 256) return errc::inval;
-  return errc::ok;
+  return c.hw.validate();
 }
 
 result<std::unique_ptr<driver>> driver::create(driver_config c) {
@@ -47,17 +46,20 @@ result<std::unique_ptr<driver>> driver::create(driver_config c) {
   return std::make_unique<driver>(std::move(c));
 }
 
-driver::driver(driver_config c) : cfg_(c), hw_(hw_config(c)) {
+driver::driver(driver_config c) : cfg_(c) {
   SVM_CHECK(cfg_.batch >= 1 && cfg_.batch <= 256, "driver_config::batch must be 1..256");
   SVM_CHECK(cfg_.handler_threads >= 1, "driver_config::handler_threads must be >= 1");
-  SVM_CHECK(cfg_.hw.engines >= 1 && cfg_.hw.engines <= 256, "driver_config::hw.engines must be 1..256");
+  SVM_CHECK(cfg_.hw.validate() == errc::ok, "driver_config::hw is refused by dev::device_config::validate()");
+  auto hw = dev::device::create(hw_config(c));
+  SVM_CHECK(hw.ok(), "dev::device::create failed (wave stacks could not be mapped)");
+  hw_ = std::move(*hw);
   for (unsigned i = 0; i < cfg_.handler_threads; ++i)
     handlers_.emplace_back([this](std::stop_token st) { handler_loop(st); });
 }
 
 driver::~driver() {
   for (auto& h : handlers_) h.request_stop();
-  hw_.faults().wake_fetchers();
+  hw_->faults().wake_fetchers();
   handlers_.clear();  // joins
   shared_lock_guard g(reg_lock_);
   if (!vms_.empty()) {
@@ -69,7 +71,7 @@ driver::~driver() {
 }
 
 result<dev::completion> driver::submit(gpu_vm& vm, std::uint64_t items, dev::kernel_fn fn) {
-  return hw_.submit(vm.queue(), items, std::move(fn));
+  return hw_->submit(vm.queue(), items, std::move(fn));
 }
 
 handler_stats driver::stats() const noexcept {
@@ -100,7 +102,7 @@ void driver::unregister_vm(vm_key, dev::vm_id id) {
 void driver::handler_loop(std::stop_token st) {
   std::vector<dev::fault_record> buf(cfg_.batch);
   while (!st.stop_requested()) {
-    const std::size_t n = hw_.faults().fetch_wait(buf, std::chrono::milliseconds(5));
+    const std::size_t n = hw_->faults().fetch_wait(buf, std::chrono::milliseconds(5));
     shared_lock_guard g(reg_lock_);
     if (n == 0) {
       gc_all();  // idle: drop the notifiers of chunks with nothing mapped
@@ -132,7 +134,7 @@ void driver::process(std::span<dev::fault_record> recs) {
     auto it = vms_.find(recs[i].vm);
     if (it == vms_.end()) {
       unknown_.fetch_add(run.size(), std::memory_order_relaxed);
-      hw_.cancel(run, errc::fault);
+      hw_->cancel(run, errc::fault);
     } else {
       coalesced_.fetch_add(it->second->service(run), std::memory_order_relaxed);
     }

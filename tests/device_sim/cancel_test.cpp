@@ -17,7 +17,9 @@ constexpr va_t base_va = 0x10'0000'0000;
 class Cancel : public ::testing::Test {
  protected:
   void make(device_config c) {
-    dev = std::make_unique<device>(std::move(c));
+    auto made = device::create(std::move(c));
+    ASSERT_TRUE(made.ok()) << errc_name(made.error());
+    dev = std::move(*made);
     ASSERT_EQ(dev->attach_vm(vm, pt, mem), errc::ok);
     auto qq = dev->create_queue(vm);
     ASSERT_TRUE(qq.ok());
@@ -211,7 +213,7 @@ TEST(Teardown, DeviceDestructorCancelsRunningKernel) {
   test::watchdog wd;
   test::test_mem mem{4};
   dev_page_table pt;
-  auto dev = std::make_unique<device>(device_config{.engines = 2});
+  auto dev = std::move(*device::create({.engines = 2}));
   ASSERT_EQ(dev->attach_vm(1, pt, mem), errc::ok);
   map_range(pt, base_va, page_size, 0, aperture::system, 0);
   auto q = dev->create_queue(1);

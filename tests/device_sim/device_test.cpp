@@ -20,7 +20,9 @@ constexpr va_t base_va = 0x10'0000'0000;  // 64 GiB: 1G aligned
 class DeviceSim : public ::testing::Test {
  protected:
   void make(device_config c) {
-    dev = std::make_unique<device>(std::move(c));
+    auto made = device::create(std::move(c));
+    ASSERT_TRUE(made.ok()) << errc_name(made.error());
+    dev = std::move(*made);
     ASSERT_EQ(dev->attach_vm(vm, pt, mem), errc::ok);
     auto qq = dev->create_queue(vm);
     ASSERT_TRUE(qq.ok());

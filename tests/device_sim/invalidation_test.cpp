@@ -20,7 +20,9 @@ constexpr vm_id vm = 1;
 
 struct Inval : ::testing::Test {
   void make(device_config c) {
-    dev = std::make_unique<device>(std::move(c));
+    auto made = device::create(std::move(c));
+    ASSERT_TRUE(made.ok()) << errc_name(made.error());
+    dev = std::move(*made);
     ASSERT_EQ(dev->attach_vm(vm, pt, mem), errc::ok);
     q = dev->create_queue(vm).value();
   }

@@ -53,7 +53,9 @@ TEST(Vram, ContiguousAlignedRunsAndZeroedFrames) {
 }
 
 TEST(Vram, DeviceExhaustionGivesEnomem) {
-  device d({.engines = 1, .vram_bytes = 4 * page_size});
+  auto made = device::create({.engines = 1, .vram_bytes = 4 * page_size});
+  ASSERT_TRUE(made.ok());
+  device& d = **made;
   EXPECT_EQ(d.vram().capacity_bytes(), 4 * page_size);
   EXPECT_TRUE(d.vram().alloc(4).ok());
   EXPECT_EQ(d.vram().alloc().error(), errc::nomem);
@@ -103,7 +105,9 @@ TEST(CopyEngine, RejectsBadSpans) {
 TEST(CopyEngine, ManyQueuedCopiesAllComplete) {
   test::watchdog wd;
   test::test_mem sys(64);
-  device d({.engines = 1, .vram_bytes = 64 * page_size});
+  auto made = device::create({.engines = 1, .vram_bytes = 64 * page_size});
+  ASSERT_TRUE(made.ok());
+  device& d = **made;
   std::vector<fence_ptr> fs;
   for (pfn_t i = 0; i < 64; ++i) {
     sys.set_word(i, 0, i + 1);

@@ -21,7 +21,9 @@ constexpr va_t base_va = 0x30'0000'0000;
 
 struct MicroTlb : ::testing::Test {
   void make(device_config c = {.engines = 1}) {
-    dev = std::make_unique<device>(std::move(c));
+    auto made = device::create(std::move(c));
+    ASSERT_TRUE(made.ok()) << errc_name(made.error());
+    dev = std::move(*made);
     ASSERT_EQ(dev->attach_vm(1, pt, mem), errc::ok);
     q = dev->create_queue(1).value();
   }

@@ -21,11 +21,38 @@
 //   dev.invalidate_tlb(vm, range);   // returns once no engine can use them
 //
 // ## Engines and waves
-// Each engine is a std::jthread the device owns; it runs work items of the
-// runnable kernels one at a time (one work item = one wave here). A fault
-// stalls that engine until its record is replayed or cancelled: it waits
-// spin-then-futex on its own 32-bit word (std::atomic wait/notify), never on
-// a condition variable.
+// Each engine is a std::jthread the device owns, with `waves_per_engine`
+// waves: a wave is one work item in progress on its own guarded stack (a
+// Boost.Context fiber). The engine thread is the waves' scheduler:
+//
+//   engine thread (scheduler context)         wave (fiber)
+//   ---------------------------------         ------------
+//   loop:                                      loop: take the next item of
+//     woken = exchange(wake bits)                    the engine's claim, run it
+//     resume a ready wave           ------->         fault: push record,
+//     or retry waves parked on a full                  park (switch back)
+//        buffer once space appeared <-------         no item left: go free
+//     or claim items, start a free wave                (switch back)
+//     or sleep: spin, then futex on wake_word
+//
+// A faulting access publishes the wave's fault word (pending), pushes its
+// record and parks the wave; replay() or cancel() CASes the word, sets the
+// wave's wake bit on its engine and bumps the engine's futex word, so the
+// engine resumes it. A wave parks only in a loop that re-checks its word,
+// so a wake that races the park is never lost and a spurious one is
+// harmless. With a full fault buffer the wave parks too (nothing is
+// dropped) and the buffer's space callback, after the next fetch, makes
+// the engine retry those pushes in order. The engine thread sleeps only
+// when no wave is ready and no work is left to start.
+// waves_per_engine = 1 runs one work item at a time per engine: the engine
+// stalls on every fault, the old behaviour and the baseline.
+// Kernels stay plain callables; every exception of a work item (the
+// kernel_abort of a failed access included) is caught on the wave's own
+// stack, so none crosses a fiber switch. A wave stack overflow hits a
+// guard page and stops the process with a message naming the engine and
+// device_config::wave_stack_bytes. Every switch is annotated for ASan
+// (__sanitizer_start/finish_switch_fiber) and TSan (one TSan fiber per
+// wave), so both keep working; see device_sim/src/fiber.cpp.
 //
 // ## TLB invalidation (the shootdown protocol)
 //   invalidator                              engine (at every access boundary)
@@ -36,24 +63,47 @@
 //   for each engine e:                          unlock; status = ack S' (seq_cst)
 //     wait until e.ack >= S                  ... translate, access ...
 //        or e.mode != running (seq_cst)
-// An engine acknowledges at the start of its next access (the boundary, or
-// an explicit work_item::boundary()), so
-// an access that translated before the invalidation has finished its memory
-// operation before invalidate_tlb() returns. An idle or stalled engine
-// (waiting for work, for a fault reply, or for space in the fault buffer)
-// counts as acknowledged; when it becomes `running` again it stores its
-// mode (seq_cst) and then re-reads inval_seq_ (seq_cst) before touching its
-// TLB — a store-buffering pair with the invalidator's seq_cst store and
-// status load, so at least one side sees the other. An engine more than 64
-// invalidations behind flushes its whole TLB. The invalidator's cost is one
-// status read (and maybe a wait) per engine, whatever the accesses in flight.
+// The TLB, its micro-TLB and the acknowledgement are per engine, shared by
+// its waves. An engine acknowledges at the start of its next access (the
+// boundary, or an explicit work_item::boundary()), whichever wave makes
+// it, so an access that translated before the invalidation has finished
+// its memory operation before invalidate_tlb() returns. This holds with
+// many waves because a wave switches only between accesses: a parked wave
+// holds no translation (after its replay it walks the page table again),
+// so when any wave of the engine acknowledges, no other wave of it is in
+// the middle of an access. An engine whose waves are all parked or free
+// sleeps as stalled or idle and counts as acknowledged; when it runs again
+// it stores its mode (seq_cst) and then re-reads inval_seq_ (seq_cst)
+// before touching its TLB — a store-buffering pair with the invalidator's
+// seq_cst store and status load, so at least one side sees the other. An
+// engine more than 64 invalidations behind flushes its whole TLB. The
+// invalidator's cost is one status read (and maybe a wait) per engine,
+// whatever the waves and accesses in flight.
 //
 // ## Epochs
 // A running engine stays inside an epoch read-side section
 // (svm/base/epoch.h) and announces quiescent points at work-item
-// boundaries, before each page-table walk and when it acknowledges an
-// invalidation; it leaves the section whenever it stalls or idles, so a
-// stalled wave never holds up reclamation or epoch::synchronize().
+// boundaries, at every wave switch, before each page-table walk and when
+// it acknowledges an invalidation; it leaves the section whenever it
+// sleeps, so an engine whose waves are all parked never holds up
+// reclamation or epoch::synchronize(). A wave parks only where it holds no
+// page-table node pointer, so a switch is a quiescent point.
+//
+// ## Cancel and shutdown
+// cancel_queue(), cancel_vm() and completion::cancel() mark the kernel
+// aborted (seq_cst), resolve the fault of every wave of it parked on any
+// engine (its word, then its kernel: see cancel_running_locked), and bump
+// the invalidation sequence with an empty entry. The bump sends every
+// running wave down its slow path at its next access — including one the
+// micro-TLB would have served — where it sees the abort and unwinds; the
+// hit path pays nothing. A wave about to fault re-reads the abort flag
+// after publishing its word (a store-buffering pair with the canceller),
+// so no wave parks after a cancel missed it. Waves in the ready queue or
+// parked on a full buffer find the abort when they resume. The destructor
+// cancels every kernel this way, closes the fault buffer (waves parked on
+// it retry and find it closed), sweeps every wave's word, lets each engine
+// finish (its waves unwind and return from their fibers on the engine
+// thread) and joins it.
 #pragma once
 
 #include <atomic>
@@ -83,13 +133,34 @@ namespace svm::dev {
 /// A queue handle, bound to one VM.
 using queue_id = std::uint32_t;
 
+/// The device's shape. Check it with validate(); device::create() refuses
+/// (EINVAL) what validate() refuses.
 struct device_config {
-  unsigned engines = 4;                      ///< 1..256
+  /// Limits validate() enforces.
+  static constexpr unsigned max_engines = 256;
+  static constexpr unsigned max_waves_per_engine = 4096;     ///< per engine
+  static constexpr std::uint64_t max_waves = 16384;          ///< engines x waves_per_engine
+  static constexpr std::size_t min_wave_stack_bytes = 16 << 10;
+  static constexpr std::size_t max_wave_stack_bytes = 64 << 20;
+  static constexpr std::size_t max_fault_buffer_entries = 1 << 20;
+  static constexpr std::uint64_t max_vram_bytes = 1ull << 40;
+  static constexpr std::size_t max_tlb_entries = 1 << 20;    ///< sets x ways
+
+  unsigned engines = 4;                      ///< 1..max_engines
+  /// Waves per engine: work items in progress at once, each a fiber with
+  /// its own stack. A faulting wave parks and the engine runs another, so
+  /// engines x waves faults can be outstanding. 1: one work item at a time
+  /// per engine (the engine stalls on each fault). 1..max_waves_per_engine.
+  unsigned waves_per_engine = 256;
+  /// Usable stack of each wave (rounded up to pages), with a guard page
+  /// below it: an overflow stops the process with a message naming the
+  /// engine and this size. min_wave_stack_bytes..max_wave_stack_bytes.
+  std::size_t wave_stack_bytes = 128 << 10;
   tlb_config tlb{};                          ///< geometry of each engine's TLB
   /// Optional TLB policy factory (called once per engine); null: set_assoc_tlb(tlb).
   std::function<std::unique_ptr<tlb_model>(unsigned engine)> make_tlb{};
-  std::size_t fault_buffer_entries = 256;    ///< >= 1
-  std::uint64_t vram_bytes = 64ull << 20;    ///< VRAM capacity
+  std::size_t fault_buffer_entries = 256;    ///< 1..max_fault_buffer_entries
+  std::uint64_t vram_bytes = 64ull << 20;    ///< VRAM capacity (<= max_vram_bytes)
   /// Pause iterations before a stalled wave sleeps on its futex (0: sleep
   /// at once). A pause is 10-140 cycles depending on the CPU, so 64 is a
   /// few microseconds at most: long spins only burn the core the replaying
@@ -102,6 +173,16 @@ struct device_config {
   /// busy meanwhile, which hurts when threads outnumber cores. 0: sleep
   /// right after the pauses.
   std::uint32_t wait_spin_ns = 0;
+
+  /// Test hook (deterministic interleaving tests): called on the engine
+  /// thread at named points of the fault path with the engine and wave:
+  /// "before_park" (a wave saw its fault pending and is about to park).
+  /// It may block (the engine then runs nothing else). Null: off.
+  std::function<void(const char* point, unsigned engine, unsigned wave)> test_hook{};
+
+  /// ok, or EINVAL when a field is outside its range (see each field; the
+  /// TLB needs sets a power of two, ways >= 1, sets x ways <= max_tlb_entries).
+  [[nodiscard]] errc validate() const;
 };
 
 /// How a kernel ended. `error` is ok, or:
@@ -150,7 +231,12 @@ struct device_stats {
   std::uint64_t tlb_acks = 0;           ///< engine acknowledgements that flushed entries
   std::uint64_t kernels_completed = 0;  ///< with status ok
   std::uint64_t kernels_failed = 0;
-  std::uint64_t fault_buffer_full_stalls = 0;
+  std::uint64_t fault_buffer_full_stalls = 0;  ///< pushes that found the buffer full
+  std::uint64_t fault_buffer_full_parks = 0;   ///< waves parked on a full buffer (one per failed push)
+  std::uint64_t wave_switches = 0;             ///< waves resumed by their engines
+  std::uint64_t waves_parked = 0;              ///< waves parked now (faults or space; snapshot)
+  std::uint64_t outstanding_faults = 0;        ///< faults raised, not yet replayed or cancelled (snapshot)
+  std::uint64_t outstanding_high_water = 0;    ///< the most outstanding faults at once
 };
 
 class device;
@@ -164,7 +250,9 @@ std::byte* translate(engine& e, va_t va, unsigned size, access acc);
 /// An engine's micro-TLB: the last 4K translation it used, checked inline by
 /// work_item before the out-of-line path (hardware keeps such an L0 in front
 /// of its TLB). Owned by the engine's thread: only that thread reads or
-/// writes the plain fields, so they need no synchronisation.
+/// writes the plain fields, so they need no synchronisation. Its waves share
+/// it (one runs at a time); it carries no VM tag, so the engine empties it
+/// whenever it resumes a wave of another VM and at every new claim of work.
 ///
 /// Protocol. An entry is usable only while the device's invalidation
 /// sequence (*inval_seq, the same acquire load the full path makes at every
@@ -197,6 +285,7 @@ struct micro_tlb {
 };
 bool prefetch(engine& e, va_t va);
 void boundary(engine& e);
+void yield(engine& e);
 std::uint64_t item_engine(const engine& e) noexcept;
 
 template <std::size_t N> struct uint_of;
@@ -259,6 +348,11 @@ class work_item {
   /// whether `va` was mapped afterwards (one retry after a replay; a cancel
   /// returns false).
   bool prefetch(va_t va) { return detail::prefetch(*e_, va); }
+
+  /// Let the engine's other ready waves run, then continue (an access
+  /// boundary too). A work item that polls host state can call it so the
+  /// waves it waits for get the engine. With one wave it returns at once.
+  void yield() { detail::yield(*e_); }
 
   /// An explicit access boundary without an access: acknowledges pending
   /// TLB invalidations and announces an epoch quiescent point. A work item
@@ -350,8 +444,16 @@ class completion {
 };
 
 class device {
+  struct private_tag {};
+
  public:
-  explicit device(device_config cfg = {});
+  /// A device of shape `cfg`, its engine threads started. EINVAL when
+  /// cfg.validate() refuses it; ENOMEM when the wave stacks cannot be
+  /// mapped. The only way to make a device: a bad configuration is an
+  /// error, never an abort.
+  [[nodiscard]] static result<std::unique_ptr<device>> create(device_config cfg = {});
+  /// Used by create() only (the tag is private).
+  device(device_config cfg, private_tag);
   /// Stops the engines and the copy engine: every kernel queued or running
   /// is cancelled as by cancel_queue(q, ECANCELED) (running work items
   /// abort at their next access or boundary, accesses stalled on faults

@@ -1,11 +1,12 @@
 // The replayable fault buffer: a bounded multi-producer ring of fault
 // records, written by the engines, drained by the driver.
 //
-// Producers (engines) push one record per faulting access and then stall
-// until the driver replays or cancels it (device::replay / device::cancel).
-// When the ring is full a producer stalls too, until the driver fetches:
-// nothing is ever dropped. The driver fetches batches with fetch() or
-// fetch_wait().
+// Producers (the engines' waves) push one record per faulting access and
+// then park until the driver replays or cancels it (device::replay /
+// device::cancel). When the ring is full the wave parks too (try_push
+// says full; the buffer calls its space callback after the next fetch that
+// frees a slot), until the driver fetches: nothing is ever dropped. The
+// driver fetches batches with fetch() or fetch_wait().
 //
 // Waiting is spin-then-futex on std::atomic counters (never a condition
 // variable): `pushed_` for fetchers waiting for records, `popped_` for
@@ -36,6 +37,7 @@ struct fault_record {
   /// The engine's fault serial: replay/cancel of a record whose token is no
   /// longer the engine's outstanding fault is ignored (a stale duplicate).
   std::uint64_t token = 0;
+  std::uint32_t wave = 0;          ///< the wave (of that engine) parked on it
 
   [[nodiscard]] va_t page() const noexcept { return align_down(gva, page_size); }
 };
@@ -45,6 +47,13 @@ struct fault_buffer_stats {
   std::uint64_t fetched = 0;       ///< records handed to the driver
   std::uint64_t full_stalls = 0;   ///< pushes that found the ring full and waited
   std::size_t high_water = 0;      ///< most records held at once
+};
+
+/// What try_push() did.
+enum class push_result : std::uint8_t {
+  pushed,  ///< appended
+  full,    ///< not appended: the ring is full (the space callback follows a fetch)
+  closed,  ///< not appended: close() was called
 };
 
 class fault_buffer {
@@ -61,6 +70,20 @@ class fault_buffer {
   /// Locking: takes lock_ (leaf) briefly; holds none on return. May block
   /// (spin, then futex) while full. Must not be called by the consumer.
   bool push(const fault_record& r) SVM_EXCLUDES(lock_);
+
+  /// Producer side, never blocking: append `r` if there is room. On full,
+  /// the next fetch() that removes records (or close()) calls the space
+  /// callback once. Locking: takes lock_ (leaf) briefly.
+  push_result try_push(const fault_record& r) SVM_EXCLUDES(lock_);
+
+  /// The space callback: `fn(ctx)` runs on the fetching thread, after it
+  /// released lock_, once per fetch that freed slots after a try_push()
+  /// found the ring full, and at close(). Set once before any push
+  /// (device construction); `fn` must not block.
+  void set_space_callback(void (*fn)(void*) noexcept, void* ctx) noexcept {
+    space_fn_ = fn;
+    space_ctx_ = ctx;
+  }
 
   /// Driver side: move up to out.size() records, oldest first, into `out`.
   /// Never blocks. Returns how many. Locking: takes lock_ (leaf).
@@ -114,6 +137,11 @@ class fault_buffer {
   std::atomic<std::uint32_t> wakes_{0};
   /// Set once by close(); seq_cst, checked by push() before each attempt.
   std::atomic<bool> closed_{false};
+  /// A try_push() found the ring full since the last space callback: set
+  /// and cleared under lock_, so a fetch after the failed push sees it.
+  bool space_wanted_ SVM_GUARDED_BY(lock_) = false;
+  void (*space_fn_)(void*) noexcept = nullptr;  // immutable after set_space_callback
+  void* space_ctx_ = nullptr;                   // immutable after set_space_callback
 };
 
 }  // namespace svm::dev

@@ -88,7 +88,7 @@ class driver {
   /// create() to get the error as a value instead.
   explicit driver(driver_config c = {});
   /// Check a configuration: EINVAL for batch outside 1..256, no handler
-  /// thread, or hw.engines outside 1..256.
+  /// thread, or a hardware configuration hw.validate() refuses.
   [[nodiscard]] static errc validate(const driver_config& c) noexcept;
   /// A driver over a configuration that may be invalid: the error of
   /// validate(), or the started driver.
@@ -102,7 +102,7 @@ class driver {
   driver& operator=(const driver&) = delete;
 
   /// The hardware: engines, queues, fault buffer, TLBs, VRAM.
-  [[nodiscard]] dev::device& hw() noexcept { return hw_; }
+  [[nodiscard]] dev::device& hw() noexcept { return *hw_; }
   /// Submit `items` work items of `fn` on the VM's queue (see
   /// dev::device::submit).
   [[nodiscard]] result<dev::completion> submit(gpu_vm& vm, std::uint64_t items, dev::kernel_fn fn);
@@ -139,7 +139,7 @@ class driver {
   void process(std::span<dev::fault_record> recs) SVM_REQUIRES_SHARED(reg_lock_);
 
   driver_config cfg_;  // immutable
-  dev::device hw_;
+  std::unique_ptr<dev::device> hw_;  // immutable after construction
   /// The registry lock (see the file comment): handler threads hold it
   /// shared across a batch; register/unregister take it exclusive.
   mutable shared_mutex reg_lock_{reg_class};
