@@ -26,9 +26,9 @@ double seconds_since(clock_type::time_point t) {
 /// second, rewritten in place.
 class progress_line {
  public:
-  progress_line(const run_config& c, bool quiet, std::function<std::string()> what)
+  progress_line(const run_config& c, const runner_options& o, std::function<std::string()> what)
       : c_(c), what_(std::move(what)), start_(clock_type::now()) {
-    if (!quiet) th_ = std::jthread([this](std::stop_token st) { loop(st); });
+    if (!o.quiet && o.progress) th_ = std::jthread([this](std::stop_token st) { loop(st); });
   }
   ~progress_line() { stop(); }
   void stop() {
@@ -137,7 +137,7 @@ run_result run_device(const run_config& c, const runner_options& o) {
   const std::uint64_t busy0 = dev.stats().busy_ns;
   std::uint64_t timed_ns = 0;
   std::atomic<std::uint64_t> rounds_done{0};  // read by the progress thread
-  progress_line progress(c, o.quiet, [&] {
+  progress_line progress(c, o, [&] {
     return mpages(static_cast<double>(vm.stats().ptes_written)) + ", " + std::to_string(rounds_done.load()) + " rounds";
   });
   {
@@ -255,7 +255,7 @@ run_result run_one(const run_config& c, const runner_options& o) {
     std::atomic<std::uint64_t> pages{0};
     run_result r;
     {
-      progress_line p(c, o.quiet, [&] { return mpages(static_cast<double>(pages.load())); });
+      progress_line p(c, o, [&] { return mpages(static_cast<double>(pages.load())); });
       trace_scope t(o.trace, "host_touch");
       r = run_host(c, pages);
     }

@@ -14,6 +14,9 @@ namespace svm::storm {
 /// Process-wide run options that are not part of a run's config.
 struct runner_options {
   bool quiet = false;            ///< no progress lines on stderr
+  /// The in-place progress line (carriage returns) on stderr: only on a
+  /// terminal by default (--progress), never when quiet.
+  bool progress = true;
   chrome_trace* trace = nullptr; ///< null: no trace
 };
 

@@ -278,6 +278,10 @@ void device::process(std::span<dev::fault_record> recs) {
     } else {
       it->second->service(run);
     }
+    if (trace_sink* t = trace()) {
+      const std::uint64_t done = now_ns();
+      for (const dev::fault_record& r : run) t->fault(r.engine, r.gva, r.time_ns, done);
+    }
     i = j;
   }
 }

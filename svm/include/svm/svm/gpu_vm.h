@@ -1,6 +1,6 @@
 // The driver: one GPU VA space (gpu_vm) pairing an SVM mirror of a process
 // address space with buffer-object mappings, on a device whose faults are
-// serviced by svm::device's fault handler (ARCHITECTURE.md).
+// serviced by svm::device's fault handler (docs/architecture.md).
 //
 // ## The mirror is page-centric
 // Its state is the device page table itself plus the interval notifiers:
@@ -137,7 +137,7 @@ struct latency_histogram {
   [[nodiscard]] std::uint64_t max_ns() const noexcept;
 };
 
-/// Per-VM counters (CONTRACTS.md §3, issue 5's list). Cheap to read.
+/// Per-VM counters (docs/contracts.md §3, issue 5's list). Cheap to read.
 struct vm_stats {
   std::uint64_t faults_raised = 0;    ///< fault records received for this VM
   std::uint64_t faults_serviced = 0;  ///< records replayed after servicing
@@ -180,7 +180,16 @@ struct handler_stats {
 class trace_sink {
  public:
   virtual ~trace_sink() = default;
+  /// One finished span: `name` (a string literal), its start and duration in
+  /// trace_now_ns() time, and a count (records, pages) as `arg`.
   virtual void span(const char* name, std::uint64_t start_ns, std::uint64_t dur_ns, std::uint64_t arg) noexcept = 0;
+  /// One fault record the handler finished (replayed or cancelled): raised by
+  /// `engine` at `raise_ns` (the record's time), done at `done_ns`. Called on
+  /// the handler thread, inside its "fault_batch" span, once per record
+  /// (duplicates of one page included). The default ignores it.
+  virtual void fault(std::uint32_t engine, va_t gva, std::uint64_t raise_ns, std::uint64_t done_ns) noexcept {
+    (void)engine, (void)gva, (void)raise_ns, (void)done_ns;
+  }
 };
 
 /// steady_clock now, in ns (the time base of trace spans and fault records).
