@@ -52,6 +52,7 @@ int main(int argc, char** argv) {
   // The progress line rewrites itself with carriage returns: a terminal only,
   // unless asked for.
   ro.progress = o.progress == "on" || (o.progress == "auto" && ::isatty(STDERR_FILENO) == 1);
+  ro.progress_final = o.progress == "on";
   std::FILE* out = o.json_path == "-" || o.csv_path == "-" ? stderr : stdout;
 
   nlohmann::json j;

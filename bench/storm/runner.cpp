@@ -27,7 +27,7 @@ double seconds_since(clock_type::time_point t) {
 class progress_line {
  public:
   progress_line(const run_config& c, const runner_options& o, std::function<std::string()> what)
-      : c_(c), what_(std::move(what)), start_(clock_type::now()) {
+      : c_(c), what_(std::move(what)), start_(clock_type::now()), final_(o.progress_final) {
     if (!o.quiet && o.progress) th_ = std::jthread([this](std::stop_token st) { loop(st); });
   }
   ~progress_line() { stop(); }
@@ -39,6 +39,7 @@ class progress_line {
     }
     cv_.notify_all();
     th_.join();
+    if (!printed_ && final_) print();  // --progress on: at least one line
     if (printed_) std::fprintf(stderr, "\n");
   }
 
@@ -47,16 +48,20 @@ class progress_line {
     std::unique_lock g(mu_);
     if (cv_.wait_for(g, st, std::chrono::seconds(2), [] { return false; })) return;
     while (!st.stop_requested()) {
-      std::fprintf(stderr, "\r  %s%s%s: %.1f / %.1f s, %s   ", c_.scenario.c_str(), c_.label.empty() ? "" : " ",
-                   c_.label.c_str(), seconds_since(start_), c_.seconds, what_().c_str());
-      std::fflush(stderr);
-      printed_ = true;
+      print();
       cv_.wait_for(g, st, std::chrono::milliseconds(500), [] { return false; });
     }
+  }
+  void print() {
+    std::fprintf(stderr, "\r  %s%s%s: %.1f / %.1f s, %s   ", c_.scenario.c_str(), c_.label.empty() ? "" : " ",
+                 c_.label.c_str(), seconds_since(start_), c_.seconds, what_().c_str());
+    std::fflush(stderr);
+    printed_ = true;
   }
   const run_config& c_;
   std::function<std::string()> what_;
   clock_type::time_point start_;
+  bool final_;  // immutable
   std::mutex mu_;
   std::condition_variable_any cv_;
   bool printed_ = false;  // written by the thread; read after join
