@@ -137,7 +137,7 @@ void BM_DeviceSim_FaultRoundTrip(benchmark::State& st) {
 }
 // Args: pause spins before a stalled wave sleeps (64: default, 0: none), and
 // the timed spin (device_config::wait_spin_ns) of the wave and the driver's
-// fetch_wait (0: sleep on the futex after the pauses; 20000: what svm::device
+// fetch_wait (0: sleep on the futex after the pauses; 20000: what svm::driver
 // chooses when the threads fit the cores).
 BENCHMARK(BM_DeviceSim_FaultRoundTrip)
     ->Args({64, 0})

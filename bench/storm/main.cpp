@@ -1,15 +1,19 @@
-// svm-storm: the project's main program (issue 6). See --help and
+// svm-storm: the project's main program. See --help, docs/performance.md and
 // bench/README.md.
 #include <sys/utsname.h>
+#include <unistd.h>
 
 #include <cstdio>
+#include <deque>
 #include <memory>
 #include <thread>
 
+#include "context.h"
 #include "options.h"
 #include "report.h"
 #include "runner.h"
 #include "suite.h"
+#include "sweep.h"
 #include "trace.h"
 
 using namespace svm::storm;
@@ -45,14 +49,21 @@ int main(int argc, char** argv) {
   std::unique_ptr<chrome_trace> trace;
   if (!o.trace_path.empty()) trace = std::make_unique<chrome_trace>();
   runner_options ro{.quiet = o.quiet, .trace = trace.get()};
-  std::FILE* out = o.json_path == "-" ? stderr : stdout;
+  // The progress line rewrites itself with carriage returns: a terminal only,
+  // unless asked for.
+  ro.progress = o.progress == "on" || (o.progress == "auto" && ::isatty(STDERR_FILENO) == 1);
+  ro.progress_final = o.progress == "on";
+  std::FILE* out = o.json_path == "-" || o.csv_path == "-" ? stderr : stdout;
 
   nlohmann::json j;
   std::vector<const run_result*> all;
   suite_result suite;
   comparison cmp;
   run_result single;
-  if (o.compare) {
+  std::deque<run_result> swept;
+  if (!o.sweeps.empty()) {
+    j = run_sweep(o, ro, out, swept, all);
+  } else if (o.compare) {
     cmp = run_comparison(o, *o.compare, ro);
     for (const run_result& r : cmp.runs) all.push_back(&r);
     print_table(out, all);
@@ -78,7 +89,7 @@ int main(int argc, char** argv) {
     print_table(out, crs);
     std::fprintf(out, "\ncomparisons\n");
     for (const comparison& c : suite.comps) print_comparison(out, c);
-    std::fprintf(out, "\ntargets (PERFORMANCE.md; a figure counts only with stale = 0 and data errors = 0)\n");
+    std::fprintf(out, "\ntargets (docs/performance.md; a figure counts only with stale = 0 and data errors = 0)\n");
     print_targets(out, suite.targets);
     all = table;
     all.insert(all.end(), crs.begin(), crs.end());
@@ -90,10 +101,15 @@ int main(int argc, char** argv) {
   }
   print_problems(out, all);
   j["machine"] = machine();
+  j["context"] = context_block(argc, argv);
   std::fflush(out);
 
   int rc = status_of(all);
   std::string err;
+  if (!o.csv_path.empty() && !write_csv(o.csv_path, all, err)) {
+    std::fprintf(stderr, "svm-storm: %s\n", err.c_str());
+    rc = rc ? rc : 5;
+  }
   if (!o.json_path.empty() && !write_json(o.json_path, j, err)) {
     std::fprintf(stderr, "svm-storm: %s\n", err.c_str());
     rc = rc ? rc : 5;

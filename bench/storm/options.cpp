@@ -6,7 +6,9 @@
 
 #include <CLI/CLI.hpp>
 
+#include "context.h"
 #include "scenario.h"
+#include "sweep.h"
 
 namespace svm::storm {
 
@@ -41,7 +43,7 @@ ratio is the median of the per-repetition ratios:
           (scenario default: first-touch, with 1 engine and 4K windows unless given)
 
 NO ARGUMENTS: the default storm set: every scenario, then the P1-P7 measurements of
-PERFORMANCE.md (--compare host, seq and mirror, thread scaling), a table and the
+docs/performance.md (--compare host, seq and mirror, thread scaling), a table and the
 targets. About 35-45 s on 2 cores; --seconds sets each run's budget (default 1;
 each side of a comparison gets twice that).
 
@@ -49,6 +51,10 @@ OUTPUT: a table on stdout (stderr when --json -). --json writes every figure:
   a run:        {"runs": [run]}
   a comparison: {"runs": [run, run], "ratio": R, ...}
   the default set: {"runs": [...], "comparisons": [...], "targets": {...}}
+  a --sweep:    {"sweep": {"axes": {...}}, "points": [{"params": {...}, ...}], "runs": [...]}
+Every JSON carries "context": svm_version, git_commit, build_type, compiler,
+cpu_model, hardware_threads, load_avg, date (docs/performance.md). --csv writes one
+row per run, the run's JSON fields flattened (config.engines, fault_latency_ns.p99).
 Each run has "config" and wall_s (timed phase: kernels), device_accesses,
 faults_raised, faults_serviced, valid_faults, batches, mean_batch, hmm_calls,
 retries_busy, retries_seq, false_retries, invalidations, ptes_written, ptes_zapped,
@@ -56,11 +62,53 @@ tlb_invalidations, pages_mapped (4K PTEs written; a 2M leaf counts 512), ns_per_
 and pages_per_s (over wall_s), fault_latency_ns {p50, p90, p99, max, histogram},
 pt_bytes (device page table, largest after a round), stale_accesses (access oracle),
 data_errors (data oracle: every value written is checked where it is read back).
+What each figure means, the targets and how to measure: docs/performance.md and
+bench/README.md; bench/plot draws a JSON, bench/compare compares two.
 
 EXIT STATUS: 0 ok; 1 the oracle (on) found a stale access or a data error;
 3 a kernel or a storm operation failed; 4 a kernel hung (diagnosed on stderr);
-other non-zero values: bad command line.
+5 a --json, --trace or --csv file could not be written; 2 and other values: bad
+command line (including an output path that cannot be written, found before the run).
 )";
+}
+
+// The options for studies (--version, --progress, --csv, --sweep), kept apart
+// from the run knobs above.
+void add_research_options(CLI::App& app, options& o) {
+  app.set_version_flag("-V,--version", version_text(), "Print the version, commit and build, then exit");
+  app.add_option("--progress", o.progress,
+                 "The progress line on stderr: auto (only when stderr is a terminal), on or off")
+      ->check(CLI::IsMember({"auto", "on", "off"}))
+      ->capture_default_str();
+  app.add_option("--csv", o.csv_path, "Write one CSV row per run to FILE ('-': stdout), columns as the JSON fields");
+  app.add_option("--sweep", o.sweep_specs,
+                 "KNOB=V1,V2,...: run every combination of the values of every --sweep (repeatable) into one "
+                 "JSON; knobs: " + sweep_knobs() + "; needs --scenario or --compare")
+      ->type_name("KNOB=LIST");
+}
+
+// Checks that need the whole command line; the message, or nullopt.
+std::optional<std::string> check_research_options(options& o) {
+  for (const std::string& spec : o.sweep_specs) {
+    options::sweep_axis a;
+    if (auto e = parse_sweep(spec, a)) return "--sweep " + spec + ": " + *e;
+    for (const options::sweep_axis& b : o.sweeps)
+      if (b.knob == a.knob) return "--sweep " + a.knob + " given twice";
+    o.sweeps.push_back(std::move(a));
+  }
+  if (!o.sweeps.empty() && !o.scenario && !o.compare)
+    return "--sweep needs --scenario or --compare (sweeping the whole default set would take hours)";
+  for (const options::sweep_axis& a : o.sweeps)
+    for (const std::string& v : a.values) {
+      options probe = o;
+      if (auto e = apply_knob(probe, a.knob, v)) return "--sweep " + a.knob + "=" + v + ": " + *e;
+    }
+  std::string err;
+  for (const auto& [path, what] : {std::pair{&o.json_path, "--json"}, {&o.trace_path, "--trace"}, {&o.csv_path, "--csv"}})
+    if (!path->empty() && !check_output_path(*path, what, err)) return err;
+  int to_stdout = (o.json_path == "-") + (o.csv_path == "-");
+  if (to_stdout > 1) return "--json - and --csv - cannot both write to stdout";
+  return std::nullopt;
 }
 
 }  // namespace
@@ -167,6 +215,7 @@ std::optional<int> parse_options(int argc, char** argv, options& o) {
                  "Waves per engine: work items in flight on each engine thread, 1..4096 (1: one at a time, the "
                  "engine stalls on each fault); default: the device's (256)")
       ->check(CLI::Range(1u, 4096u));
+  add_research_options(app, o);
 
   try {
     app.parse(argc, argv);
@@ -203,6 +252,7 @@ std::optional<int> parse_options(int argc, char** argv, options& o) {
     return fail("--compare host compares a device scenario against host-minor-fault; pick a device scenario");
   if (o.compare && o.compare != "host" && o.scenario == "host-minor-fault")
     return fail("host-minor-fault has no sequence mode, mirror or waves to compare");
+  if (auto e = check_research_options(o)) return fail(*e);
   return std::nullopt;
 }
 

@@ -3,6 +3,7 @@
 
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "storm.h"
 
@@ -16,6 +17,18 @@ struct options {
   std::string json_path;                ///< empty: no JSON; "-": stdout
   std::string trace_path;               ///< empty: no trace
   bool quiet = false;
+  /// The progress line (rewritten in place with carriage returns): on, off,
+  /// or auto (only when stderr is a terminal, so logs never get one).
+  std::string progress = "auto";
+  std::string csv_path;                 ///< empty: no CSV; "-": stdout
+  /// --sweep KNOB=V1,V2,...: every combination of the axes' values runs
+  /// (the last axis varies fastest), into one JSON.
+  struct sweep_axis {
+    std::string knob;
+    std::vector<std::string> values;
+  };
+  std::vector<sweep_axis> sweeps;
+  std::vector<std::string> sweep_specs;  ///< --sweep as given (parsed into sweeps)
   // Knobs the user set explicitly (a comparison or the default set only
   // overrides the ones left at their defaults).
   bool engines_given = false, window_given = false, seconds_given = false, threads_given = false;

@@ -13,13 +13,13 @@
 
 namespace svm::storm {
 
-/// One target of PERFORMANCE.md as measured (or not) by this invocation.
+/// One target of docs/performance.md as measured (or not) by this invocation.
 struct target_figure {
   std::string id;        ///< P1..P8
   std::string figure;    ///< what it is, in words
   std::string unit;
   std::optional<double> value;  ///< empty: not measured here
-  std::string first_bar, goal;  ///< as PERFORMANCE.md states them
+  std::string first_bar, goal;  ///< as docs/performance.md states them
   std::optional<bool> met;      ///< against the first bar; empty if not measured
   bool clean = true;            ///< every run behind it had stale = 0 and data_errors = 0
   std::string note;             ///< how it was measured, or why it was not

@@ -26,9 +26,9 @@ double seconds_since(clock_type::time_point t) {
 /// second, rewritten in place.
 class progress_line {
  public:
-  progress_line(const run_config& c, bool quiet, std::function<std::string()> what)
-      : c_(c), what_(std::move(what)), start_(clock_type::now()) {
-    if (!quiet) th_ = std::jthread([this](std::stop_token st) { loop(st); });
+  progress_line(const run_config& c, const runner_options& o, std::function<std::string()> what)
+      : c_(c), what_(std::move(what)), start_(clock_type::now()), final_(o.progress_final) {
+    if (!o.quiet && o.progress) th_ = std::jthread([this](std::stop_token st) { loop(st); });
   }
   ~progress_line() { stop(); }
   void stop() {
@@ -39,6 +39,7 @@ class progress_line {
     }
     cv_.notify_all();
     th_.join();
+    if (!printed_ && final_) print();  // --progress on: at least one line
     if (printed_) std::fprintf(stderr, "\n");
   }
 
@@ -47,16 +48,20 @@ class progress_line {
     std::unique_lock g(mu_);
     if (cv_.wait_for(g, st, std::chrono::seconds(2), [] { return false; })) return;
     while (!st.stop_requested()) {
-      std::fprintf(stderr, "\r  %s%s%s: %.1f / %.1f s, %s   ", c_.scenario.c_str(), c_.label.empty() ? "" : " ",
-                   c_.label.c_str(), seconds_since(start_), c_.seconds, what_().c_str());
-      std::fflush(stderr);
-      printed_ = true;
+      print();
       cv_.wait_for(g, st, std::chrono::milliseconds(500), [] { return false; });
     }
+  }
+  void print() {
+    std::fprintf(stderr, "\r  %s%s%s: %.1f / %.1f s, %s   ", c_.scenario.c_str(), c_.label.empty() ? "" : " ",
+                 c_.label.c_str(), seconds_since(start_), c_.seconds, what_().c_str());
+    std::fflush(stderr);
+    printed_ = true;
   }
   const run_config& c_;
   std::function<std::string()> what_;
   clock_type::time_point start_;
+  bool final_;  // immutable
   std::mutex mu_;
   std::condition_variable_any cv_;
   bool printed_ = false;  // written by the thread; read after join
@@ -141,7 +146,7 @@ run_result run_device(const run_config& c, const runner_options& o) {
   const std::uint64_t coalesced0 = dev.stats().coalesced, records0 = dev.stats().records;
   std::uint64_t timed_ns = 0;
   std::atomic<std::uint64_t> rounds_done{0};  // read by the progress thread
-  progress_line progress(c, o.quiet, [&] {
+  progress_line progress(c, o, [&] {
     return mpages(static_cast<double>(vm.stats().ptes_written)) + ", " + std::to_string(rounds_done.load()) + " rounds";
   });
   {
@@ -263,7 +268,7 @@ run_result run_one(const run_config& c, const runner_options& o) {
     std::atomic<std::uint64_t> pages{0};
     run_result r;
     {
-      progress_line p(c, o.quiet, [&] { return mpages(static_cast<double>(pages.load())); });
+      progress_line p(c, o, [&] { return mpages(static_cast<double>(pages.load())); });
       trace_scope t(o.trace, "host_touch");
       r = run_host(c, pages);
     }

@@ -14,6 +14,12 @@ namespace svm::storm {
 /// Process-wide run options that are not part of a run's config.
 struct runner_options {
   bool quiet = false;            ///< no progress lines on stderr
+  /// The in-place progress line (carriage returns) on stderr: only on a
+  /// terminal by default (--progress), never when quiet.
+  bool progress = true;
+  /// --progress on: a run too short for the periodic line (under 2 s) still
+  /// ends with one line, so the line's presence does not depend on timing.
+  bool progress_final = false;
   chrome_trace* trace = nullptr; ///< null: no trace
 };
 

@@ -1,4 +1,4 @@
-// Scenarios: what a storm does, as a small interface (STYLE.md: a swappable
+// Scenarios: what a storm does, as a small interface (a swappable
 // policy). The runner owns the mm, the device, the VM and the oracle; a
 // scenario lays out memory, prepares each round, submits the round's kernel
 // and checks the data afterwards, and may run a CPU storm beside it.

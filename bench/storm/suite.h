@@ -1,5 +1,5 @@
 // The default storm set (svm-storm with no scenario): every scenario, then
-// the side-by-side measurements behind PERFORMANCE.md's P1-P7.
+// the side-by-side measurements behind docs/performance.md's P1-P7.
 #pragma once
 
 #include <vector>

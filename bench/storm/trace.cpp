@@ -47,6 +47,18 @@ void chrome_trace::span(const char* name, std::uint64_t start_ns, std::uint64_t 
   }
 }
 
+void chrome_trace::fault(std::uint32_t engine, va_t gva, std::uint64_t raise_ns, std::uint64_t done_ns) noexcept {
+  if (recorded_.fetch_add(1, std::memory_order_relaxed) >= max_events_) {
+    dropped_.fetch_add(1, std::memory_order_relaxed);
+    return;
+  }
+  try {
+    mine()->faults.push_back({engine, gva, raise_ns, done_ns});
+  } catch (...) {
+    dropped_.fetch_add(1, std::memory_order_relaxed);
+  }
+}
+
 void chrome_trace::name_thread(const std::string& name) {
   thread_buf* b = mine();
   std::lock_guard g(mu_);
@@ -58,6 +70,40 @@ const char* chrome_trace::intern(const std::string& s) {
   for (const std::string& n : names_)
     if (n == s) return n.c_str();
   return names_.emplace_back(s).c_str();
+}
+
+// Engine tracks live in their own process ("device", pid 2), one thread per
+// engine; each fault is a "fault_stall" span from its raise to the handler
+// finishing it, and a flow ("s" on the engine, "f" on the handler track,
+// bound to the enclosing "fault_batch" span) links the two.
+template <class Emit>
+void chrome_trace::write_engine_tracks(Emit& emit) const {
+  std::vector<bool> named;
+  std::uint64_t flow = 0;
+  auto us = [&](std::uint64_t ns) { return static_cast<double>(ns - std::min(ns, t0_)) / 1000.0; };
+  bool any = false;
+  for (const auto& b : bufs_) any |= !b->faults.empty();
+  if (!any) return;
+  emit({{"ph", "M"}, {"pid", 2}, {"tid", 0}, {"name", "process_name"}, {"args", {{"name", "device engines"}}}});
+  for (const auto& b : bufs_) {
+    for (const fault_event& f : b->faults) {
+      if (f.engine >= named.size()) named.resize(f.engine + 1, false);
+      if (!named[f.engine]) {
+        named[f.engine] = true;
+        emit({{"ph", "M"}, {"pid", 2}, {"tid", f.engine + 1}, {"name", "thread_name"},
+              {"args", {{"name", "engine " + std::to_string(f.engine)}}}});
+      }
+      const std::uint64_t done = std::max(f.done_ns, f.raise_ns);
+      emit({{"ph", "X"}, {"pid", 2}, {"tid", f.engine + 1}, {"name", "fault_stall"}, {"cat", "fault"},
+            {"ts", us(f.raise_ns)}, {"dur", static_cast<double>(done - f.raise_ns) / 1000.0},
+            {"args", {{"gva", f.gva}}}});
+      ++flow;
+      emit({{"ph", "s"}, {"pid", 2}, {"tid", f.engine + 1}, {"name", "fault"}, {"cat", "fault"}, {"id", flow},
+            {"ts", us(f.raise_ns)}});
+      emit({{"ph", "f"}, {"bp", "e"}, {"pid", 1}, {"tid", b->tid}, {"name", "fault"}, {"cat", "fault"}, {"id", flow},
+            {"ts", us(done)}});
+    }
+  }
 }
 
 bool chrome_trace::write(const std::string& path, std::string& err) const {
@@ -95,6 +141,7 @@ bool chrome_trace::write(const std::string& path, std::string& err) const {
             {"ts", ts}, {"dur", static_cast<double>(e.dur_ns) / 1000.0}, {"args", {{"n", e.arg}}}});
     }
   }
+  write_engine_tracks(emit);
   out << "\n]}\n";
   out.flush();
   if (!out) {

@@ -1,6 +1,8 @@
 // Chrome trace-event output (--trace FILE): a trace_sink that keeps spans in
 // per-thread buffers and writes them as {"traceEvents": [...]} JSON, which
-// loads in Perfetto and chrome://tracing. One track per thread.
+// loads in Perfetto and chrome://tracing. One track per thread, one per
+// device engine (its fault stalls), and a flow arrow from each fault's raise
+// on its engine to the handler batch that replayed or cancelled it.
 #pragma once
 
 #include <atomic>
@@ -29,6 +31,9 @@ class chrome_trace final : public trace_sink {
   /// string literals; use intern() for others). Locking: the registry mutex
   /// on a thread's first span only; never blocks otherwise.
   void span(const char* name, std::uint64_t start_ns, std::uint64_t dur_ns, std::uint64_t arg) noexcept override;
+  /// Record a finished fault (an engine track span, raise to done, and a
+  /// flow to the handler's batch). Same locking and cap as span().
+  void fault(std::uint32_t engine, va_t gva, std::uint64_t raise_ns, std::uint64_t done_ns) noexcept override;
   /// Name the calling thread's track.
   void name_thread(const std::string& name);
   /// A stable copy of `s` for span names. Locking: the registry mutex.
@@ -42,12 +47,20 @@ class chrome_trace final : public trace_sink {
     const char* name;
     std::uint64_t start_ns, dur_ns, arg;
   };
+  struct fault_event {
+    std::uint32_t engine;
+    va_t gva;
+    std::uint64_t raise_ns, done_ns;
+  };
   struct thread_buf {
     unsigned tid = 0;
     std::string name;  // guarded by mu_
     std::vector<event> events;  // appended by its own thread only
+    std::vector<fault_event> faults;  // appended by its own thread only
   };
   thread_buf* mine();
+  template <class Emit>
+  void write_engine_tracks(Emit& emit) const;  // requires mu_ held
 
   const std::size_t max_events_;
   const std::uint64_t id_;   // tells this sink's thread-local slots from an earlier sink's

@@ -1,4 +1,4 @@
-// hmm_range_fault (kernel: mm/hmm.c), CONTRACTS.md §2.
+// hmm_range_fault (kernel: mm/hmm.c), docs/contracts.md §2.
 #include "svm/notifier/hmm.h"
 
 #include <algorithm>

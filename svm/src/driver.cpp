@@ -138,6 +138,10 @@ void driver::process(std::span<dev::fault_record> recs) {
     } else {
       coalesced_.fetch_add(it->second->service(run), std::memory_order_relaxed);
     }
+    if (trace_sink* t = trace()) {
+      const std::uint64_t done = now_ns();
+      for (const dev::fault_record& r : run) t->fault(r.engine, r.gva, r.time_ns, done);
+    }
     i = j;
   }
 }

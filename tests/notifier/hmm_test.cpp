@@ -1,4 +1,4 @@
-// hmm_range_fault: CONTRACTS.md §2, row by row.
+// hmm_range_fault: docs/contracts.md §2, row by row.
 #include <gtest/gtest.h>
 
 #include "test_mirror.h"

@@ -27,7 +27,7 @@ struct gate {
   }
 };
 
-// The hazard of ARCHITECTURE.md: the fault takes its sequence after the
+// The hazard of docs/protocols.md: the fault takes its sequence after the
 // callback ran but before the CPU PTEs are cleared. read_begin must make it
 // wait, so that its walk cannot find the frame that is about to be freed.
 TEST(Interleave, SeqTakenAfterCallbackWaitsUntilPtesAreCleared) {

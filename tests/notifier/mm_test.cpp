@@ -1,5 +1,5 @@
 // The mm model: system calls, faults, COW, THP, swap, migration, CPU access,
-// bad input. CONTRACTS.md §0.
+// bad input. docs/contracts.md §0.
 #include <gtest/gtest.h>
 
 #include "test_mirror.h"

@@ -1,4 +1,4 @@
-// Interval notifiers: CONTRACTS.md §1.
+// Interval notifiers: docs/contracts.md §1.
 #include <gtest/gtest.h>
 
 #include <atomic>

@@ -47,7 +47,7 @@ class test_mirror : public interval_notifier_ops {
   void invalidate_end(interval_notifier&, const mmu_notifier_range&) override { ends.fetch_add(1); }
 
   // ---- device side ----------------------------------------------------------
-  /// Populate [start, end) through hmm_range_fault (the USAGE.md sketch 1
+  /// Populate [start, end) through hmm_range_fault (the pattern of examples/own_mirror.cpp
   /// loop, with the kernel's timeout). Returns the error of the last try.
   errc fault(va_t start, va_t end, bool write, hmm_pfn default_flags = hmm_req::fault) {
     std::vector<hmm_pfn> pfns((end - start) / page_size);

@@ -61,7 +61,7 @@ class GpuVm : public ::testing::TestWithParam<mode> {
   va_t base = 0;
 };
 
-// The ARCHITECTURE.md hazard: an invalidation's callbacks have run but the
+// The hazard of docs/protocols.md: an invalidation's callbacks have run but the
 // CPU PTEs are not cleared yet. A fault that starts now must not map the
 // frame that is about to be freed: it waits (read_begin / read_begin_range)
 // until the invalidation ends, then maps what the CPU maps afterwards.

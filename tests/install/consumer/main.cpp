@@ -1,18 +1,37 @@
-// A runtime that embeds svm: builds against the installed package only.
+// A runtime that embeds svm: builds against the installed package only
+// (find_package(svm), svm::svm), and runs a kernel that faults SVM memory in.
+#include <chrono>
 #include <cstdio>
+#include <cstring>
 
-#include "svm/pagetable/radix.h"
-
-struct enc {
-  static bool is_valid(std::uint64_t e) { return (e & 2) != 0; }
-  static std::uint64_t split(std::uint64_t e, unsigned, unsigned i) { return e + (std::uint64_t{i} << 12); }
-};
+#include "svm/svm/driver.h"
+#include "svm/svm/gpu_vm.h"
+#include "svm/version.h"
 
 int main() {
-  svm::pt::radix_table<enc> t;
-  if (t.populate(0x1000, 0x3000, 0, [](svm::va_t va) { return va | 2; }) != svm::errc::ok) return 1;
-  auto tr = t.translate(0x2000);
-  if (tr.entry != (0x2000 | 2) || tr.level != 0) return 2;
-  std::puts("consumer: ok");
+  if (std::strcmp(svm::version(), SVM_VERSION_STRING) != 0) {
+    std::fprintf(stderr, "consumer: library %s, headers %s\n", svm::version(), SVM_VERSION_STRING);
+    return 1;
+  }
+  svm::mm mm;
+  auto va = mm.mmap(0, 4 * svm::page_size, svm::prot::read | svm::prot::write, svm::map::private_ | svm::map::anonymous);
+  if (!va) return 2;
+  auto drv = svm::driver::create({.hw = {.engines = 1}});
+  if (!drv) return 5;
+  auto made = svm::gpu_vm::create(**drv, mm);
+  if (!made) return 6;
+  svm::driver& dev = **drv;
+  svm::gpu_vm& vm = **made;
+  const svm::va_t base = *va;
+  auto k = dev.submit(vm, 4, [base](svm::dev::work_item& wi) {
+    wi.store<std::uint64_t>(base + wi.id() * svm::page_size, 100 + wi.id());
+  });
+  if (!k || !k->wait(std::chrono::seconds(30)).ok()) return 3;
+  for (std::uint64_t i = 0; i < 4; ++i) {
+    std::uint64_t v = 0;
+    if (mm.read(base + i * svm::page_size, std::as_writable_bytes(std::span{&v, 1})) != svm::errc::ok || v != 100 + i)
+      return 4;
+  }
+  std::printf("consumer: svm %s ok (a kernel wrote 4 SVM pages the CPU reads back)\n", svm::version());
   return 0;
 }

@@ -56,23 +56,37 @@ const char* errc_name(errc e) noexcept;
 template <class T>
 class [[nodiscard]] result {
  public:
-  using value_type = T;
-  using error_type = errc;
+  using value_type = T;     ///< the value held on success
+  using error_type = errc;  ///< the error held on failure
 
+  /// A success holding `v` (implicit, so `return value;` works).
   result(T v) : v_(std::in_place_index<0>, std::move(v)) {}  // NOLINT: implicit on purpose
+  /// A failure holding `e` (implicit, so `return errc::inval;` works).
   result(errc e) : v_(std::in_place_index<1>, e) {}           // NOLINT
+  /// True when a value is held.
   [[nodiscard]] bool ok() const noexcept { return v_.index() == 0; }
+  /// True when a value is held (the std::expected name of ok()).
   [[nodiscard]] bool has_value() const noexcept { return ok(); }
+  /// True when a value is held.
   explicit operator bool() const noexcept { return ok(); }
   /// errc::ok when a value is held (std::expected leaves that undefined).
   [[nodiscard]] errc error() const noexcept { return ok() ? errc::ok : std::get<1>(v_); }
+  /// The value. Calling it on an error is a programming error: it prints
+  /// the error and aborts (check has_value() first).
   T& value() & { check(); return std::get<0>(v_); }
+  /// The value (see the non-const overload).
   const T& value() const& { check(); return std::get<0>(v_); }
+  /// The value, moved out (see the lvalue overload).
   T&& value() && { check(); return std::get<0>(std::move(v_)); }
+  /// Member access to the value (value()'s precondition applies).
   T* operator->() { return &value(); }
+  /// Member access to the value (value()'s precondition applies).
   const T* operator->() const { return &value(); }
+  /// The value (value()'s precondition applies).
   T& operator*() & { return value(); }
+  /// The value (value()'s precondition applies).
   const T& operator*() const& { return value(); }
+  /// The value, moved out (value()'s precondition applies).
   T&& operator*() && { return std::move(*this).value(); }
 
   /// The value, or `fallback` on an error.
@@ -80,28 +94,30 @@ class [[nodiscard]] result {
   [[nodiscard]] T value_or(U&& fallback) const& {
     return ok() ? std::get<0>(v_) : static_cast<T>(std::forward<U>(fallback));
   }
+  /// The value moved out, or `fallback` on an error.
   template <class U>
   [[nodiscard]] T value_or(U&& fallback) && {
     return ok() ? std::get<0>(std::move(v_)) : static_cast<T>(std::forward<U>(fallback));
   }
-  /// f(value) when a value is held, which must return a result<U>; else the error.
+  /// f(value) when a value is held, which must return a `result<U>`; else the error.
   template <class F>
   auto and_then(F&& f) const& -> std::invoke_result_t<F, const T&> {
     if (ok()) return std::invoke(std::forward<F>(f), std::get<0>(v_));
     return std::get<1>(v_);
   }
+  /// f(moved value) when a value is held, which must return a `result<U>`; else the error.
   template <class F>
   auto and_then(F&& f) && -> std::invoke_result_t<F, T&&> {
     if (ok()) return std::invoke(std::forward<F>(f), std::get<0>(std::move(v_)));
     return std::get<1>(v_);
   }
-  /// result<U> holding f(value) when a value is held; else the error.
+  /// A `result<U>` holding f(value) when a value is held; else the error.
   template <class F>
   auto transform(F&& f) const& -> result<std::remove_cvref_t<std::invoke_result_t<F, const T&>>> {
     if (ok()) return std::invoke(std::forward<F>(f), std::get<0>(v_));
     return std::get<1>(v_);
   }
-  /// The value when held; else f(error), which must return a result<T>.
+  /// The value when held; else f(error), which must return a `result<T>`.
   template <class F>
   result or_else(F&& f) const& {
     if (ok()) return *this;

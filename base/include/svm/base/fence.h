@@ -1,5 +1,5 @@
 // Fences: one-shot completion events with an optional error, callbacks and
-// bounded waits (CONTRACTS.md §5), plus the debug-build checker for
+// bounded waits (docs/contracts.md §5), plus the debug-build checker for
 // signalling critical sections.
 //
 // A fence is published (handed to a waiter, stored in a reservation object)
@@ -26,10 +26,14 @@
 namespace svm {
 
 class fence;
+/// Fences are shared: the signaller, the waiters and reservation objects hold them.
 using fence_ptr = std::shared_ptr<fence>;
 
+/// A one-shot completion signal with an optional error (kernel: dma_fence):
+/// it signals once, runs its callbacks once, and its waits can time out.
 class fence {
  public:
+  /// Run once when the fence signals, on the signalling thread.
   using callback = std::function<void(const fence&)>;
 
   /// A new, unsignalled fence. `name` is for diagnostics (static storage).
@@ -37,6 +41,7 @@ class fence {
   /// A fence that is already signalled (with `err`).
   static fence_ptr signaled_fence(errc err = errc::ok, const char* name = "fence");
 
+  /// An unsignalled fence named `name` (static storage); prefer create().
   explicit fence(const char* name) : name_(name) {}
   fence(const fence&) = delete;
   fence& operator=(const fence&) = delete;
@@ -67,6 +72,7 @@ class fence {
   errc wait(std::chrono::nanoseconds timeout = std::chrono::hours(24),
             lockdep::site s = {__builtin_FILE(), __builtin_LINE()}) const;
 
+  /// The name given at creation (diagnostics).
   [[nodiscard]] const char* name() const noexcept { return name_; }
 
  private:
@@ -83,13 +89,14 @@ class fence {
   static constexpr lock_class cb_lock_class{"fence.cb", lockdep::rank::leaf};
 };
 
-/// Signalling critical sections (CONTRACTS.md §5).
+/// Signalling critical sections (docs/contracts.md §5).
 namespace fence_sig {
 
 /// RAII marker for a signalling critical section: from the publication of a
 /// fence to its signal. Nestable.
 class section {
  public:
+  /// Enter a section described by `what` (static storage), opened at `s`.
   explicit section(const char* what, lockdep::site s = {__builtin_FILE(), __builtin_LINE()});
   ~section();
   section(const section&) = delete;
@@ -98,12 +105,14 @@ class section {
 
 /// What a violation report carries: the section and the offending call.
 struct violation {
-  const char* section_what;
-  lockdep::site section_site;
+  const char* section_what;    ///< the innermost open section's description
+  lockdep::site section_site;  ///< where that section was opened
   const char* op;  ///< "fence wait", "reservation lock", "allocation"
-  lockdep::site op_site;
+  lockdep::site op_site;       ///< where the offending call was made
+  /// Both call sites and the operation, in one line.
   std::string describe() const;
 };
+/// Called with each violation instead of the default print-and-abort.
 using violation_handler = void (*)(const violation&);
 /// Install a handler (tests); nullptr restores print-and-abort.
 violation_handler set_violation_handler(violation_handler h) noexcept;

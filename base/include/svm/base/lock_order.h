@@ -1,6 +1,6 @@
 // The lock order of svm, written down once, and its debug-build validator.
 //
-// Locking order, outermost first (ARCHITECTURE.md, "Locking order"):
+// Locking order, outermost first (docs/architecture.md, "Lock order"):
 //
 //   rank::driver      svm::device registry   VM table of the fault handler, r/w
 //   rank::vm          gpu_vm::lock_          BO VA tree, reader-writer
@@ -59,28 +59,30 @@ const char* to_string(rank r) noexcept;
 
 /// Where a lock was taken. Filled by default arguments at the call site.
 struct site {
-  const char* file = "?";
-  int line = 0;
+  const char* file = "?";  ///< source file (static storage)
+  int line = 0;            ///< source line
 };
 
 /// What the validator reports: the lock being taken and the one held that it
 /// conflicts with, each with its rank, key, name and acquisition site.
 struct violation {
-  const void* held_lock;
-  const char* held_name;
-  rank held_rank;
-  std::uint64_t held_key;
-  site held_site;
-  const void* new_lock;
-  const char* new_name;
-  rank new_rank;
-  std::uint64_t new_key;
-  site new_site;
+  const void* held_lock;    ///< the lock already held (null for "not-held")
+  const char* held_name;    ///< its class name
+  rank held_rank;           ///< its rank
+  std::uint64_t held_key;   ///< its ordering key within the rank (e.g. an address)
+  site held_site;           ///< where it was taken
+  const void* new_lock;     ///< the lock being taken or released
+  const char* new_name;     ///< its class name
+  rank new_rank;            ///< its rank
+  std::uint64_t new_key;    ///< its ordering key within the rank
+  site new_site;            ///< where it is being taken
   const char* what;  ///< "order" (inversion), "recursive", "not-held" (release/assert)
 
+  /// Both locks, their ranks and sites, in one line.
   std::string describe() const;
 };
 
+/// Called with each violation instead of the default print-and-abort.
 using violation_handler = void (*)(const violation&);
 
 /// Install a handler (tests use it to observe a seeded inversion); nullptr

@@ -37,8 +37,8 @@ namespace svm {
 /// objects refer to their class, so a class must have static storage
 /// duration (declare it `static constexpr` or at namespace scope).
 struct lock_class {
-  const char* name = "lock";
-  lockdep::rank rank = lockdep::rank::leaf;
+  const char* name = "lock";                 ///< shown in violation reports
+  lockdep::rank rank = lockdep::rank::leaf;  ///< its place in the lock order (lock_order.h)
   bool nestable = false;  ///< may nest with other nestable locks of its rank
 };
 
@@ -62,6 +62,8 @@ class SVM_CAPABILITY("mutex") mutex {
   mutex(const mutex&) = delete;
   mutex& operator=(const mutex&) = delete;
 
+  /// Take the lock, spinning briefly and then sleeping on a futex. Debug
+  /// builds check the lock order first (a violation is reported at `s`).
   void lock(SVM_HERE_DEFAULT) SVM_ACQUIRE() {
 #if SVM_LOCK_CHECKS
     lockdep::on_acquire(this, cls_->name, cls_->rank, key_, cls_->nestable, false, s);
@@ -75,6 +77,8 @@ class SVM_CAPABILITY("mutex") mutex {
     lock_slow();
   }
 
+  /// Take the lock if it is free; true when taken. Never blocks, so the lock
+  /// order does not apply to it (the validator records the hold).
   bool try_lock(SVM_HERE_DEFAULT) SVM_TRY_ACQUIRE(true) {
     std::uint32_t c = 0;
     if (!state_.compare_exchange_strong(c, 1, std::memory_order_acquire, std::memory_order_relaxed))
@@ -87,6 +91,7 @@ class SVM_CAPABILITY("mutex") mutex {
     return true;
   }
 
+  /// Release the lock and wake one sleeper, if any.
   void unlock(SVM_HERE_DEFAULT) SVM_RELEASE() {
 #if SVM_LOCK_CHECKS
     lockdep::on_release(this, s);
@@ -138,38 +143,46 @@ class SVM_CAPABILITY("mutex") mutex {
 class SVM_CAPABILITY("shared_mutex") shared_mutex {
  public:
   shared_mutex() = default;
+  /// A lock of class `c`; `key` orders locks of one rank (e.g. by address).
   explicit shared_mutex(const lock_class& c, std::uint64_t key = 0) : cls_(&c), key_(key) {}
   shared_mutex(const shared_mutex&) = delete;
   shared_mutex& operator=(const shared_mutex&) = delete;
 
+  /// Take the lock exclusively (lock order checked in debug builds).
   void lock(SVM_HERE_DEFAULT) SVM_ACQUIRE() {
     check_acquire(false, s);
     m_.lock();
   }
+  /// Take it exclusively if free; true when taken.
   bool try_lock(SVM_HERE_DEFAULT) SVM_TRY_ACQUIRE(true) {
     if (!m_.try_lock()) return false;
     check_acquire(true, s);
     return true;
   }
+  /// Release an exclusive hold.
   void unlock(SVM_HERE_DEFAULT) SVM_RELEASE() {
     check_release(s);
     m_.unlock();
   }
+  /// Take the lock shared (lock order checked in debug builds).
   void lock_shared(SVM_HERE_DEFAULT) SVM_ACQUIRE_SHARED() {
     check_acquire(false, s);
     m_.lock_shared();
   }
+  /// Take it shared if no writer holds it; true when taken.
   bool try_lock_shared(SVM_HERE_DEFAULT) SVM_TRY_ACQUIRE_SHARED(true) {
     if (!m_.try_lock_shared()) return false;
     check_acquire(true, s);
     return true;
   }
+  /// Release a shared hold.
   void unlock_shared(SVM_HERE_DEFAULT) SVM_RELEASE_SHARED() {
     check_release(s);
     m_.unlock_shared();
   }
   /// Debug builds check that the calling thread holds it (shared or exclusive).
   void assert_held(SVM_HERE_DEFAULT) const SVM_ASSERT_CAPABILITY(this) { check_held(s); }
+  /// Debug builds check that the calling thread holds it (shared or exclusive).
   void assert_held_shared(SVM_HERE_DEFAULT) const SVM_ASSERT_SHARED_CAPABILITY(this) { check_held(s); }
 
  private:
@@ -198,6 +211,7 @@ class SVM_CAPABILITY("shared_mutex") shared_mutex {
 template <class M>
 class SVM_SCOPED_CAPABILITY lock_guard {
  public:
+  /// Lock `m` exclusively until the guard goes (the site defaults to the caller's).
   explicit lock_guard(M& m, SVM_HERE_DEFAULT) SVM_ACQUIRE(m) : m_(m), s_(s) { m_.lock(s); }
   ~lock_guard() SVM_RELEASE() { m_.unlock(s_); }
   lock_guard(const lock_guard&) = delete;
@@ -212,6 +226,7 @@ class SVM_SCOPED_CAPABILITY lock_guard {
 template <class M>
 class SVM_SCOPED_CAPABILITY shared_lock_guard {
  public:
+  /// Lock `m` shared until the guard goes (the site defaults to the caller's).
   explicit shared_lock_guard(M& m, SVM_HERE_DEFAULT) SVM_ACQUIRE_SHARED(m) : m_(m), s_(s) {
     m_.lock_shared(s);
   }
@@ -228,18 +243,22 @@ class SVM_SCOPED_CAPABILITY shared_lock_guard {
 template <class M>
 class SVM_SCOPED_CAPABILITY unique_lock {
  public:
+  /// Lock `m` exclusively (the site defaults to the caller's).
   explicit unique_lock(M& m, SVM_HERE_DEFAULT) SVM_ACQUIRE(m) : m_(&m), s_(s) { m_->lock(s); owns_ = true; }
   ~unique_lock() SVM_RELEASE() {
     if (owns_) m_->unlock(s_);
   }
+  /// Release early (the lock must be owned).
   void unlock() SVM_RELEASE() {
     m_->unlock(s_);
     owns_ = false;
   }
+  /// Take the lock again after unlock().
   void lock() SVM_ACQUIRE() {
     m_->lock(s_);
     owns_ = true;
   }
+  /// True while the lock is held through this holder.
   [[nodiscard]] bool owns_lock() const noexcept { return owns_; }
   unique_lock(const unique_lock&) = delete;
   unique_lock& operator=(const unique_lock&) = delete;

@@ -23,6 +23,9 @@ namespace svm {
 /// Which memory a frame number refers to.
 enum class aperture : std::uint8_t { system = 0, vram = 1 };
 
+/// Physical memory as the device reads it: frame numbers to bytes. The mm's
+/// frame pools (notifier/) implement it; the device's walker and copy engine
+/// (device_sim/) read through it, so neither depends on the other.
 class phys_mem {
  public:
   virtual ~phys_mem() = default;

@@ -37,14 +37,18 @@ inline constexpr unsigned order_1g = 18;
 
 /// A half-open VA range [start, end).
 struct va_range {
-  va_t start = 0;
-  va_t end = 0;
+  va_t start = 0;  ///< first address
+  va_t end = 0;    ///< one past the last address
 
+  /// Bytes in the range (end - start; meaningless when empty()).
   [[nodiscard]] constexpr std::uint64_t size() const noexcept { return end - start; }
+  /// True when the range holds no address.
   [[nodiscard]] constexpr bool empty() const noexcept { return end <= start; }
+  /// True when the two ranges share at least one address.
   [[nodiscard]] constexpr bool overlaps(va_range o) const noexcept {
     return start < o.end && o.start < end;
   }
+  /// True when `va` is in [start, end).
   [[nodiscard]] constexpr bool contains(va_t va) const noexcept { return va >= start && va < end; }
   friend constexpr bool operator==(va_range, va_range) = default;
 };

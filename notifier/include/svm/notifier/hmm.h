@@ -1,5 +1,5 @@
 // hmm_range_fault: snapshot or fault in the CPU translations of a VA range
-// for a device mirror (CONTRACTS.md §2; kernel: mm/hmm.c).
+// for a device mirror (docs/contracts.md §2; kernel: mm/hmm.c).
 #pragma once
 
 #include <cstdint>
@@ -76,7 +76,7 @@ struct hmm_range {
   std::function<bool()> is_valid = {};
 };
 
-/// Kernel: hmm_range_fault. Fill range.hmm_pfns per CONTRACTS.md §2:
+/// Kernel: hmm_range_fault. Fill range.hmm_pfns per docs/contracts.md §2:
 ///  - present PTE: VALID (+WRITE if writable), the frame, the map order;
 ///  - absent and no fault requested: 0; fault requested: CPU fault (read,
 ///    or write for REQ_WRITE), then walk again from that page;

@@ -1,5 +1,5 @@
 // The simulated process address space (kernel: struct mm_struct and the mm
-// system calls that change it), CONTRACTS.md §0.
+// system calls that change it), docs/contracts.md §0.
 //
 // An mm owns VMAs (a Boost.Intrusive rb-tree), a CPU page table built on
 // pt::radix_table with 4K and 2M leaves, its notifier subscriptions, and
@@ -242,7 +242,7 @@ errc hmm_range_fault(hmm_range& range);
 ///  - mmap_lock shared: CPU faults and accesses, hmm_range_fault,
 ///    madvise DONTNEED, reclaim, migrate (as in Linux, where DONTNEED runs
 ///    under the read lock and reclaim under none: these race with faults and
-///    with mirror faults, which is the hazard ARCHITECTURE.md describes).
+///    with mirror faults, which is the hazard docs/protocols.md describes).
 ///  - every PTE change happens under its page-table node lock, with the
 ///    entry re-read under the lock.
 /// A subscriber told when its mm is torn down (kernel: the release op of

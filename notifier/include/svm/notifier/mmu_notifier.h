@@ -1,4 +1,4 @@
-// Interval notifiers with sequence numbers (CONTRACTS.md §1; kernel:
+// Interval notifiers with sequence numbers (docs/contracts.md §1; kernel:
 // mm/mmu_notifier.c, include/linux/mmu_notifier.h).
 //
 // A driver that mirrors part of an mm's address space registers an
@@ -111,7 +111,7 @@ class interval_notifier_ops {
  * took its seq after the callback, read_begin saw sub.seq == the mm's odd
  * seq and waited for the end, so its walk happens after the CPU PTEs were
  * cleared and never finds a frame that is about to be freed (the hazard of
- * ARCHITECTURE.md). If the callback runs after the fault unlocked, it clears
+ * docs/protocols.md). If the callback runs after the fault unlocked, it clears
  * what the fault programmed before any frame is freed.
  */
 

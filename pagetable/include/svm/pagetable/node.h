@@ -80,32 +80,36 @@ struct node;
 ///  - level, base, parent: immutable after publication.
 struct alignas(64) node {
   static constexpr unsigned log_generation = 8;  ///< advances per young generation
-  static constexpr unsigned log_ext_bits = 2 * bits_per_level;
-  static constexpr std::uint64_t log_ext_mask = (std::uint64_t{1} << log_ext_bits) - 1;
-  static constexpr std::uint64_t log_no_extent = entries_per_node - 1;  // first 511, last 0
-  static constexpr unsigned log_base_bits = 14;
-  static constexpr std::uint64_t log_base_mask = (std::uint64_t{1} << log_base_bits) - 1;
-  static constexpr std::uint64_t log_empty = log_no_extent | (log_no_extent << log_ext_bits);  // both bases 0
+  static constexpr unsigned log_ext_bits = 2 * bits_per_level;  ///< bits of one extent in inval_log
+  static constexpr std::uint64_t log_ext_mask = (std::uint64_t{1} << log_ext_bits) - 1;  ///< one extent's bits
+  /// An extent that covers nothing (first 511, last 0).
+  static constexpr std::uint64_t log_no_extent = entries_per_node - 1;
+  static constexpr unsigned log_base_bits = 14;  ///< bits of one generation's base in inval_log
+  static constexpr std::uint64_t log_base_mask = (std::uint64_t{1} << log_base_bits) - 1;  ///< one base's bits
+  /// inval_log of a fresh node: both extents empty, both bases 0.
+  static constexpr std::uint64_t log_empty = log_no_extent | (log_no_extent << log_ext_bits);
 
-  std::atomic<std::uint64_t> entries[entries_per_node];
-  std::atomic<std::uint64_t> seq{0};
-  va_t base = 0;
-  node* parent = nullptr;
+  std::atomic<std::uint64_t> entries[entries_per_node];  ///< the 512 entries (see Protection above)
+  std::atomic<std::uint64_t> seq{0};  ///< per-page-table sequence (see Protection above)
+  va_t base = 0;           ///< first VA the node covers; immutable
+  node* parent = nullptr;  ///< the node one level up (null for the root); immutable
   // no_unique_address: the fields below may use the lock's tail padding
   // (the lock-order validator's build), keeping the node at one extra line.
-  [[no_unique_address]] mutable mutex lock;
-  std::atomic<std::uint32_t> pins{0};
-  std::atomic<std::uint16_t> n_links{0};
-  std::atomic<std::uint16_t> n_leaves{0};
-  std::atomic<std::uint16_t> inval_active{0};
-  bool dead SVM_GUARDED_BY(lock) = false;
-  std::uint8_t level = 0;
-  std::atomic<std::uint64_t> inval_log{log_empty};
+  [[no_unique_address]] mutable mutex lock;    ///< the node lock (rank pt_node; see Protection above)
+  std::atomic<std::uint32_t> pins{0};          ///< holders keeping the node alive
+  std::atomic<std::uint16_t> n_links{0};       ///< link entries; written under lock
+  std::atomic<std::uint16_t> n_leaves{0};      ///< nonzero leaf entries; written under lock
+  std::atomic<std::uint16_t> inval_active{0};  ///< invalidations in progress that reached the node
+  bool dead SVM_GUARDED_BY(lock) = false;      ///< unlinked: retry from the root
+  std::uint8_t level = 0;                      ///< 0 holds 4K entries; immutable
+  std::atomic<std::uint64_t> inval_log{log_empty};  ///< recent seq advances' extents
 
+  /// A fresh node at `lvl` covering from `b`, under `p`, in a table whose root is at `top_level`.
   node(unsigned lvl, va_t b, node* p, unsigned top_level) noexcept;
 
   /// VA span covered by the whole node.
   [[nodiscard]] std::uint64_t span() const noexcept { return entry_span(level + 1u); }
+  /// Links plus nonzero leaves (racy unless under lock).
   [[nodiscard]] std::uint32_t valid_count() const noexcept {
     return n_links.load(std::memory_order_relaxed) + n_leaves.load(std::memory_order_relaxed);
   }
@@ -177,12 +181,14 @@ struct alignas(64) node {
     n_leaves.store(static_cast<std::uint16_t>(n_leaves.load(std::memory_order_relaxed) + d),
                    std::memory_order_relaxed);
   }
+  /// Adjust the link count (see add_leaves_locked).
   void add_links_locked(int d) SVM_REQUIRES(lock) {
     n_links.store(static_cast<std::uint16_t>(n_links.load(std::memory_order_relaxed) + d),
                   std::memory_order_relaxed);
   }
   /// Lock-free snapshot of seq for a later compare under the lock.
   [[nodiscard]] std::uint64_t read_seq() const noexcept { return seq.load(std::memory_order_acquire); }
+  /// True while an invalidation that reached this node is between start and end.
   [[nodiscard]] bool invalidation_active() const noexcept {
     return inval_active.load(std::memory_order_acquire) != 0;
   }

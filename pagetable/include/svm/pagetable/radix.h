@@ -46,9 +46,11 @@ concept entry_encoding = requires(std::uint64_t e, unsigned level, unsigned inde
 
 /// A translation: the entry found (0 if none) and the level it sits at.
 struct translation {
-  std::uint64_t entry = 0;
-  unsigned level = 0;
+  std::uint64_t entry = 0;  ///< the entry, in the table's encoding (0: none)
+  unsigned level = 0;       ///< 0: a 4K entry, 1: 2M, 2: 1G
+  /// Bytes of VA the entry maps.
   [[nodiscard]] std::uint64_t size() const noexcept { return entry_span(level); }
+  /// True when an entry was found.
   [[nodiscard]] explicit operator bool() const noexcept { return entry != 0; }
 };
 
@@ -68,12 +70,17 @@ struct zap_options {
   /// driver that keeps two kinds of mapping in one table (SVM and BO) tags
   /// them with a software bit and zaps one kind.
   std::uint64_t match_mask = 0;
-  std::uint64_t match_value = 0;
+  std::uint64_t match_value = 0;  ///< see match_mask
 };
 
+/// A multi-level radix page table whose entries use encoding `E`: per-node
+/// locks for writers, lock-free walkers inside epoch sections, 4K, 2M and 1G
+/// leaves (docs/protocols.md, "Page tables"). The CPU page tables of the mm
+/// and the device page tables are both instances.
 template <entry_encoding E>
 class radix_table : public table_base {
  public:
+  /// An empty table shaped by `o`.
   explicit radix_table(options o = {}) : table_base(o) {}
 
   /// Lock-free translate: the entry covering `va` and its level. Opens an
@@ -162,6 +169,7 @@ class radix_table : public table_base {
     zap_node(root_, start, end, c);
     return c.err;
   }
+  /// zap() without a per-entry callback.
   errc zap(va_t start, va_t end, std::vector<va_range>& flush, zap_options o = {}) {
     return zap(start, end, flush, [](va_t, std::uint64_t, unsigned) {}, o);
   }

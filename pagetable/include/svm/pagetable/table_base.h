@@ -15,6 +15,7 @@
 
 namespace svm::pt {
 
+/// How a table is shaped.
 struct options {
   /// 4 levels of 512 entries (48-bit VA) or 5 (57-bit).
   unsigned levels = 4;
@@ -40,17 +41,24 @@ struct test_hooks {
   std::function<void(const node* n)> on_walk_node;
 };
 
+/// The encoding-independent part of a radix page table: nodes, pins, range
+/// checks, node lifetime (epoch reclamation) and statistics. radix_table<E>
+/// adds the walks that need the entry encoding.
 class table_base {
  public:
+  /// An empty table (the root node only) with `o.levels` levels.
   explicit table_base(options o);
   ~table_base();
   table_base(const table_base&) = delete;
   table_base& operator=(const table_base&) = delete;
 
+  /// Number of levels (4 or 5).
   [[nodiscard]] unsigned levels() const noexcept { return top_ + 1; }
+  /// The root's level (levels() - 1).
   [[nodiscard]] unsigned top_level() const noexcept { return top_; }
   /// One past the highest VA the table can map (2^48 or 2^57).
   [[nodiscard]] va_t va_limit() const noexcept { return limit_; }
+  /// The root node: never freed while the table lives (a device walks from it).
   [[nodiscard]] node* root() const noexcept { return root_; }
 
   /// Validate [start, end) for an operation at `align` granularity:
@@ -69,6 +77,7 @@ class table_base {
   /// Errors: ENOMEM (allocation failed; nothing published), EEXIST, EINVAL
   /// (level above the top or va out of range).
   using split_fn = std::uint64_t (*)(std::uint64_t huge, unsigned level, unsigned index) noexcept;
+  /// See above: the pinned node, or ENOMEM, EEXIST, EINVAL.
   [[nodiscard]] result<node*> pin(va_t va, unsigned level, split_fn split);
 
   /// Drop a pin; frees the node (and empty ancestors) if it became empty.
@@ -93,8 +102,11 @@ class table_base {
   /// Locking: none held; takes parent then child.
   void free_if_empty(node* n);
 
+  /// Walk the tree and count nodes, bytes and leaves. Takes no lock (counts
+  /// are racy under concurrent change); opens an epoch section.
   [[nodiscard]] table_stats stats() const;
 
+  /// Install test hooks (before concurrent use).
   void set_test_hooks(test_hooks h) { hooks_ = std::move(h); has_hooks_ = bool(hooks_.on_walk_node); }
 
   /// Fault injection: when set, every node allocation asks it first and
@@ -113,14 +125,15 @@ class table_base {
   void install_child_locked(node& parent, unsigned idx, node* child, std::uint64_t old, split_fn split)
       SVM_REQUIRES(parent.lock);
 
+  /// Run the on_walk_node hook, if set (a walker calls it per node).
   void walk_hook(const node* n) const {
     if (has_hooks_) [[unlikely]]
       hooks_.on_walk_node(n);
   }
 
-  unsigned top_;
-  va_t limit_;
-  node* root_;
+  unsigned top_;  ///< the root's level; immutable
+  va_t limit_;    ///< one past the highest mappable VA; immutable
+  node* root_;    ///< the root node; immutable, freed by the destructor
 
  private:
   static void reclaim(void* obj, void* ctx) noexcept;

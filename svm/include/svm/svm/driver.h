@@ -57,6 +57,13 @@ class trace_sink {
   /// time base of trace_now_ns(), and a span-specific argument (pages,
   /// records).
   virtual void span(const char* name, std::uint64_t start_ns, std::uint64_t dur_ns, std::uint64_t arg) noexcept = 0;
+  /// One fault record the handler finished (replayed or cancelled): raised by
+  /// `engine` at `raise_ns` (the record's time), done at `done_ns`. Called on
+  /// the handler thread, inside its "fault_batch" span, once per record
+  /// (duplicates of one page included). The default ignores it.
+  virtual void fault(std::uint32_t engine, va_t gva, std::uint64_t raise_ns, std::uint64_t done_ns) noexcept {
+    (void)engine, (void)gva, (void)raise_ns, (void)done_ns;
+  }
 };
 
 /// steady_clock now, in ns (the time base of trace spans and fault records).

@@ -144,7 +144,7 @@ struct latency_histogram {
   [[nodiscard]] std::uint64_t max_ns() const noexcept;
 };
 
-/// Per-VM counters (CONTRACTS.md §3, issue 5's list). Cheap to read.
+/// Per-VM counters (docs/contracts.md §3, issue 5's list). Cheap to read.
 struct vm_stats {
   std::uint64_t faults_raised = 0;    ///< fault records received for this VM
   std::uint64_t faults_serviced = 0;  ///< records replayed after servicing

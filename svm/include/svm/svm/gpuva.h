@@ -1,7 +1,7 @@
 // The GPU VA mapping tree of VM_BIND (after the kernel's drm_gpuvm): which
 // BO range backs which GPU VA range, with split/merge planning.
 //
-// A VM_BIND map or unmap is two steps (CONTRACTS.md §4):
+// A VM_BIND map or unmap is two steps (docs/contracts.md §4):
 //   1. plan_map() / plan_unmap() validate the request and compute the list
 //      of steps (the kernel's drm_gpuvm_sm_map / sm_unmap ops). Every
 //      allocation happens here: the ops, the new mapping nodes, the room to

@@ -1,5 +1,5 @@
 // Reservation objects (after the kernel's dma_resv) and the wound-wait mutex
-// (after ww_mutex) that locks them, several at once (CONTRACTS.md §4, §5).
+// (after ww_mutex) that locks them, several at once (docs/contracts.md §4, §5).
 //
 // A reservation object belongs to one buffer object. It holds the fences of
 // every job that uses the BO, each with a usage (resv_usage), and it is

@@ -1,0 +1,7 @@
+#include "svm/version.h"
+
+namespace svm {
+
+const char* version() noexcept { return SVM_VERSION_STRING; }
+
+}  // namespace svm
