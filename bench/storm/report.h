@@ -1,4 +1,4 @@
-// Reports: JSON (every figure printed, issue 6's field list) and the
+// Reports: JSON (every figure printed) and the
 // human-readable table.
 #pragma once
 

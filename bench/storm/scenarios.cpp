@@ -1,4 +1,4 @@
-// The scenarios of issue 6. Page layout used by every SVM scenario: word 0
+// The svm-storm scenarios. Page layout used by every SVM scenario: word 0
 // (offset 0) is written by the CPU, word 1 (offset 8) by the device, word 2
 // (offset 16) is a counter the device adds to atomically.
 #include <chrono>

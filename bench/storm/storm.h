@@ -1,4 +1,4 @@
-// svm-storm: the fault-storm benchmark program (issue 6). Shared vocabulary:
+// svm-storm: the fault-storm benchmark program. Shared vocabulary:
 // a run's configuration (every knob), and a run's figures (what the table
 // prints and what --json writes, field for field).
 #pragma once
@@ -52,7 +52,7 @@ struct run_config {
   [[nodiscard]] window_choice effective_window() const noexcept;
 };
 
-/// The figures of one run (issue 6, "What it writes").
+/// The figures of one run (everything a report writes).
 struct run_result {
   run_config config;
   double wall_s = 0;  ///< time of the timed phase (device kernels, or the host's page touches)

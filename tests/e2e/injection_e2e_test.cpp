@@ -1,4 +1,4 @@
-// Fault injection (issue 7): each test injects one failure and shows that
+// Fault injection: each test injects one failure and shows that
 // nothing is corrupted (the access oracle, on for every E2E test, reports no
 // stale access; data read back is right), that the error is clear, and that
 // the system makes progress once the injection stops (and, where it is

@@ -1,4 +1,4 @@
-// Randomized storms (issue 7): engines run kernels over a set of buffers while
+// Randomized storms: engines run kernels over a set of buffers while
 // CPU threads munmap/mmap, mprotect, madvise DONTNEED, mremap, fork, reclaim
 // and migrate at random, and (in some variants) BOs are created, bound,
 // unbound and evicted. Every run is checked by

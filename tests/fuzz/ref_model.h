@@ -1,4 +1,4 @@
-// The op-sequence fuzzer's sequential reference model (issue 7): what every
+// The op-sequence fuzzer's sequential reference model: what every
 // CPU operation, CPU access, BO operation and device access must return, per
 // 4K page of CPU VA, with none of svm's machinery (no page tables, no
 // frames, no notifiers, no TLBs).

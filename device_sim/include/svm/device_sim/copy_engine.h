@@ -17,18 +17,22 @@ namespace svm::dev {
 
 /// One side of a copy: `pages` frames starting at `pfn` of `mem`.
 struct frame_span {
-  phys_mem* mem = nullptr;
-  pfn_t pfn = 0;
+  phys_mem* mem = nullptr;  ///< the memory pool the frames belong to (system or VRAM); null is invalid
+  pfn_t pfn = 0;            ///< first frame of the span, a frame number within `mem`
 };
 
+/// Counters of a copy_engine since construction (a racy snapshot).
 struct copy_engine_stats {
   std::uint64_t copies = 0;      ///< requests completed
   std::uint64_t pages = 0;       ///< frames copied or filled
   std::uint64_t canceled = 0;    ///< requests dropped at shutdown
 };
 
+/// Runs queued frame copies and fills on its own thread, one at a time in
+/// submission order, signalling a fence as each completes.
 class copy_engine {
  public:
+  /// Starts the copy thread with an empty queue.
   copy_engine();
   /// Stops the thread; requests not yet run are signalled with ECANCELED.
   ~copy_engine();
@@ -49,6 +53,7 @@ class copy_engine {
   /// (0 clears). Same contract as copy().
   [[nodiscard]] result<fence_ptr> fill(frame_span dst, std::size_t pages, std::uint64_t pattern = 0) SVM_EXCLUDES(lock_);
 
+  /// Counters so far; each is read relaxed, so the set may be mutually inconsistent.
   [[nodiscard]] copy_engine_stats stats() const noexcept;
 
  private:

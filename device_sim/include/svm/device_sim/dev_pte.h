@@ -23,11 +23,14 @@
 
 namespace svm::dev {
 
+/// The device's PTE encoding (see the layout above): static helpers that
+/// build and decode raw 64-bit entries for the radix page table.
 struct dev_pte {
-  static constexpr std::uint64_t valid_bit = std::uint64_t{1} << 1;
-  static constexpr std::uint64_t write_bit = std::uint64_t{1} << 2;
-  static constexpr std::uint64_t vram_bit = std::uint64_t{1} << 3;
-  static constexpr unsigned pfn_shift = 12;
+  static constexpr std::uint64_t valid_bit = std::uint64_t{1} << 1;  ///< bit 1: the translation may be used
+  static constexpr std::uint64_t write_bit = std::uint64_t{1} << 2;  ///< bit 2: stores and atomics allowed
+  static constexpr std::uint64_t vram_bit = std::uint64_t{1} << 3;   ///< bit 3: frame is in VRAM, not system memory
+  static constexpr unsigned pfn_shift = 12;  ///< bit position of the pfn field
+  /// Mask of the 40-bit pfn field, bits 12..51.
   static constexpr std::uint64_t pfn_mask = ((std::uint64_t{1} << 40) - 1) << pfn_shift;
 
   /// A valid leaf entry for frame `pfn` of aperture `ap`.
@@ -35,13 +38,17 @@ struct dev_pte {
     return ((pfn << pfn_shift) & pfn_mask) | valid_bit | (writable ? write_bit : 0) |
            (ap == aperture::vram ? vram_bit : 0);
   }
+  /// True if `e` is a leaf (not a child link) with the valid bit set.
   [[nodiscard]] static constexpr bool is_valid(std::uint64_t e) noexcept {
     return (e & pt::link_bit) == 0 && (e & valid_bit) != 0;
   }
+  /// True if `e` has the writable bit set (meaningful only for a valid entry).
   [[nodiscard]] static constexpr bool is_writable(std::uint64_t e) noexcept { return (e & write_bit) != 0; }
+  /// The memory `e`'s frame lives in: VRAM if vram_bit is set, else system memory.
   [[nodiscard]] static constexpr aperture aperture_of(std::uint64_t e) noexcept {
     return (e & vram_bit) ? aperture::vram : aperture::system;
   }
+  /// The first frame number `e` maps, within its aperture.
   [[nodiscard]] static constexpr pfn_t pfn(std::uint64_t e) noexcept { return (e & pfn_mask) >> pfn_shift; }
   /// The same entry with the writable bit cleared (e.g. for a COW mirror).
   [[nodiscard]] static constexpr std::uint64_t read_only(std::uint64_t e) noexcept { return e & ~write_bit; }

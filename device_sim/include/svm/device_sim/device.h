@@ -140,10 +140,10 @@ struct device_config {
   static constexpr unsigned max_engines = 256;
   static constexpr unsigned max_waves_per_engine = 4096;     ///< per engine
   static constexpr std::uint64_t max_waves = 16384;          ///< engines x waves_per_engine
-  static constexpr std::size_t min_wave_stack_bytes = 16 << 10;
-  static constexpr std::size_t max_wave_stack_bytes = 64 << 20;
-  static constexpr std::size_t max_fault_buffer_entries = 1 << 20;
-  static constexpr std::uint64_t max_vram_bytes = 1ull << 40;
+  static constexpr std::size_t min_wave_stack_bytes = 16 << 10;       ///< smallest wave_stack_bytes (16 KiB)
+  static constexpr std::size_t max_wave_stack_bytes = 64 << 20;       ///< largest wave_stack_bytes (64 MiB)
+  static constexpr std::size_t max_fault_buffer_entries = 1 << 20;    ///< largest fault_buffer_entries
+  static constexpr std::uint64_t max_vram_bytes = 1ull << 40;         ///< largest vram_bytes (1 TiB)
   static constexpr std::size_t max_tlb_entries = 1 << 20;    ///< sets x ways
 
   unsigned engines = 4;                      ///< 1..max_engines
@@ -194,24 +194,25 @@ struct device_config {
 ///  - timedout: wait() gave up (the kernel is still running);
 /// and ECANCELED with reason ECANCELED when the device shut down under it.
 struct kernel_status {
-  errc error = errc::ok;
-  va_t address = 0;
-  errc reason = errc::ok;
-  access acc = access::read;
+  errc error = errc::ok;      ///< how the kernel ended: ok or one of the codes above
+  va_t address = 0;           ///< the failed access's address; 0 for ok and for queue/VM/shutdown cancels
+  errc reason = errc::ok;     ///< for canceled, the reason given to the cancel; otherwise the same as `error`
+  access acc = access::read;  ///< what the failed access needed (read when there was no access)
+  /// True if the kernel completed successfully.
   [[nodiscard]] bool ok() const noexcept { return error == errc::ok; }
 };
 
 /// What the oracle hook sees for every translated access, just before the
 /// memory operation.
 struct access_check {
-  vm_id vm = 0;
-  va_t gva = 0;
-  access acc = access::read;
-  unsigned engine = 0;
+  vm_id vm = 0;                 ///< the VM of the kernel making the access
+  va_t gva = 0;                 ///< the GPU virtual address accessed (not page aligned)
+  access acc = access::read;    ///< the kind of access (read, write, atomic)
+  unsigned engine = 0;          ///< the engine making the access
   std::uint64_t pte = 0;        ///< the leaf entry the translation came from
   unsigned level = 0;           ///< its level (0: 4K, 1: 2M, 2: 1G)
   bool tlb_hit = false;         ///< served from the TLB (else from a fresh walk)
-  aperture ap = aperture::system;
+  aperture ap = aperture::system;  ///< where the frame lives: system memory or VRAM
   pfn_t pfn = 0;                ///< the 4K frame accessed
   const phys_mem* mem = nullptr;  ///< the memory pfn belongs to
 };
@@ -220,9 +221,11 @@ struct access_check {
 /// invalidate TLBs (the invalidation would wait for this very access).
 using access_validator = std::function<void(const access_check&)>;
 
+/// Device-wide counters since construction, summed over the engines (see
+/// device::stats()).
 struct device_stats {
-  std::uint64_t accesses = 0;
-  std::uint64_t tlb_hits = 0;
+  std::uint64_t accesses = 0;           ///< translated accesses and prefetches (each counted once, however many retries)
+  std::uint64_t tlb_hits = 0;           ///< accesses served by the micro-TLB or the TLB without a walk
   std::uint64_t tlb_misses = 0;         ///< walks of the device page table
   std::uint64_t faults = 0;             ///< records pushed to the fault buffer
   std::uint64_t replays = 0;            ///< stalled accesses woken by replay
@@ -230,7 +233,7 @@ struct device_stats {
   std::uint64_t tlb_invalidations = 0;  ///< invalidate_tlb() calls completed
   std::uint64_t tlb_acks = 0;           ///< engine acknowledgements that flushed entries
   std::uint64_t kernels_completed = 0;  ///< with status ok
-  std::uint64_t kernels_failed = 0;
+  std::uint64_t kernels_failed = 0;     ///< with any other status (cancelled included)
   std::uint64_t fault_buffer_full_stalls = 0;  ///< pushes that found the buffer full
   std::uint64_t fault_buffer_full_parks = 0;   ///< waves parked on a full buffer (one per failed push)
   std::uint64_t wave_switches = 0;             ///< waves resumed by their engines
@@ -307,14 +310,17 @@ concept device_value = std::is_trivially_copyable_v<T> &&
 /// Only valid on the engine thread, during the call it was passed to.
 class work_item {
  public:
+  /// This item's index within its kernel, in [0, items) as given to submit().
   [[nodiscard]] std::uint64_t id() const noexcept { return id_; }
   /// The engine running this item.
   [[nodiscard]] unsigned engine() const noexcept { return static_cast<unsigned>(detail::item_engine(*e_)); }
 
+  /// Load a `T` from `va` (relaxed); `va` must be aligned to sizeof(T).
   template <device_value T>
   [[nodiscard]] T load(va_t va) {
     return std::bit_cast<T>(ref<T>(va, access::read).load(std::memory_order_relaxed));
   }
+  /// Store `v` at `va` (relaxed); `va` must be aligned to sizeof(T).
   template <device_value T>
   void store(va_t va, T v) {
     ref<T>(va, access::write).store(std::bit_cast<U<T>>(v), std::memory_order_relaxed);
@@ -341,6 +347,7 @@ class work_item {
   /// Accesses of a size known only at run time (1, 2, 4 or 8; anything
   /// else aborts the kernel with EINVAL). The value is zero-extended.
   std::uint64_t load_bytes(va_t va, unsigned size);
+  /// Store the low `size` bytes of `v` at `va`; sizes as for load_bytes().
   void store_bytes(va_t va, unsigned size, std::uint64_t v);
 
   /// A prefetch: translates `va`, raising a prefetch fault if it is not
@@ -443,6 +450,8 @@ class completion {
   std::shared_ptr<state> state_;
 };
 
+/// The simulated faulting device: engines, TLBs, fault buffer, VRAM and copy
+/// engine (see the file comment). Made only by create().
 class device {
   struct private_tag {};
 
@@ -542,10 +551,14 @@ class device {
   void set_oracle(access_validator v);
 
   // ---- memory -----------------------------------------------------------
+  /// The device's VRAM, sized by device_config::vram_bytes.
   [[nodiscard]] vram_pool& vram() noexcept;
+  /// The device's copy engine, for moving frames between system memory and VRAM.
   [[nodiscard]] copy_engine& copier() noexcept;
 
+  /// Number of engines (device_config::engines).
   [[nodiscard]] unsigned engine_count() const noexcept;
+  /// Counters so far: a racy snapshot (relaxed loads), not mutually consistent.
   [[nodiscard]] device_stats stats() const;
 
   class impl;

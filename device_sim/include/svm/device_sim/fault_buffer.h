@@ -29,7 +29,7 @@ namespace svm::dev {
 
 /// One device fault, as the hardware reports it.
 struct fault_record {
-  vm_id vm = 0;
+  vm_id vm = 0;                    ///< the GPU VM of the faulting access (whose page table needs fixing)
   va_t gva = 0;                    ///< the faulting address (not page aligned)
   access acc = access::read;       ///< what the access needed
   std::uint32_t engine = 0;        ///< the engine whose wave stalls on it
@@ -39,9 +39,11 @@ struct fault_record {
   std::uint64_t token = 0;
   std::uint32_t wave = 0;          ///< the wave (of that engine) parked on it
 
+  /// The faulting address rounded down to its 4K page.
   [[nodiscard]] va_t page() const noexcept { return align_down(gva, page_size); }
 };
 
+/// Counters of a fault_buffer since construction.
 struct fault_buffer_stats {
   std::uint64_t pushed = 0;        ///< records written
   std::uint64_t fetched = 0;       ///< records handed to the driver
@@ -56,6 +58,8 @@ enum class push_result : std::uint8_t {
   closed,  ///< not appended: close() was called
 };
 
+/// Bounded multi-producer ring of fault records: engines push, the driver
+/// fetches; full pushes wait rather than drop (see the file comment).
 class fault_buffer {
  public:
   /// A ring of `capacity` records (>= 1; 0 is taken as 1). fetch_wait()
@@ -102,10 +106,13 @@ class fault_buffer {
   /// Refuse further pushes and wake every waiter (device shutdown).
   void close() noexcept;
 
+  /// Maximum records the ring holds (at least 1); fixed at construction.
   [[nodiscard]] std::size_t capacity() const noexcept { return capacity_; }
+  /// Nanoseconds fetch_wait() keeps spinning before it sleeps; fixed at construction.
   [[nodiscard]] std::uint32_t spin_ns() const noexcept { return spin_ns_; }
   /// Records held now (racy snapshot).
   [[nodiscard]] std::size_t size() const noexcept { return count_hint_.load(std::memory_order_relaxed); }
+  /// A consistent copy of the counters. Locking: takes lock_ (leaf).
   [[nodiscard]] fault_buffer_stats stats() const SVM_EXCLUDES(lock_);
 
  private:

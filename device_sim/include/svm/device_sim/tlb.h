@@ -33,12 +33,15 @@ struct tlb_entry {
   va_t base = 0;                 ///< VA the leaf starts at
   phys_mem* mem = nullptr;       ///< the memory the aperture of `pte` names
   std::byte* host = nullptr;     ///< frame_data() of the frame for 4K leaves, else nullptr
-  std::uint8_t level = 0;
+  std::uint8_t level = 0;        ///< leaf level: 0 (4K), 1 (2M) or 2 (1G)
 
+  /// The tag of a level-`level` translation of `va` in `vm` (the `tag` layout above).
   [[nodiscard]] static constexpr std::uint64_t make_tag(vm_id vm, va_t va, unsigned level) noexcept {
     return (std::uint64_t{vm + 1} << 48) | ((va >> (page_shift + 9 * level)) << 2) | level;
   }
+  /// The VM this entry belongs to, decoded from `tag` (meaningless for an empty slot).
   [[nodiscard]] constexpr vm_id vm() const noexcept { return static_cast<vm_id>(tag >> 48) - 1; }
+  /// Bytes the leaf covers: 4K, 2M or 1G for level 0, 1 or 2.
   [[nodiscard]] constexpr std::uint64_t span() const noexcept {
     return std::uint64_t{1} << (page_shift + 9 * level);
   }
@@ -52,7 +55,7 @@ struct tlb_config {
 
 /// Counters a TLB keeps (owner-thread only; read racily for statistics).
 struct tlb_counters {
-  std::uint64_t inserts = 0;
+  std::uint64_t inserts = 0;        ///< insert() calls, including ones that replaced a same-tag entry
   std::uint64_t evictions = 0;      ///< valid entries displaced by an insert
   std::uint64_t invalidated = 0;    ///< entries dropped by invalidate()/flush()
 };
@@ -74,10 +77,15 @@ struct tlb_counters {
 class tlb_model {
  public:
   virtual ~tlb_model() = default;
+  /// The cached entry of `vm` whose span contains `va`, or nullptr on a miss.
   [[nodiscard]] virtual const tlb_entry* lookup(vm_id vm, va_t va) noexcept = 0;
+  /// Cache `e`, possibly evicting another entry.
   virtual void insert(const tlb_entry& e) noexcept = 0;
+  /// Drop every entry of `vm` whose span overlaps `r`.
   virtual void invalidate(vm_id vm, va_range r) noexcept = 0;
+  /// Drop every entry of every VM.
   virtual void flush_all() noexcept = 0;
+  /// The counters accumulated so far.
   [[nodiscard]] virtual tlb_counters counters() const noexcept = 0;
   /// Number of valid entries (O(capacity); for tests).
   [[nodiscard]] virtual std::size_t occupancy() const noexcept = 0;
@@ -90,6 +98,8 @@ class tlb_model {
 /// written on a hit, so a hit is a few compares).
 class set_assoc_tlb final : public tlb_model {
  public:
+  /// An empty TLB of geometry `c`: sets rounded up to a power of two (at
+  /// least 1), ways clamped to [1, 255].
   explicit set_assoc_tlb(tlb_config c = {});
 
   [[nodiscard]] const tlb_entry* lookup(vm_id vm, va_t va) noexcept override {
@@ -108,7 +118,9 @@ class set_assoc_tlb final : public tlb_model {
   [[nodiscard]] tlb_counters counters() const noexcept override { return counters_; }
   [[nodiscard]] std::size_t occupancy() const noexcept override;
 
+  /// Number of sets in use (tlb_config::sets after rounding).
   [[nodiscard]] std::size_t sets() const noexcept { return sets_; }
+  /// Entries per set (tlb_config::ways after clamping).
   [[nodiscard]] std::size_t ways() const noexcept { return ways_; }
   /// The set a translation of (vm, va) at `level` maps to (for tests that
   /// build conflicting addresses).

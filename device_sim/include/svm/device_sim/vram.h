@@ -15,6 +15,8 @@
 
 namespace svm::dev {
 
+/// Device VRAM: a fixed-capacity pool of 4K frames with real backing bytes,
+/// allocated and freed by the driver and accessed through phys_mem.
 class vram_pool final : public phys_mem {
  public:
   /// A pool of `bytes / page_size` frames (rounded down). The bytes are
@@ -47,8 +49,9 @@ class vram_pool final : public phys_mem {
   }
   [[nodiscard]] pfn_t frame_count() const noexcept override { return frames_; }
 
-  /// Frames allocated now (racy snapshot) and capacity.
+  /// Frames allocated now (racy snapshot).
   [[nodiscard]] std::size_t used_frames() const noexcept { return used_hint_.load(std::memory_order_relaxed); }
+  /// Total size of the pool in bytes (frame count times page_size); fixed at construction.
   [[nodiscard]] std::uint64_t capacity_bytes() const noexcept { return frames_ * page_size; }
 
  private:

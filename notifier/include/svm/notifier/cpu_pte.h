@@ -24,28 +24,38 @@ namespace svm {
 /// A huge leaf (level 1) is present (or PROT_NONE) and maps 512 frames with
 /// consecutive numbers starting at its pfn.
 struct cpu_pte {
-  static constexpr std::uint64_t present = 1u << 1;
-  static constexpr std::uint64_t write = 1u << 2;
-  static constexpr std::uint64_t zero = 1u << 3;
-  static constexpr std::uint64_t swap = 1u << 4;
-  static constexpr std::uint64_t devpriv = 1u << 5;
-  static constexpr std::uint64_t protnone = 1u << 6;
-  static constexpr unsigned pool_shift = 8;
-  static constexpr std::uint64_t pool_mask = 0xf;
-  static constexpr unsigned max_pools = 16;
+  static constexpr std::uint64_t present = 1u << 1;   ///< bit 1: a translation the CPU may use
+  static constexpr std::uint64_t write = 1u << 2;     ///< bit 2: the CPU may write through it
+  static constexpr std::uint64_t zero = 1u << 3;      ///< bit 3: maps the pool's zero page (never writable)
+  static constexpr std::uint64_t swap = 1u << 4;      ///< bit 4: swap entry, not present; bits 12.. hold the slot
+  static constexpr std::uint64_t devpriv = 1u << 5;   ///< bit 5: device-private entry, not present to the CPU
+  static constexpr std::uint64_t protnone = 1u << 6;  ///< bit 6: PROT_NONE, not present but keeps its frame
+  static constexpr unsigned pool_shift = 8;           ///< lowest bit of the 4-bit pool index field
+  static constexpr std::uint64_t pool_mask = 0xf;     ///< mask of the pool index, after shifting by pool_shift
+  static constexpr unsigned max_pools = 16;           ///< pools an mm can address (the field's 16 values)
 
+  /// An entry for frame (or swap slot) `pfn` of pool `pool`, with the bits
+  /// in `flags` (present, write, ...) set.
   [[nodiscard]] static constexpr std::uint64_t make(pfn_t pfn, unsigned pool, std::uint64_t flags) noexcept {
     return (pfn << page_shift) | (std::uint64_t{pool} << pool_shift) | flags;
   }
+  /// The frame number, or the swap slot of a swap entry (bits 12-63).
   [[nodiscard]] static constexpr pfn_t pfn(std::uint64_t e) noexcept { return e >> page_shift; }
+  /// The index of the frame's pool in the mm (bits 8-11; 0: system pool).
   [[nodiscard]] static constexpr unsigned pool(std::uint64_t e) noexcept {
     return static_cast<unsigned>((e >> pool_shift) & pool_mask);
   }
+  /// True if the entry is present, so the CPU may translate through it.
   [[nodiscard]] static constexpr bool is_valid(std::uint64_t e) noexcept { return (e & present) != 0; }
+  /// True if the write bit is set.
   [[nodiscard]] static constexpr bool is_writable(std::uint64_t e) noexcept { return (e & write) != 0; }
+  /// True if the entry maps the pool's zero page (4K or, at level 1, huge).
   [[nodiscard]] static constexpr bool is_zero(std::uint64_t e) noexcept { return (e & zero) != 0; }
+  /// True for a swap entry; pfn() is then the swap slot.
   [[nodiscard]] static constexpr bool is_swap(std::uint64_t e) noexcept { return (e & swap) != 0; }
+  /// True for a device-private entry; pfn() and pool() name the device frame.
   [[nodiscard]] static constexpr bool is_devpriv(std::uint64_t e) noexcept { return (e & devpriv) != 0; }
+  /// True for a PROT_NONE entry, which keeps its frame while not present.
   [[nodiscard]] static constexpr bool is_protnone(std::uint64_t e) noexcept { return (e & protnone) != 0; }
   /// An entry that holds a frame reference (present non-zero, PROT_NONE or
   /// device-private).

@@ -79,6 +79,8 @@ class frame_pool final : public phys_mem {
   [[nodiscard]] std::uint64_t frame_generation(pfn_t pfn) const noexcept override;
   [[nodiscard]] pfn_t frame_count() const noexcept override { return count_; }
 
+  /// The memory this pool's frame numbers refer to (system RAM or VRAM), as
+  /// given at construction.
   [[nodiscard]] aperture kind() const noexcept { return aperture_; }
   /// Frames currently free (racy snapshot).
   [[nodiscard]] pfn_t free_frames() const noexcept;
@@ -93,8 +95,9 @@ class frame_pool final : public phys_mem {
   static void copy_frame(std::byte* dst, const std::byte* src) noexcept;
   /// Zero a whole frame.
   static void zero_frame(std::byte* dst) noexcept;
-  /// Copy `n` bytes out of / into frame memory at `p`.
+  /// Copy `n` bytes out of frame memory at `p` into `out`.
   static void load_bytes(const std::byte* p, std::byte* out, std::size_t n) noexcept;
+  /// Copy `n` bytes from `in` into frame memory at `p`.
   static void store_bytes(std::byte* p, const std::byte* in, std::size_t n) noexcept;
 
  private:

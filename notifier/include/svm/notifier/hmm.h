@@ -40,8 +40,8 @@ inline constexpr hmm_pfn hmm_pfn_req_write = hmm_pfn_write;
 
 /// The request flags by a shorter name: `.default_flags = hmm_req::fault`.
 struct hmm_req {
-  static constexpr hmm_pfn fault = hmm_pfn_req_fault;
-  static constexpr hmm_pfn write = hmm_pfn_req_write;
+  static constexpr hmm_pfn fault = hmm_pfn_req_fault;  ///< request a fault if the page is not present
+  static constexpr hmm_pfn write = hmm_pfn_req_write;  ///< request a writable mapping (with `fault`)
 };
 
 [[nodiscard]] constexpr pfn_t hmm_pfn_to_pfn(hmm_pfn e) noexcept { return e & ~hmm_pfn_flags; }
@@ -62,8 +62,11 @@ struct hmm_range {
   va_t end = 0;    ///< exclusive, page aligned
   /// One entry per 4K page of [start, end): input requests, then output.
   std::span<hmm_pfn> hmm_pfns;
-  /// req(i) = (hmm_pfns[i] & pfn_flags_mask) | default_flags
+  /// Request flags for every page: req(i) = (hmm_pfns[i] & pfn_flags_mask)
+  /// | default_flags.
   hmm_pfn default_flags = 0;
+  /// Which bits of each hmm_pfns[i] input count as its own request (0: use
+  /// only default_flags).
   hmm_pfn pfn_flags_mask = 0;
   /// Device-private pages of the pool owned by this are reported, not faulted.
   const void* dev_private_owner = nullptr;

@@ -120,10 +120,13 @@ class file {
   /// `pgoff`, or 0 if none (past the end, or never touched). No reference is
   /// taken: the answer is a snapshot. Locking: takes the file lock.
   [[nodiscard]] pfn_t lookup(std::uint64_t pgoff) const;
-  /// Copy bytes in/out through the page cache (pread/pwrite). EFAULT past
-  /// the end. Locking: takes the file lock.
+  /// Copy `data` into the file at byte `off` through the page cache
+  /// (pwrite). EFAULT past the end. Locking: takes the file lock.
   [[nodiscard]] errc pwrite(std::uint64_t off, std::span<const std::byte> data);
+  /// Copy bytes at `off` out of the page cache into `out` (pread). EFAULT
+  /// past the end. Locking: takes the file lock.
   [[nodiscard]] errc pread(std::uint64_t off, std::span<std::byte> out);
+  /// The frame pool the file's page-cache pages are allocated from.
   [[nodiscard]] const std::shared_ptr<frame_pool>& pool() const noexcept { return pool_; }
   /// Grow to at least `size` bytes (ftruncate upwards; mremap does not grow
   /// shmem, as in Linux). Locking: takes the file lock.
@@ -140,11 +143,12 @@ class file {
 
 /// What find_vma reports about one VMA.
 struct vma_info {
-  va_t start = 0, end = 0;
-  prot protection = prot::none;
-  vma_kind kind = vma_kind::anonymous;
-  bool shared = false;
-  huge_advice advice = huge_advice::none;
+  /// First VA of the VMA (page aligned).
+  va_t start = 0, end = 0;  ///< `end`: one past the VMA's last byte (page aligned)
+  prot protection = prot::none;             ///< current PROT_* bits (mprotect changes them)
+  vma_kind kind = vma_kind::anonymous;      ///< what backs the VMA
+  bool shared = false;                      ///< MAP_SHARED (false: MAP_PRIVATE)
+  huge_advice advice = huge_advice::none;   ///< THP advice set by madvise HUGEPAGE/NOHUGEPAGE
   std::shared_ptr<svm::file> backing;  ///< file or shmem object, if any
   std::uint64_t pgoff = 0;             ///< file offset of `start`, in pages (anonymous: start's page number at mmap)
   bool anon_vma = false;               ///< has (had) anonymous pages: fork copies its PTEs
@@ -154,8 +158,8 @@ struct vma_info {
 /// What the CPU maps at one VA now (lock-free query, for the access oracle).
 struct cpu_translation {
   bool present = false;   ///< the CPU can use it (PROT_NONE/swap/device: false)
-  bool writable = false;
-  bool zero_page = false;
+  bool writable = false;  ///< the PTE allows CPU writes
+  bool zero_page = false; ///< maps the pool's zero page (4K, or huge with huge_zero)
   unsigned pool = 0;      ///< index of the frame's pool in the mm
   pfn_t pfn = 0;          ///< the 4K frame mapping `va` (huge leaves resolved)
   std::uint64_t generation = 0;  ///< that frame's generation, read after the PTE
@@ -220,17 +224,30 @@ struct mm_test_hooks {
 /// Counters (relaxed; statistics only).
 struct mm_stats {
   std::uint64_t faults = 0;        ///< handle_mm_fault calls that changed a PTE
-  std::uint64_t cow_breaks = 0;
-  std::uint64_t thp_faults = 0;
-  std::uint64_t swap_outs = 0;
-  std::uint64_t swap_ins = 0;
-  std::uint64_t migrations = 0;
-  std::uint64_t invalidations = 0;
+  std::uint64_t cow_breaks = 0;    ///< write faults that copied a shared or zero page (copy-on-write)
+  std::uint64_t thp_faults = 0;    ///< faults that mapped a newly allocated 2M THP
+  std::uint64_t swap_outs = 0;     ///< pages reclaim() swapped out
+  std::uint64_t swap_ins = 0;      ///< faults that read a page back from swap
+  std::uint64_t migrations = 0;    ///< pages moved by migrate() or migrated back by a CPU fault
+  std::uint64_t invalidations = 0; ///< invalidate_range_start calls
 };
 
 class swap_space;
 struct hmm_range;
 errc hmm_range_fault(hmm_range& range);
+
+/// A subscriber told when its mm is torn down (kernel: the release op of
+/// an mmu_notifier). release() runs once, at the start of mm::teardown()
+/// (also from ~mm), before the address space goes and without mmap_lock or
+/// any notifier lock held, so it may take its own locks, wait for its own
+/// faults and remove its interval notifiers. It must not call
+/// add_release()/remove_release() of the same mm.
+class mm_release_ops {
+ public:
+  virtual ~mm_release_ops() = default;
+  /// The mm is going away: drop everything that refers to it.
+  virtual void release(mm& m) noexcept = 0;
+};
 
 /// A simulated process address space.
 ///
@@ -245,19 +262,6 @@ errc hmm_range_fault(hmm_range& range);
 ///    with mirror faults, which is the hazard docs/protocols.md describes).
 ///  - every PTE change happens under its page-table node lock, with the
 ///    entry re-read under the lock.
-/// A subscriber told when its mm is torn down (kernel: the release op of
-/// an mmu_notifier). release() runs once, at the start of mm::teardown()
-/// (also from ~mm), before the address space goes and without mmap_lock or
-/// any notifier lock held, so it may take its own locks, wait for its own
-/// faults and remove its interval notifiers. It must not call
-/// add_release()/remove_release() of the same mm.
-class mm_release_ops {
- public:
-  virtual ~mm_release_ops() = default;
-  /// The mm is going away: drop everything that refers to it.
-  virtual void release(mm& m) noexcept = 0;
-};
-
 class mm {
  public:
   /// A new address space, or EINVAL for options that validate() refuses
@@ -279,6 +283,8 @@ class mm {
   /// Scoped shared hold of mmap_lock (kernel: mmap_read_lock).
   class SVM_SCOPED_CAPABILITY read_guard {
    public:
+    /// Take `m`'s mmap_lock shared (blocks); `s` names the call site for
+    /// the lock validator.
     explicit read_guard(mm& m, SVM_HERE_DEFAULT) SVM_ACQUIRE_SHARED(m.mmap_lock_) : m_(m), s_(s) {
       m_.mmap_lock_.lock_shared(s);
     }
@@ -408,7 +414,9 @@ class mm {
   /// bytes before the failing page were transferred.
   /// Locking: takes mmap_lock shared and page-table node locks; blocks.
   [[nodiscard]] errc read(va_t va, std::span<std::byte> out) SVM_EXCLUDES(mmap_lock_);
+  /// Write `in` at `va`, as read() reads (same errors and locking).
   [[nodiscard]] errc write(va_t va, std::span<const std::byte> in) SVM_EXCLUDES(mmap_lock_);
+  /// Read one `T` at `va` through read() (any alignment; same errors).
   template <class T>
     requires std::is_trivially_copyable_v<T>
   [[nodiscard]] result<T> load(va_t va) {
@@ -416,6 +424,7 @@ class mm {
     if (errc e = read(va, std::as_writable_bytes(std::span{&v, 1})); e != errc::ok) return e;
     return v;
   }
+  /// Write `v` at `va` through write() (any alignment; same errors).
   template <class T>
     requires std::is_trivially_copyable_v<T>
   [[nodiscard]] errc store(va_t va, const T& v) {
@@ -424,6 +433,9 @@ class mm {
   /// Atomic read-modify-write of an 8-byte aligned u64 (EINVAL if
   /// unaligned), seq_cst, as a locked CPU instruction. Returns the old value.
   [[nodiscard]] result<std::uint64_t> atomic_fetch_add(va_t va, std::uint64_t v) SVM_EXCLUDES(mmap_lock_);
+  /// Atomic compare-and-swap of an 8-byte aligned u64 (EINVAL if
+  /// unaligned), seq_cst: stores `desired` if the value equals `expected`.
+  /// Returns the old value (equal to `expected` on success).
   [[nodiscard]] result<std::uint64_t> atomic_compare_exchange(va_t va, std::uint64_t expected,
                                                               std::uint64_t desired) SVM_EXCLUDES(mmap_lock_);
 
@@ -469,9 +481,13 @@ class mm {
   // ---- pools -------------------------------------------------------------
   /// Pool `i` (0: the system pool this mm allocates from).
   [[nodiscard]] frame_pool& pool(unsigned i = 0) const noexcept { return *pools_->pools[i].pool; }
+  /// Shared ownership of pool `i` (`i` below pool_count()).
   [[nodiscard]] std::shared_ptr<frame_pool> pool_ptr(unsigned i = 0) const noexcept { return pools_->pools[i].pool; }
+  /// How pool `i` behaves (pool 0 is numa).
   [[nodiscard]] pool_kind kind_of_pool(unsigned i) const noexcept { return pools_->pools[i].kind; }
+  /// The owner given to attach_pool() for pool `i` (null for pool 0).
   [[nodiscard]] const void* pool_owner(unsigned i) const noexcept { return pools_->pools[i].owner; }
+  /// Pools attached, the system pool included (acquire load; at least 1).
   [[nodiscard]] unsigned pool_count() const noexcept;
   /// Attach another pool; returns its index (up to cpu_pte::max_pools). Fork
   /// children share the attached pools. `owner` names a device-private
@@ -479,28 +495,36 @@ class mm {
   /// Locking: takes mmap_lock exclusive. EINVAL: null pool; ENOSPC: full.
   [[nodiscard]] result<unsigned> attach_pool(std::shared_ptr<frame_pool> p, pool_kind kind,
                                              const void* owner = nullptr) SVM_EXCLUDES(mmap_lock_);
+  /// The zero page's frame number, the same (frame 0) in every pool.
   [[nodiscard]] static constexpr pfn_t zero_pfn() noexcept { return frame_pool::zero_pfn(); }
 
   // ---- notifiers -------------------------------------------------------
+  /// This mm's interval-notifier subscriptions (tree, sequence, active ranges).
   [[nodiscard]] mmu_notifier_subscriptions& notifiers() noexcept { return subs_; }
   /// Kernel: mmu_notifier_invalidate_range_start/_nonblock (see
   /// mmu_notifier_subscriptions). `r.mm` is set to this mm.
   [[nodiscard]] errc invalidate_range_start(mmu_notifier_range& r);
+  /// Kernel: mmu_notifier_invalidate_range_end. Ends `r`, which a successful
+  /// invalidate_range_start began.
   void invalidate_range_end(mmu_notifier_range& r);
   /// Extension: wait until no active invalidation overlaps [start, end).
   void read_begin_range(va_t start, va_t end) { subs_.read_begin_range(start, end); }
 
   // ---- statistics, tests -------------------------------------------------
+  /// A snapshot of the counters (relaxed loads).
   [[nodiscard]] mm_stats stats() const noexcept;
   /// Pages with a present or PROT_NONE 4K/2M PTE (2M counts 512), swap
   /// entries and device entries are not counted. Lock-free walk (O(table)).
   [[nodiscard]] std::size_t resident_pages() const;
   /// Swap slots in use (all mms sharing this swap).
   [[nodiscard]] std::size_t swap_used() const noexcept;
+  /// The CPU page table, read-only (for tests and lock-free walks).
   [[nodiscard]] const cpu_page_table& page_table() const noexcept { return pt_; }
   /// Set before concurrent use.
   void set_test_hooks(mm_test_hooks h) { hooks_ = std::move(h); }
+  /// The hooks installed by set_test_hooks().
   [[nodiscard]] const mm_test_hooks& test_hooks() const noexcept { return hooks_; }
+  /// One past the highest user VA (mm_options::mmap_limit).
   [[nodiscard]] va_t va_limit() const noexcept { return opts_.mmap_limit; }
 
  private:

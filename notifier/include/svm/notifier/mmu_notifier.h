@@ -43,10 +43,10 @@ using range_hook = boost::intrusive::list_member_hook<boost::intrusive::link_mod
 /// One invalidation (kernel: struct mmu_notifier_range). The caller owns it
 /// and keeps it alive from invalidate_range_start until invalidate_range_end.
 struct mmu_notifier_range {
-  svm::mm* mm = nullptr;
+  svm::mm* mm = nullptr;  ///< the mm being invalidated; set by mm::invalidate_range_start
   va_t start = 0;  ///< inclusive, page aligned
   va_t end = 0;    ///< exclusive, page aligned
-  mmu_notifier_event event = mmu_notifier_event::unmap;
+  mmu_notifier_event event = mmu_notifier_event::unmap;  ///< why the range is invalidated
   /// Who started it (MIGRATE/EXCLUSIVE): a driver ignores its own events.
   const void* owner = nullptr;
   /// False for a non-blockable invalidation: callbacks must not sleep and
@@ -168,9 +168,12 @@ class interval_notifier {
     invalidate_seq_.store(cur_seq, std::memory_order_release);
   }
 
+  /// First byte of the subscribed interval (as given to insert()).
   [[nodiscard]] va_t start() const noexcept { return start_; }
   /// Inclusive last byte.
   [[nodiscard]] va_t last() const noexcept { return last_; }
+  /// The mm this notifier is inserted into; null when it is not inserted
+  /// (never inserted, removed, or detached by the mm's teardown).
   [[nodiscard]] svm::mm* mm() const noexcept { return mm_; }
   /// The notifier's seq (racy snapshot, for tests).
   [[nodiscard]] std::uint64_t seq() const noexcept { return invalidate_seq_.load(std::memory_order_acquire); }

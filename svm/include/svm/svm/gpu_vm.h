@@ -84,9 +84,12 @@ enum class seq_mode : std::uint8_t { notifier, pgtable };
 /// Mirror implementation: the page-centric, per-node-locked mirror, or the
 /// range-based, VM-locked baseline that svm-storm compares against.
 enum class mirror_impl : std::uint8_t { page, range };
+/// Where a BO's frames live: device VRAM, or system memory (the mm's pool 0).
 enum class placement : std::uint8_t { vram, system };
 
+/// The sequence mode's name (for logs and benchmark output).
 [[nodiscard]] const char* to_string(seq_mode m) noexcept;
+/// The mirror implementation's name (for logs and benchmark output).
 [[nodiscard]] const char* to_string(mirror_impl m) noexcept;
 
 /// Window choice (a swappable policy). Contract: return a window containing
@@ -95,28 +98,36 @@ enum class placement : std::uint8_t { vram, system };
 class window_policy {
  public:
   virtual ~window_policy() = default;
+  /// The window to fill for a fault at GPU VA `fault`, within `allowed`
+  /// (see the class comment for the contract).
   [[nodiscard]] virtual va_range choose(va_t fault, va_range allowed) const noexcept = 0;
 };
 /// The largest of 2M, 64K, 4K aligned around the fault that fits `allowed`.
 class largest_window_policy final : public window_policy {
  public:
+  /// Tries 2M, then 64K, then 4K; falls back to the fault's 4K page.
   [[nodiscard]] va_range choose(va_t fault, va_range allowed) const noexcept override;
 };
 /// Always one size (4K, 64K or 2M), shrinking to 4K where it does not fit.
 class fixed_window_policy final : public window_policy {
  public:
+  /// A policy that always tries windows of `size` bytes (a power of two,
+  /// normally 4K, 64K or 2M).
   explicit fixed_window_policy(std::uint64_t size) noexcept : size_(size) {}
+  /// The `size`-aligned window around the fault if it fits `allowed`, else
+  /// the fault's 4K page.
   [[nodiscard]] va_range choose(va_t fault, va_range allowed) const noexcept override;
 
  private:
   std::uint64_t size_;
 };
 
+/// The settings of a gpu_vm, fixed at creation (checked by gpu_vm::validate()).
 struct vm_config {
-  vm_mode mode = vm_mode::fault;
-  mirror_kind mirror = mirror_kind::full_mm;
-  seq_mode seq = seq_mode::pgtable;
-  mirror_impl impl = mirror_impl::page;
+  vm_mode mode = vm_mode::fault;              ///< fault-driven or long-running
+  mirror_kind mirror = mirror_kind::full_mm;  ///< what the SVM mirror covers
+  seq_mode seq = seq_mode::pgtable;           ///< sequence granularity of the mirror
+  mirror_impl impl = mirror_impl::page;       ///< page-centric mirror or range baseline
   /// CPU VA covered by one lazily inserted interval notifier.
   std::uint64_t chunk_size = std::uint64_t{512} << 20;
   /// Window policy; null: largest_window_policy.
@@ -136,22 +147,26 @@ struct vm_config {
 
 /// A log2 histogram of fault latencies (raise to replay), in ns.
 struct latency_histogram {
+  /// Number of buckets; latencies of 2^39 ns or more land in the last one.
   static constexpr unsigned buckets = 40;
   std::array<std::uint64_t, buckets> count{};  ///< bucket i: [2^i, 2^(i+1)) ns
+  /// The number of faults recorded (the sum of all buckets).
   [[nodiscard]] std::uint64_t total() const noexcept;
   /// The upper bound of the bucket holding quantile q (0..1).
   [[nodiscard]] std::uint64_t quantile(double q) const noexcept;
+  /// The upper bound, in ns, of the highest non-empty bucket (0 if empty).
   [[nodiscard]] std::uint64_t max_ns() const noexcept;
 };
 
-/// Per-VM counters (docs/contracts.md §3, issue 5's list). Cheap to read.
+/// Per-VM counters (the list in docs/contracts.md §3). Cheap to read.
+/// Each counter is read separately, so a snapshot is not atomic as a whole.
 struct vm_stats {
   std::uint64_t faults_raised = 0;    ///< fault records received for this VM
   std::uint64_t faults_serviced = 0;  ///< records replayed after servicing
-  std::uint64_t faults_cancelled = 0;
+  std::uint64_t faults_cancelled = 0; ///< records cancelled because servicing failed
   std::uint64_t valid_faults = 0;     ///< the PTE was already there
   std::uint64_t batches = 0;          ///< handler batches that held this VM's records
-  std::uint64_t hmm_calls = 0;
+  std::uint64_t hmm_calls = 0;        ///< hmm_range_fault calls (one per fault attempt, retries included)
   std::uint64_t retries_busy = 0;     ///< hmm_range_fault returned EBUSY
   std::uint64_t retries_seq = 0;      ///< the sequence moved before the commit
   std::uint64_t false_retries = 0;    ///< retries caused by an invalidation outside the window
@@ -161,14 +176,16 @@ struct vm_stats {
   std::uint64_t invalidations = 0;    ///< notifier callbacks that touched this VM
   std::uint64_t ptes_written = 0;     ///< in 4K pages (a 2M leaf counts 512)
   std::uint64_t ptes_zapped = 0;      ///< in 4K pages
-  std::uint64_t tlb_invalidations = 0;
+  std::uint64_t tlb_invalidations = 0; ///< device TLB invalidations issued (one per flushed range)
   std::uint64_t huge_leaves = 0;      ///< 2M leaves written
-  std::uint64_t bo_faults = 0;
-  std::uint64_t evictions = 0;
+  std::uint64_t bo_faults = 0;        ///< faults serviced from a BO mapping (not the mirror)
+  std::uint64_t evictions = 0;        ///< BOs moved from VRAM to system memory
   std::uint64_t preemptions = 0;      ///< preempt fences signalled (long-running VMs)
-  latency_histogram latency;
+  latency_histogram latency;          ///< raise-to-replay latency of serviced faults
+  /// A one-line summary of the main counters (what operator<< prints).
   [[nodiscard]] std::string to_string() const;
 };
+/// Prints the one-line summary of `s` (faults, retries, PTEs, latency p50/p99).
 std::ostream& operator<<(std::ostream& os, const vm_stats& s);
 
 /// The device's system aperture spans every frame pool of the mm: the
@@ -219,8 +236,11 @@ class gpu_vm {
   gpu_vm(const gpu_vm&) = delete;
   gpu_vm& operator=(const gpu_vm&) = delete;
 
+  /// The VM id the device assigned at registration.
   [[nodiscard]] dev::vm_id id() const noexcept { return id_; }
+  /// The configuration the VM was created with.
   [[nodiscard]] const vm_config& config() const noexcept { return cfg_; }
+  /// The device queue created for this VM (where its kernels run).
   [[nodiscard]] dev::queue_id queue() const noexcept { return queue_; }
   /// The mirrored mm: valid only while it lives (see mm_released()).
   [[nodiscard]] svm::mm& mm() noexcept { return mm_; }
@@ -231,6 +251,7 @@ class gpu_vm {
   /// ones (whose frames the VM keeps), bind, unbind, evict and fault as
   /// before. Locking: takes lock_ shared.
   [[nodiscard]] bool mm_released() const SVM_EXCLUDES(lock_);
+  /// The VM's device page table (attached to the device at creation).
   [[nodiscard]] dev::dev_page_table& page_table() noexcept { return pt_; }
 
   // ---- the mirror -------------------------------------------------------
@@ -270,9 +291,14 @@ class gpu_vm {
   /// Errors: ENOENT, EINVAL (not in VRAM), ENOMEM (no system frames),
   /// ETIMEDOUT (a fence did not signal).
   errc evict(bo_id bo) SVM_EXCLUDES(lock_);
-  /// Read/write BO bytes from the CPU side (for tests and initialisation).
+  /// Write BO bytes at `offset` from the CPU side (for tests and
+  /// initialisation). Errors: ENOENT (unknown BO), EINVAL (past the BO's end).
   errc bo_write(bo_id bo, std::uint64_t offset, std::span<const std::byte> in) SVM_EXCLUDES(lock_);
+  /// Read BO bytes at `offset` into `out` from the CPU side. Errors: ENOENT
+  /// (unknown BO), EINVAL (past the BO's end). Locking: takes lock_ shared.
   errc bo_read(bo_id bo, std::uint64_t offset, std::span<std::byte> out) SVM_EXCLUDES(lock_);
+  /// Where the BO's frames are now (eviction moves VRAM BOs to system);
+  /// ENOENT if unknown. Locking: takes lock_ shared.
   [[nodiscard]] result<placement> bo_placement(bo_id bo) SVM_EXCLUDES(lock_);
 
   /// The long-running VM's current preempt fence (null in a fault VM). An
@@ -284,7 +310,9 @@ class gpu_vm {
   [[nodiscard]] fence_ptr preempt_fence() const SVM_EXCLUDES(lock_);
 
   // ---- statistics -------------------------------------------------------
+  /// A snapshot of the VM's counters (relaxed loads; takes no lock).
   [[nodiscard]] vm_stats stats() const noexcept;
+  /// Zero every counter and the latency histogram.
   void reset_stats() noexcept;
   /// Bytes of device page table.
   [[nodiscard]] std::size_t pt_bytes() const { return pt_.stats().bytes; }
@@ -300,6 +328,8 @@ class gpu_vm {
     /// After hmm_range_fault returned, before the commit's locks.
     std::function<void(va_range window)> before_commit = {};
   };
+  /// Install `h`, replacing the current hooks (not thread safe: call before
+  /// any fault can run).
   void set_test_hooks(test_hooks h) { hooks_ = std::move(h); }
 
  private:

@@ -76,16 +76,25 @@ using gpuva_flags = std::uint32_t;
 /// until the plan that removes it is destroyed.
 class gpuva {
  public:
+  /// The GPU VA range [start, end) this mapping covers.
   [[nodiscard]] va_range range() const noexcept { return range_; }
+  /// First GPU VA of the mapping (inclusive, 4K aligned).
   [[nodiscard]] va_t start() const noexcept { return range_.start; }
+  /// One past the last GPU VA of the mapping (exclusive, 4K aligned).
   [[nodiscard]] va_t end() const noexcept { return range_.end; }
+  /// Length of the mapping in bytes (end - start).
   [[nodiscard]] std::uint64_t size() const noexcept { return range_.size(); }
+  /// The BO that backs the mapping.
   [[nodiscard]] bo_handle bo() const noexcept { return bo_; }
+  /// The BO offset, in bytes, that backs start().
   [[nodiscard]] std::uint64_t bo_offset() const noexcept { return offset_; }
+  /// The mapping's flags, as given in the map request.
   [[nodiscard]] gpuva_flags flags() const noexcept { return flags_; }
   /// The BO offset that backs GPU VA `va` (precondition: range().contains(va)).
   [[nodiscard]] std::uint64_t bo_offset_at(va_t va) const noexcept { return offset_ + (va - range_.start); }
 
+  /// Makes a mapping of GPU VA `r` backed by `bo` from BO offset `offset`;
+  /// nodes are created by gpuva_tree's planning, not by drivers.
   gpuva(va_range r, bo_handle bo, std::uint64_t offset, gpuva_flags flags) noexcept
       : range_(r), bo_(bo), offset_(offset), flags_(flags) {}
   gpuva(const gpuva&) = delete;
@@ -104,21 +113,28 @@ class gpuva {
   boost::intrusive::set_member_hook<> bo_hook_;
 
  public:
+  /// Boost.Intrusive hook option selecting va_hook_ (for the VA rb-tree).
   using va_hook_t = boost::intrusive::member_hook<gpuva, boost::intrusive::set_member_hook<>, &gpuva::va_hook_>;
+  /// Boost.Intrusive hook option selecting bo_hook_ (for the per-BO index).
   using bo_hook_t = boost::intrusive::member_hook<gpuva, boost::intrusive::set_member_hook<>, &gpuva::bo_hook_>;
 };
 
+/// The kind of a plan step: add a mapping, split one, or remove one.
 enum class gpuva_op_kind : std::uint8_t { map, remap, unmap };
+/// The step kind's name ("map", "remap", "unmap").
 [[nodiscard]] const char* to_string(gpuva_op_kind k) noexcept;
 
 /// One step of a plan (struct drm_gpuva_op).
 struct gpuva_op {
+  /// What this step does; says which of the pointers below are set.
   gpuva_op_kind kind = gpuva_op_kind::map;
   /// unmap, remap: the mapping removed.
   const gpuva* old = nullptr;
-  /// remap: the pieces of `old` that stay, before and after the request
-  /// (new nodes; either may be null, not both).
+  /// remap: the piece of `old` that stays before the request, [start, va)
+  /// (a new node; null if none, but `prev` and `next` are never both null).
   const gpuva* prev = nullptr;
+  /// remap: the piece of `old` that stays after the request, [va + size, end)
+  /// (a new node; null if none, but `prev` and `next` are never both null).
   const gpuva* next = nullptr;
   /// map: the new mapping (possibly extended over merged neighbours).
   const gpuva* map = nullptr;
@@ -146,8 +162,11 @@ struct gpuva_op {
 class gpuva_ops_visitor {
  public:
   virtual ~gpuva_ops_visitor() = default;
+  /// Called after a map step: `op.map` is now in the tree.
   virtual void sm_step_map(const gpuva_op& op) noexcept = 0;
+  /// Called after a remap step: `op.old` is replaced by `op.prev`/`op.next`.
   virtual void sm_step_remap(const gpuva_op& op) noexcept = 0;
+  /// Called after an unmap step: `op.old` is no longer in the tree.
   virtual void sm_step_unmap(const gpuva_op& op) noexcept = 0;
 };
 /// Dispatch `op` to the matching callback of `v`.
@@ -161,14 +180,20 @@ class gpuva_tree;
 class gpuva_plan {
  public:
   gpuva_plan() = default;
+  /// Takes over another plan's steps and nodes.
   gpuva_plan(gpuva_plan&&) noexcept = default;
+  /// Takes over another plan's steps and nodes; this plan's own are dropped
+  /// (freeing its removed mappings if it was committed).
   gpuva_plan& operator=(gpuva_plan&&) noexcept = default;
   gpuva_plan(const gpuva_plan&) = delete;
   gpuva_plan& operator=(const gpuva_plan&) = delete;
   ~gpuva_plan() = default;
 
+  /// The planned steps, in the order commit() applies them.
   [[nodiscard]] std::span<const gpuva_op> ops() const noexcept { return ops_; }
+  /// True if the plan has no steps (e.g. an unmap of an unmapped range).
   [[nodiscard]] bool empty() const noexcept { return ops_.empty(); }
+  /// True once gpuva_tree::commit() has applied this plan.
   [[nodiscard]] bool committed() const noexcept { return committed_; }
   /// The request range.
   [[nodiscard]] va_range range() const noexcept { return req_; }
@@ -189,12 +214,12 @@ class gpuva_plan {
 /// A VM_BIND map request (the drm_gpuvm_map_req of the kernel, plus the BO
 /// size for the bounds check).
 struct gpuva_map_req {
-  va_t va = 0;
-  std::uint64_t size = 0;
-  bo_handle bo = 0;
-  std::uint64_t bo_offset = 0;
+  va_t va = 0;                 ///< first GPU VA to map (4K aligned)
+  std::uint64_t size = 0;      ///< bytes to map (non-zero, 4K aligned)
+  bo_handle bo = 0;            ///< the BO that backs the mapping
+  std::uint64_t bo_offset = 0; ///< BO offset, in bytes, that backs `va` (4K aligned)
   std::uint64_t bo_size = 0;  ///< the BO's size: bo_offset + size must not exceed it
-  gpuva_flags flags = 0;
+  gpuva_flags flags = 0;       ///< the new mapping's flags
 };
 
 /// The hook for the BO check that the tree cannot do itself: tell unknown
@@ -207,6 +232,7 @@ class gpuva_bo_resolver {
   [[nodiscard]] virtual result<std::uint64_t> bo_size(bo_handle bo) const = 0;
 };
 
+/// Construction-time settings of a gpuva_tree.
 struct gpuva_tree_options {
   /// The GPU VA the tree manages (drm_gpuvm's mm_start/mm_range); requests
   /// outside it are -EINVAL.
@@ -224,6 +250,8 @@ struct gpuva_tree_options {
 /// (the VM lock is outside mmap_lock).
 class gpuva_tree {
  public:
+  /// Makes an empty tree guarded by `vm_lock` (the owning VM's lock, which
+  /// must outlive the tree).
   explicit gpuva_tree(const shared_mutex& vm_lock, gpuva_tree_options opts = {});
   /// Frees every mapping. The caller guarantees no plan of this tree is
   /// still to be committed.
@@ -259,8 +287,11 @@ class gpuva_tree {
   }
   /// True if no mapping overlaps `r`.
   [[nodiscard]] bool is_free(va_range r) const { return first_overlap(r) == nullptr; }
+  /// The number of mappings in the tree.
   [[nodiscard]] std::size_t size() const;
+  /// True if the tree holds no mapping.
   [[nodiscard]] bool empty() const { return size() == 0; }
+  /// The options the tree was built with.
   [[nodiscard]] const gpuva_tree_options& options() const noexcept { return opts_; }
 
   // --- VM_BIND --------------------------------------------------------------

@@ -1,6 +1,6 @@
-// The access oracle (issue 7, "The oracles"): a checker installed on the
-// simulated device that validates every translated device access against the
-// CPU page tables and reports stale accesses.
+// The access oracle: a checker installed on the simulated device that
+// validates every translated device access against the CPU page tables and
+// reports stale accesses.
 //
 // ## The rule
 // An access through an SVM PTE (no gpu_vm::bo_pte_bit, system aperture) of a
@@ -91,9 +91,9 @@ namespace svm {
 /// A mirror window as the oracle knows it: CPU VA [cpu, cpu + size) at GPU
 /// VA gpu (the same triple as gpu_vm::add_window).
 struct oracle_window {
-  va_t cpu = 0;
-  va_t gpu = 0;
-  std::uint64_t size = 0;
+  va_t cpu = 0;            ///< first CPU VA of the window (4K aligned)
+  va_t gpu = 0;            ///< GPU VA that mirrors `cpu` (4K aligned)
+  std::uint64_t size = 0;  ///< window length in bytes (non-zero, 4K multiple)
 };
 
 /// Why an access was stale.
@@ -103,24 +103,27 @@ enum class stale_reason : std::uint8_t {
   frame_mismatch,   ///< the CPU maps another frame there
   cpu_read_only,    ///< same frame, but a write/atomic while the CPU maps it read-only
 };
+/// The reason's name, as in the enumerator (e.g. "frame_mismatch").
 [[nodiscard]] const char* to_string(stale_reason r) noexcept;
 
 /// One stale access.
 struct stale_report {
-  dev::vm_id vm = 0;
-  unsigned engine = 0;
-  access acc = access::read;
-  stale_reason reason = stale_reason::frame_mismatch;
-  va_t gva = 0;
+  dev::vm_id vm = 0;           ///< the VM whose access it was
+  unsigned engine = 0;         ///< the device engine that made the access
+  access acc = access::read;   ///< read, write or atomic
+  stale_reason reason = stale_reason::frame_mismatch;  ///< why the rule rejected it
+  va_t gva = 0;                ///< the GPU VA accessed
   va_t cpu_va = 0;             ///< 0 when not mirrored
   std::uint64_t pte = 0;       ///< the device leaf entry used
   unsigned level = 0;          ///< its level (0: 4K, 1: 2M, 2: 1G)
-  bool tlb_hit = false;
-  /// The device frame touched: pool and pfn of the mm's frame (the device
-  /// pfn is (pool << 32) | pfn, see mm_device_pfn), and its generation read
-  /// at report time (it advanced if the frame was freed since it was mapped).
+  bool tlb_hit = false;        ///< the translation came from the TLB (else a fresh walk)
+  /// The device frame touched, as the mm's pool and pfn (the device pfn is
+  /// (pool << 32) | pfn, see mm_device_pfn): this is the pool.
   unsigned dev_pool = 0;
+  /// The device frame touched: its pfn within pool dev_pool.
   pfn_t dev_pfn = 0;
+  /// The touched frame's generation, read at report time (it advanced if
+  /// the frame was freed since it was mapped).
   std::uint64_t dev_generation = 0;
   /// What the CPU mapped at cpu_va when checked (cpu.present false: nothing,
   /// or a device-private entry of another frame).
@@ -133,14 +136,15 @@ struct stale_report {
 
 /// Counter snapshot (see access_oracle's accessors).
 struct oracle_counts {
-  std::uint64_t checked = 0;
-  std::uint64_t svm_checked = 0;
-  std::uint64_t not_svm = 0;
-  std::uint64_t unwatched = 0;
-  std::uint64_t excused = 0;
-  std::uint64_t stale = 0;
+  std::uint64_t checked = 0;      ///< every access the validator saw
+  std::uint64_t svm_checked = 0;  ///< SVM accesses of watched VMs, checked against the CPU page table
+  std::uint64_t not_svm = 0;      ///< BO or VRAM-aperture accesses (not checked by the rule)
+  std::uint64_t unwatched = 0;    ///< accesses of VMs not watched
+  std::uint64_t excused = 0;      ///< SVM accesses accepted only by rule (b)
+  std::uint64_t stale = 0;        ///< stale accesses (all counted, some reported)
 };
 
+/// Construction-time settings of an access_oracle.
 struct oracle_options {
   /// Reports kept (the first ones); every stale access is counted.
   std::size_t max_reports = 64;
@@ -170,6 +174,8 @@ class access_oracle {
   /// Locking: takes the registry lock (leaf) and the device's oracle lock
   /// (leaf) one after the other; never blocks; not from a kernel.
   void detach();
+  /// True while the oracle's validator is installed (until detach()).
+  /// Locking: takes the registry lock (leaf).
   [[nodiscard]] bool attached() const;
 
   /// Watch `vm`, whose mirror is of `m`. full_mm: GPU VA == CPU VA; none:
@@ -207,6 +213,8 @@ class access_oracle {
   [[nodiscard]] std::uint64_t excused() const noexcept;
   /// Stale accesses.
   [[nodiscard]] std::uint64_t stale() const noexcept;
+  /// All the counters above in one struct (each read separately, so racy
+  /// while kernels run).
   [[nodiscard]] oracle_counts counts() const noexcept;
   /// A copy of the reports kept (at most max_reports, oldest first).
   /// Locking: takes the reports lock (leaf); never blocks.

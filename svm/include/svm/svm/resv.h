@@ -56,12 +56,17 @@ enum class ww_event : std::uint8_t {
 /// interleaving. It is immutable after construction.
 class ww_class {
  public:
+  /// The test hook's type: called with the event, the mutex involved and
+  /// the locking context (null for a context-less lock).
   using hook_fn = std::function<void(ww_event, const ww_mutex&, const ww_acquire_ctx*)>;
 
+  /// A class named `name` (a string that must outlive the class), with an
+  /// optional test hook.
   explicit ww_class(const char* name, hook_fn hook = {}) : name_(name), hook_(std::move(hook)) {}
   ww_class(const ww_class&) = delete;
   ww_class& operator=(const ww_class&) = delete;
 
+  /// The name given at construction (for diagnostics).
   [[nodiscard]] const char* name() const noexcept { return name_; }
 
  private:
@@ -154,6 +159,8 @@ extern ww_class reservation_ww_class;
 /// only wound it, through its lock_.
 class ww_acquire_ctx {
  public:
+  /// ww_acquire_init: start a transaction on mutexes of `cls`, taking the
+  /// class's next stamp (younger than every context made before it).
   explicit ww_acquire_ctx(ww_class& cls = reservation_ww_class);
   /// Requires acquired() == 0 (checked; a leak aborts).
   ~ww_acquire_ctx();
@@ -214,6 +221,7 @@ class ww_acquire_ctx {
 /// run inside a notifier callback.
 class ww_mutex {
  public:
+  /// An unlocked mutex of class `cls` (which must outlive it).
   explicit ww_mutex(ww_class& cls = reservation_ww_class) : class_(cls) {}
   /// Must be unlocked.
   ~ww_mutex();
@@ -235,8 +243,11 @@ class ww_mutex {
   /// Unlock (with or without context). Never blocks.
   void unlock(lockdep::site s = {__builtin_FILE(), __builtin_LINE()});
 
-  /// Racy hints, for tests and assertions.
+  /// Whether some thread holds the mutex now (a racy hint, for tests and
+  /// assertions).
   [[nodiscard]] bool is_locked() const;
+  /// The context holding the mutex, or null if unlocked or locked without a
+  /// context (a racy hint, for tests and assertions).
   [[nodiscard]] const ww_acquire_ctx* owner() const;
 
  private:
@@ -272,6 +283,7 @@ enum class resv_usage : std::uint8_t {
   read = 2,      ///< implicit sync: readers
   bookkeep = 3,  ///< page-table updates, TLB flushes, preempt fences
 };
+/// The usage's name (for diagnostics).
 [[nodiscard]] const char* to_string(resv_usage u) noexcept;
 
 /// A reservation object (struct dma_resv): a wound-wait lock plus fences by
@@ -296,6 +308,8 @@ enum class resv_usage : std::uint8_t {
 ///     r.add_fence(f, resv_usage::write);
 class SVM_CAPABILITY("resv") resv {
  public:
+  /// An unlocked reservation object with no fences, whose lock is of class
+  /// `cls` (which must outlive it).
   explicit resv(ww_class& cls = reservation_ww_class) : lock_(cls) {}
   resv(const resv&) = delete;
   resv& operator=(const resv&) = delete;
@@ -326,7 +340,9 @@ class SVM_CAPABILITY("resv") resv {
     (void)s;
 #endif
   }
+  /// dma_resv_is_locked(): whether anyone holds the lock (a racy hint).
   [[nodiscard]] bool is_locked() const { return lock_.is_locked(); }
+  /// The underlying wound-wait mutex (dma_resv's `lock` member).
   [[nodiscard]] ww_mutex& ww() noexcept { return lock_; }
 
   // --- fences ---------------------------------------------------------------
