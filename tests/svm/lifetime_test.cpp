@@ -118,8 +118,11 @@ TEST(Lifetime, DestroyIdleVmCancelsNothing) {
 // notifiers: the mm's release drops what the VM holds of it; the BO keeps
 // its frames (the VM holds their pool) and works; SVM faults fail cleanly.
 TEST(Lifetime, MmDestroyedBeforeVmWithSystemBo) {
-  for (auto [seq, impl] : {std::pair{seq_mode::pgtable, mirror_impl::page}, std::pair{seq_mode::notifier, mirror_impl::page},
+  for (auto [seq_b, impl_b] : {std::pair{seq_mode::pgtable, mirror_impl::page}, std::pair{seq_mode::notifier, mirror_impl::page},
                            std::pair{seq_mode::notifier, mirror_impl::range}}) {
+    // Plain copies: clang 14 cannot capture structured bindings in lambdas.
+    const seq_mode seq = seq_b;
+    const mirror_impl impl = impl_b;
     SCOPED_TRACE(std::string(to_string(seq)) + "_" + to_string(impl));
     env e(cfg([&](vm_config& k) { k.seq = seq; k.impl = impl; }));
     const va_t va = e.populate(4 * page_size, 11);
@@ -301,8 +304,11 @@ TEST(Lifetime, VramBoLargerThanVramFailsBeforeEvicting) {
 // window saw no invalidation (the one it saw hit another block of its
 // chunk), completes: the clock alone does not end it.
 TEST(Lifetime, DescheduledFaultWithoutInvalidationOfItsWindowCompletes) {
-  for (auto [seq, impl] : {std::pair{seq_mode::notifier, mirror_impl::page}, std::pair{seq_mode::notifier, mirror_impl::range},
+  for (auto [seq_b, impl_b] : {std::pair{seq_mode::notifier, mirror_impl::page}, std::pair{seq_mode::notifier, mirror_impl::range},
                            std::pair{seq_mode::pgtable, mirror_impl::page}}) {
+    // Plain copies: clang 14 cannot capture structured bindings in lambdas.
+    const seq_mode seq = seq_b;
+    const mirror_impl impl = impl_b;
     SCOPED_TRACE(std::string(to_string(seq)) + "_" + to_string(impl));
     env e(cfg([&](vm_config& k) { k.seq = seq; k.impl = impl; k.fault_timeout = 1ms; }));
     const va_t va = e.populate(8 * huge_size, 21, huge_size / 4);
