@@ -119,7 +119,13 @@ run_result run_device(const run_config& c, const runner_options& o) {
   dc.handler_threads = c.handler_threads;
   dc.batch = c.batch;
   if (c.waves) dc.hw.waves_per_engine = c.waves;
-  svm::driver dev(dc);
+  auto dev_owner = svm::driver::create(dc);
+  if (!dev_owner) {
+    r.kernel_errors = 1;
+    r.first_error = std::string("driver config: ") + errc_name(dev_owner.error());
+    return r;
+  }
+  svm::driver& dev = **dev_owner;
   r.waves_per_engine = dc.hw.waves_per_engine;
   dev.set_trace(o.trace);
   vm_config vc;
@@ -127,7 +133,13 @@ run_result run_device(const run_config& c, const runner_options& o) {
   vc.impl = c.mirror;
   vc.window = policy_of(c.effective_window());
   vc.huge_leaves = c.huge_leaves;
-  gpu_vm vm(dev, m, vc);
+  auto vm_owner = gpu_vm::create(dev, m, vc);
+  if (!vm_owner) {
+    r.kernel_errors = 1;
+    r.first_error = std::string("gpu_vm create: ") + errc_name(vm_owner.error());
+    return r;
+  }
+  gpu_vm& vm = **vm_owner;
   std::optional<access_oracle> oracle;
   if (c.oracle) {
     oracle.emplace(dev);

@@ -28,11 +28,13 @@ benchmark::Counter per(double n) { return benchmark::Counter(n, benchmark::Count
 struct rig {
   rig(seq_mode seq, std::uint64_t window, std::uint32_t spin_ns)
       : m(mm_options{.frames = 16384}),
-        dev(driver_config{.hw = {.engines = 1}, .handler_threads = 1, .wait_spin_ns = spin_ns}) {
+        dev_owner(driver::create(driver_config{.hw = {.engines = 1}, .handler_threads = 1, .wait_spin_ns = spin_ns})
+                      .value()),
+        dev(*dev_owner) {
     vm_config c;
     c.seq = seq;
     c.window = std::make_shared<fixed_window_policy>(window);
-    vm = std::make_unique<gpu_vm>(dev, m, c);
+    vm = gpu_vm::create(dev, m, c).value();
   }
   ~rig() { vm.reset(); }
   va_t populated(std::uint64_t bytes) {
@@ -52,7 +54,8 @@ struct rig {
   void reset(va_t va, std::uint64_t bytes) { (void)m.mprotect(va, bytes, rw); }
 
   mm m;
-  driver dev;
+  std::unique_ptr<driver> dev_owner;
+  driver& dev;
   std::unique_ptr<gpu_vm> vm;
 };
 

@@ -42,17 +42,18 @@ errc driver::validate(const driver_config& c) noexcept {
 }
 
 result<std::unique_ptr<driver>> driver::create(driver_config c) {
+  // Validate and start the hardware before the constructor runs, so that
+  // its invariant checks below can never fire.
   if (const errc e = validate(c); e != errc::ok) return e;
-  return std::make_unique<driver>(std::move(c));
+  auto hw = dev::device::create(hw_config(c));
+  if (!hw) return hw.error();  // the wave stacks could not be mapped
+  return std::make_unique<driver>(key{}, std::move(c), std::move(*hw));
 }
 
-driver::driver(driver_config c) : cfg_(c) {
-  SVM_CHECK(cfg_.batch >= 1 && cfg_.batch <= 256, "driver_config::batch must be 1..256");
-  SVM_CHECK(cfg_.handler_threads >= 1, "driver_config::handler_threads must be >= 1");
-  SVM_CHECK(cfg_.hw.validate() == errc::ok, "driver_config::hw is refused by dev::device_config::validate()");
-  auto hw = dev::device::create(hw_config(c));
-  SVM_CHECK(hw.ok(), "dev::device::create failed (wave stacks could not be mapped)");
-  hw_ = std::move(*hw);
+driver::driver(key, driver_config c, std::unique_ptr<dev::device> hw) : cfg_(c), hw_(std::move(hw)) {
+  // Invariants: create() validated cfg_ and created hw_.
+  SVM_CHECK(validate(cfg_) == errc::ok, "driver_config not validated (only driver::create() constructs)");
+  SVM_CHECK(hw_ != nullptr, "driver constructed without hardware (only driver::create() constructs)");
   for (unsigned i = 0; i < cfg_.handler_threads; ++i)
     handlers_.emplace_back([this](std::stop_token st) { handler_loop(st); });
 }

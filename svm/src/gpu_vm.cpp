@@ -188,22 +188,12 @@ errc gpu_vm::validate(const vm_config& c) noexcept {
 result<std::unique_ptr<gpu_vm>> gpu_vm::create(driver& d, svm::mm& m, vm_config cfg) {
   errc e = validate(cfg);
   if (e != errc::ok) return e;
-  std::unique_ptr<gpu_vm> vm(new gpu_vm(init_tag{}, d, m, std::move(cfg), e));
+  std::unique_ptr<gpu_vm> vm(new gpu_vm(key{}, d, m, std::move(cfg), e));
   if (e != errc::ok) return e;  // the destructor undoes what was done
   return vm;
 }
 
-gpu_vm::gpu_vm(driver& d, svm::mm& m, vm_config cfg) : gpu_vm(init_tag{}, d, m, std::move(cfg), init_error_) {
-  if (init_error_ != errc::ok) {
-    std::fprintf(stderr,
-                 "svm: gpu_vm construction failed: %s (an invalid vm_config, a device with every VM id in "
-                 "use, or a torn-down mm); gpu_vm::create() returns this as an error instead\n",
-                 errc_name(init_error_));
-    std::abort();
-  }
-}
-
-gpu_vm::gpu_vm(init_tag, driver& d, svm::mm& m, vm_config cfg, errc& err)
+gpu_vm::gpu_vm(key, driver& d, svm::mm& m, vm_config cfg, errc& err)
     : dev_(d),
       mm_(m),
       mm_va_limit_(m.va_limit()),

@@ -46,10 +46,10 @@ class E2E : public ::testing::TestWithParam<e2e_param> {
     dev.reset();
     m = std::make_unique<mm>(mm_options{.frames = 8192});
     if (hw.engines == 4) hw.engines = 2;
-    dev = std::make_unique<driver>(driver_config{.hw = hw});
+    dev = driver::create(driver_config{.hw = hw}).value();
     cfg.seq = GetParam().seq;
     cfg.impl = GetParam().impl;
-    vm = std::make_unique<gpu_vm>(*dev, *m, cfg);
+    vm = gpu_vm::create(*dev, *m, cfg).value();
     oracle = std::make_unique<access_oracle>(*dev);
     if (cfg.mirror != mirror_kind::windows) {
       EXPECT_EQ(oracle->watch(*vm, *m), errc::ok);

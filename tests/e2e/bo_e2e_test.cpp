@@ -126,11 +126,13 @@ namespace {
 // running across it keep working on the same data.
 TEST(LongRunningVm, EvictionPreemptsRebindsAndResumes) {
   mm m(mm_options{.frames = 4096});
-  driver dev(driver_config{.hw = {.engines = 2, .vram_bytes = 64 * page_size}});
+  auto dev_owner = driver::create(driver_config{.hw = {.engines = 2, .vram_bytes = 64 * page_size}}).value();
+  driver& dev = *dev_owner;
   vm_config c;
   c.mode = vm_mode::long_running;
   c.mirror = mirror_kind::none;
-  gpu_vm vm(dev, m, c);
+  auto vm_owner = gpu_vm::create(dev, m, c).value();
+  gpu_vm& vm = *vm_owner;
   auto bo = vm.create_bo(8 * page_size, placement::vram);
   ASSERT_TRUE(bo.ok());
   ASSERT_EQ(vm.bind(*bo, bo_va, 0, 8 * page_size), errc::ok);

@@ -280,7 +280,8 @@ TEST_P(E2E, TwoMmsAndTwoVmsOnOneDeviceStayApart) {
   vm_config c;
   c.seq = GetParam().seq;
   c.impl = GetParam().impl;
-  gpu_vm vm2(*dev, other, c);
+  auto vm2_owner = gpu_vm::create(*dev, other, c).value();
+  gpu_vm& vm2 = *vm2_owner;
   EXPECT_NE(vm2.id(), vm->id());
   // The oracle checks each VM's accesses against its own mm: a frame of the
   // other mm would be a frame mismatch.

@@ -121,15 +121,15 @@ class storm {
     auto p = m_->attach_pool(numa_, pool_kind::numa);
     EXPECT_TRUE(p.ok());
     numa_index_ = p.ok() ? *p : 0;
-    dev_ = std::make_unique<driver>(driver_config{
+    dev_ = driver::create(driver_config{
         .hw = {.engines = v.engines, .fault_buffer_entries = 64, .vram_bytes = 3 * bo_pages * page_size},
-        .handler_threads = v.handlers});
+        .handler_threads = v.handlers}).value();
     vm_config c;
     c.seq = mode.seq;
     c.impl = mode.impl;
     c.mirror = v.windows ? mirror_kind::windows : mirror_kind::full_mm;
     c.fault_timeout = 200ms;
-    vm_ = std::make_unique<gpu_vm>(*dev_, *m_, c);
+    vm_ = gpu_vm::create(*dev_, *m_, c).value();
     oracle_ = std::make_unique<access_oracle>(*dev_);
     // Buffers: the stable one 2M-aligned, the churned ones after it, and a
     // spare area for mremap, all at fixed addresses.
@@ -566,12 +566,14 @@ class ProgressStress : public ::testing::TestWithParam<e2e_param> {};
 
 TEST_P(ProgressStress, NonstopInvalidationOfTheFaultedPageNeverHangs) {
   mm m(mm_options{.frames = 4096});
-  driver dev(driver_config{.hw = {.engines = 2}});
+  auto dev_owner = driver::create(driver_config{.hw = {.engines = 2}}).value();
+  driver& dev = *dev_owner;
   vm_config c;
   c.seq = GetParam().seq;
   c.impl = GetParam().impl;
   c.fault_timeout = 30ms;
-  gpu_vm vm(dev, m, c);
+  auto vm_owner = gpu_vm::create(dev, m, c).value();
+  gpu_vm& vm = *vm_owner;
   access_oracle oracle(dev);
   ASSERT_EQ(oracle.watch(vm, m), errc::ok);
   auto va = m.mmap(0, page_size, prot::read | prot::write, map::private_ | map::anonymous);
@@ -631,12 +633,14 @@ TEST_P(ProgressStress, NonstopInvalidationOfTheFaultedPageNeverHangs) {
 // the hook is gone the same access completes.
 TEST_P(ProgressStress, AFaultThatCanNeverCommitTimesOutWithEbusy) {
   mm m(mm_options{.frames = 4096});
-  driver dev(driver_config{.hw = {.engines = 1}});
+  auto dev_owner = driver::create(driver_config{.hw = {.engines = 1}}).value();
+  driver& dev = *dev_owner;
   vm_config c;
   c.seq = GetParam().seq;
   c.impl = GetParam().impl;
   c.fault_timeout = 20ms;
-  gpu_vm vm(dev, m, c);
+  auto vm_owner = gpu_vm::create(dev, m, c).value();
+  gpu_vm& vm = *vm_owner;
   auto va = m.mmap(0, page_size, prot::read | prot::write, map::private_ | map::anonymous);
   ASSERT_TRUE(va.ok());
   const va_t p = *va;

@@ -160,7 +160,7 @@ conc_runner::conc_runner(const conc_program& p, const run_hooks* h)
   dc.hw.engines = (c & 0x10) ? 2 : 1;
   dc.hw.vram_bytes = (16 + p.vram % 48) * page_size;
   dc.handler_threads = 1;
-  dev_ = std::make_unique<driver>(dc);
+  dev_ = driver::create(dc).value();
   vm_config vc;
   vc.seq = (c & 1) ? seq_mode::notifier : seq_mode::pgtable;
   vc.impl = (c & 2) ? mirror_impl::range : mirror_impl::page;
@@ -173,7 +173,7 @@ conc_runner::conc_runner(const conc_program& p, const run_hooks* h)
   // A fault on S must never fail; a generous bound keeps a loaded machine
   // (sanitizers, parallel builds) from turning descheduling into EBUSY.
   vc.fault_timeout = std::chrono::seconds(10);
-  vm_ = std::make_unique<gpu_vm>(*dev_, *m_, vc);
+  vm_ = gpu_vm::create(*dev_, *m_, vc).value();
   oracle_ = std::make_unique<access_oracle>(*dev_);
   (void)oracle_->watch(*vm_, *m_);
   const prot rw = prot::read | prot::write;

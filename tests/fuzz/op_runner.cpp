@@ -164,7 +164,7 @@ runner::runner(const program& p, const run_hooks* h) : prog_(p), hooks_(h), mode
   dc.hw.engines = (c & 0x10) ? 2 : 1;
   dc.hw.vram_bytes = (16 + p.vram % 48) * page_size;
   dc.handler_threads = 1;
-  dev_ = std::make_unique<driver>(dc);
+  dev_ = driver::create(dc).value();
   vm_config vc;
   vc.seq = (c & 1) ? seq_mode::notifier : seq_mode::pgtable;
   vc.impl = (c & 2) ? mirror_impl::range : mirror_impl::page;
@@ -177,7 +177,7 @@ runner::runner(const program& p, const run_hooks* h) : prog_(p), hooks_(h), mode
   vc.huge_leaves = !(c & 0x80);
   const bool windows = (c & 0x40) != 0;
   vc.mirror = windows ? mirror_kind::windows : mirror_kind::full_mm;
-  vm_ = std::make_unique<gpu_vm>(*dev_, *m_, vc);
+  vm_ = gpu_vm::create(*dev_, *m_, vc).value();
   oracle_ = std::make_unique<access_oracle>(*dev_);
   gpu_base_ = cpu_base;
   if (windows) {

@@ -28,12 +28,12 @@ class GpuVm : public ::testing::TestWithParam<mode> {
  protected:
   void SetUp() override {
     m = std::make_unique<mm>(mm_options{.frames = 4096});
-    dev = std::make_unique<driver>(driver_config{.hw = {.engines = 2}});
+    dev = driver::create(driver_config{.hw = {.engines = 2}}).value();
     vm_config c;
     c.seq = GetParam().seq;
     c.impl = GetParam().impl;
     tune(c);
-    vm = std::make_unique<gpu_vm>(*dev, *m, c);
+    vm = gpu_vm::create(*dev, *m, c).value();
     auto va = m->mmap(0, 8 * huge_size, prot::read | prot::write, map::private_ | map::anonymous);
     ASSERT_TRUE(va.ok());
     base = align_up(*va, huge_size);
@@ -236,7 +236,8 @@ TEST_P(GpuVm, AddWindowRejectsBadInput) {
   c.mirror = mirror_kind::windows;
   c.seq = GetParam().seq;
   c.impl = GetParam().impl;
-  gpu_vm w(*dev, *m, c);
+  auto w_owner = gpu_vm::create(*dev, *m, c).value();
+  gpu_vm& w = *w_owner;
   EXPECT_EQ(w.add_window(base + 1, 0x1000'0000'0000, page_size), errc::inval);
   EXPECT_EQ(w.add_window(base, 0x1000'0000'0000, 0), errc::inval);
   EXPECT_EQ(w.add_window(base, ~va_t{0} & ~(page_size - 1), 2 * page_size), errc::overflow);
@@ -251,7 +252,7 @@ TEST_P(GpuVm, WindowMirrorTranslatesAtAnOffset) {
   c.mirror = mirror_kind::windows;
   c.seq = GetParam().seq;
   c.impl = GetParam().impl;
-  vm = std::make_unique<gpu_vm>(*dev, *m, c);
+  vm = gpu_vm::create(*dev, *m, c).value();
   const va_t gpu = 0x1000'0000'0000;
   ASSERT_EQ(vm->add_window(base, gpu, 4 * page_size), errc::ok);
   ASSERT_EQ(m->store<std::uint64_t>(base + page_size, 4242), errc::ok);
@@ -447,7 +448,7 @@ TEST_P(GpuVm, WindowPolicyBreakingItsContractGetsOnePage) {
   c.seq = GetParam().seq;
   c.impl = GetParam().impl;
   c.window = std::make_shared<oversized_policy>();
-  vm = std::make_unique<gpu_vm>(*dev, *m, c);
+  vm = gpu_vm::create(*dev, *m, c).value();
   const va_t va = base + huge_size + 3 * page_size;
   ASSERT_EQ(m->store<std::uint64_t>(va, 41), errc::ok);
   EXPECT_EQ(device_read(va), 41u);

@@ -10,6 +10,7 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "svm/notifier/hmm.h"
@@ -26,7 +27,7 @@ struct env {
   std::unique_ptr<driver> dev;
   std::unique_ptr<gpu_vm> vm;
   explicit env(vm_config c = {}, dev::device_config hw = {.engines = 2}) {
-    dev = std::make_unique<driver>(driver_config{.hw = hw});
+    dev = driver::create(driver_config{.hw = hw}).value();
     auto v = gpu_vm::create(*dev, *m, std::move(c));
     EXPECT_TRUE(v.ok());
     if (v.ok()) vm = std::move(*v);
@@ -165,7 +166,8 @@ TEST(Lifetime, MmDestroyedBeforeVmWithSystemBo) {
 
 TEST(Lifetime, MmTornDownBeforeVmCreationIsEinval) {
   mm m(mm_options{.frames = 256});
-  driver d(driver_config{.hw = {.engines = 1}});
+  auto d_owner = driver::create(driver_config{.hw = {.engines = 1}}).value();
+  driver& d = *d_owner;
   m.teardown();
   auto v = gpu_vm::create(d, m);
   ASSERT_FALSE(v.ok());
@@ -177,7 +179,7 @@ TEST(Lifetime, DestroyDriverWithLiveVmRefusesLoudlyNamingIt) {
   EXPECT_DEATH(
       {
         auto m = std::make_unique<mm>(mm_options{.frames = 256});
-        auto d = std::make_unique<driver>(driver_config{.hw = {.engines = 1}});
+        auto d = driver::create(driver_config{.hw = {.engines = 1}}).value();
         auto v = gpu_vm::create(*d, *m);
         if (!v.ok()) std::abort();
         (void)v->release();  // leaked on purpose: the VM outlives its driver
@@ -190,7 +192,8 @@ TEST(Lifetime, DestroyDriverWithLiveVmRefusesLoudlyNamingIt) {
 
 TEST(Lifetime, InvalidVmConfigIsEinval) {
   mm m(mm_options{.frames = 256});
-  driver d(driver_config{.hw = {.engines = 1}});
+  auto d_owner = driver::create(driver_config{.hw = {.engines = 1}}).value();
+  driver& d = *d_owner;
   std::vector<vm_config> bad;
   bad.push_back(cfg([&](vm_config& k) { k.chunk_size = 3; }));
   bad.push_back(cfg([&](vm_config& k) { k.chunk_size = huge_size + page_size; }));
@@ -211,6 +214,13 @@ TEST(Lifetime, InvalidVmConfigIsEinval) {
   EXPECT_EQ((*ok)->id(), 1u);
 }
 
+// The factories are the only way in: no constructor takes an unvalidated
+// configuration from outside the classes.
+static_assert(!std::is_default_constructible_v<driver>);
+static_assert(!std::is_constructible_v<driver, driver_config>);
+static_assert(!std::is_constructible_v<gpu_vm, driver&, mm&>);
+static_assert(!std::is_constructible_v<gpu_vm, driver&, mm&, vm_config>);
+
 TEST(Lifetime, DriverBatchZeroIsEinval) {
   for (driver_config c : {driver_config{.batch = 0}, driver_config{.batch = 257}, driver_config{.handler_threads = 0},
                           driver_config{.hw = {.engines = 0}}}) {
@@ -228,7 +238,8 @@ TEST(Lifetime, DriverBatchZeroIsEinval) {
 // default, the device's whole id space, takes the same path.
 TEST(Lifetime, VmIdsExhaustedIsEnospc) {
   mm m(mm_options{.frames = 64});
-  driver d(driver_config{.hw = {.engines = 1}, .max_vms = 200});
+  auto d_owner = driver::create(driver_config{.hw = {.engines = 1}, .max_vms = 200}).value();
+  driver& d = *d_owner;
   std::vector<std::unique_ptr<gpu_vm>> vms;
   const vm_config c = cfg([](vm_config& k) { k.mode = vm_mode::long_running; k.mirror = mirror_kind::none; });
   for (;;) {

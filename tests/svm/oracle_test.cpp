@@ -49,12 +49,12 @@ class Oracle : public ::testing::TestWithParam<mode> {
     vm.reset();
     dev.reset();
     m = std::make_unique<mm>(mm_options{.frames = 8192});
-    dev = std::make_unique<driver>(driver_config{.hw = {.engines = 2}});
+    dev = driver::create(driver_config{.hw = {.engines = 2}}).value();
     vm_config c;
     c.mirror = mirror;
     c.seq = GetParam().seq;
     c.impl = GetParam().impl;
-    vm = std::make_unique<gpu_vm>(*dev, *m, c);
+    vm = gpu_vm::create(*dev, *m, c).value();
     oracle = std::make_unique<access_oracle>(*dev, o);
     if (mirror != mirror_kind::windows) {
       ASSERT_EQ(oracle->watch(*vm, *m), errc::ok);

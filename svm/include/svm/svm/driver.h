@@ -88,17 +88,27 @@ struct driver_config {
 
 /// A device with its driver: the simulated hardware plus the fault handler
 /// threads that service its fault buffer for every registered gpu_vm.
+///
+/// Made only by create(): the constructor takes a passkey that nobody else
+/// can make, so no configuration reaches it unvalidated and a bad one is an
+/// error value, never an abort.
 class driver {
+  /// The passkey of the constructor: private, so only create() makes one.
+  struct key {
+    explicit key() = default;
+  };
+
  public:
-  /// Start the hardware and the handler threads. The configuration must be
-  /// valid (validate()); an invalid one aborts, naming the field. Use
-  /// create() to get the error as a value instead.
-  explicit driver(driver_config c = {});
+  /// Start the handler threads over `hw`, the hardware create() started.
+  /// Callable only by create() (the key is private), which has validated
+  /// `c` and created `hw` first; use create().
+  driver(key, driver_config c, std::unique_ptr<dev::device> hw);
   /// Check a configuration: EINVAL for batch outside 1..256, no handler
   /// thread, or a hardware configuration hw.validate() refuses.
   [[nodiscard]] static errc validate(const driver_config& c) noexcept;
-  /// A driver over a configuration that may be invalid: the error of
-  /// validate(), or the started driver.
+  /// The only way to make a driver: the error of validate() (EINVAL), or
+  /// the device's (dev::device::create), or the started driver. Never
+  /// aborts on its input.
   [[nodiscard]] static result<std::unique_ptr<driver>> create(driver_config c = {});
   /// Stops the handler threads, then the hardware. Every gpu_vm must be
   /// destroyed first: a VM still registered is reported by id on stderr and

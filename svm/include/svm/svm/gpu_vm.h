@@ -218,11 +218,10 @@ class gpu_vm {
   /// EINVAL (validate(), or an mm already torn down), ENOSPC (every VM id
   /// of the device is in use), and what the device's attach_vm and
   /// create_queue return. The driver must outlive the VM; the mm need not
-  /// (see mm_released()).
+  /// (see mm_released()). The only way to make a gpu_vm: the constructor
+  /// is private, so no configuration reaches it unvalidated and a failure
+  /// is an error value, never an abort.
   [[nodiscard]] static result<std::unique_ptr<gpu_vm>> create(driver& dev, svm::mm& m, vm_config cfg = {});
-  /// As create(), for input known to be valid: a failure aborts with a
-  /// message naming it (create() returns it instead).
-  gpu_vm(driver& dev, svm::mm& m, vm_config cfg = {});
   /// Waits safely, then frees. Order: unsubscribe from the mm; if a kernel
   /// is queued or running on the VM's queue, cancel the VM's kernels
   /// (reason destroy_reason) and wait until their waves have left (the VM
@@ -334,10 +333,14 @@ class gpu_vm {
 
  private:
   friend class driver;  // calls service()
-  struct init_tag {};
-  /// The constructor proper: `err` says whether it completed; whatever it
-  /// did before a failure the destructor undoes.
-  gpu_vm(init_tag, driver& dev, svm::mm& m, vm_config cfg, errc& err);
+  /// The passkey of the constructor: private, so only create() makes one.
+  struct key {
+    explicit key() = default;
+  };
+  /// The constructor, called only by create() (after validate()): `err`
+  /// says whether it completed; whatever it did before a failure the
+  /// destructor undoes. It never aborts.
+  gpu_vm(key, driver& dev, svm::mm& m, vm_config cfg, errc& err);
   class sys_aperture;
   class release_ops;
   void on_mm_release() SVM_EXCLUDES(lock_);
@@ -405,7 +408,6 @@ class gpu_vm {
   /// The device's system aperture (holds the mm's pools, not the mm).
   std::unique_ptr<sys_aperture> sysmem_;
   std::unique_ptr<release_ops> release_;  ///< subscribed to the mm's teardown (null: not subscribed)
-  errc init_error_ = errc::ok;  ///< the throwing-free constructor's outcome (public constructor only)
   // What construction completed (the destructor undoes only that).
   bool registered_ = false, attached_ = false, has_queue_ = false;
 
