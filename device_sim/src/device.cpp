@@ -140,23 +140,73 @@ detail::wave* device::impl::wave_of(const fault_record& r) noexcept {
   return r.wave < e.waves.size() ? e.waves[r.wave].get() : nullptr;
 }
 
-bool device::impl::resolve(detail::wave& w, std::uint32_t expected, std::uint32_t to, errc reason) noexcept {
+bool device::impl::resolve_word(detail::wave& w, std::uint32_t expected, std::uint32_t to, errc reason) noexcept {
   if (to == f_replay) {
     // release: pairs with the wave's acquire load; the PTEs the driver
     // wrote before the replay are visible to its retranslation.
-    if (!w.fault_word.compare_exchange_strong(expected, (expected & ~3u) | f_replay, std::memory_order_release,
-                                              std::memory_order_relaxed))
-      return false;
-  } else {
-    // Claim first, so that only the winner writes the reason.
-    if (!w.fault_word.compare_exchange_strong(expected, (expected & ~3u) | f_claimed, std::memory_order_relaxed))
-      return false;
-    w.cancel_reason.store(static_cast<int>(reason), std::memory_order_relaxed);
-    w.fault_word.store((expected & ~3u) | f_cancel, std::memory_order_release);
+    return w.fault_word.compare_exchange_strong(expected, (expected & ~3u) | f_replay, std::memory_order_release,
+                                                std::memory_order_relaxed);
   }
+  // Claim first, so that only the winner writes the reason.
+  if (!w.fault_word.compare_exchange_strong(expected, (expected & ~3u) | f_claimed, std::memory_order_relaxed))
+    return false;
+  w.cancel_reason.store(static_cast<int>(reason), std::memory_order_relaxed);
+  w.fault_word.store((expected & ~3u) | f_cancel, std::memory_order_release);
+  return true;
+}
+
+bool device::impl::resolve(detail::wave& w, std::uint32_t expected, std::uint32_t to, errc reason) noexcept {
+  if (!resolve_word(w, expected, to, reason)) return false;
   outstanding_.fetch_sub(1, std::memory_order_relaxed);
   w.e->wake(w);
   return true;
+}
+
+namespace {
+// Wakes the waves of a batch: consecutive waves of one engine bitmap word
+// share one fetch_or, and each engine is poked once at the end (after all
+// its bits are set, so it cannot sleep past them).
+class batch_waker {
+ public:
+  void add(detail::wave& w) {
+    const std::size_t word = w.index / 64;
+    if (w.e != e_ || word != word_) flush();
+    e_ = w.e;
+    word_ = word;
+    mask_ |= std::uint64_t{1} << (w.index % 64);
+  }
+  void finish() {
+    flush();
+    for (detail::engine* e : poke_) e->poke();
+  }
+
+ private:
+  void flush() {
+    if (!mask_) return;
+    e_->set_wake_bits(word_, mask_);
+    if (std::find(poke_.begin(), poke_.end(), e_) == poke_.end()) poke_.push_back(e_);
+    mask_ = 0;
+  }
+  detail::engine* e_ = nullptr;
+  std::size_t word_ = 0;
+  std::uint64_t mask_ = 0;
+  std::vector<detail::engine*> poke_;
+};
+}  // namespace
+
+std::size_t device::impl::resolve_all(std::span<const fault_record> records, std::uint32_t to, errc reason) noexcept {
+  std::size_t n = 0;
+  batch_waker wk;
+  for (const fault_record& r : records) {
+    detail::wave* w = wave_of(r);
+    if (w && resolve_word(*w, word(r.token, f_pending), to, reason)) {
+      ++n;
+      wk.add(*w);
+    }
+  }
+  if (n) outstanding_.fetch_sub(static_cast<std::int64_t>(n), std::memory_order_relaxed);
+  wk.finish();
+  return n;
 }
 
 namespace {
@@ -223,17 +273,11 @@ std::string device::impl::describe() const {
 }
 
 std::size_t device::impl::replay(std::span<const fault_record> records) noexcept {
-  std::size_t woken = 0;
-  for (const fault_record& r : records)
-    if (detail::wave* w = wave_of(r)) woken += resolve(*w, word(r.token, f_pending), f_replay, errc::ok);
-  return woken;
+  return resolve_all(records, f_replay, errc::ok);
 }
 
 std::size_t device::impl::cancel(std::span<const fault_record> records, errc reason) noexcept {
-  std::size_t n = 0;
-  for (const fault_record& r : records)
-    if (detail::wave* w = wave_of(r)) n += resolve(*w, word(r.token, f_pending), f_cancel, reason);
-  return n;
+  return resolve_all(records, f_cancel, reason);
 }
 
 void device::impl::set_oracle(access_validator v) {

@@ -229,6 +229,12 @@ class device::impl {
   /// Resolve a wave's pending fault with f_replay or f_cancel (the latter
   /// with `reason`) if its word still holds `expected`, then wake the wave.
   bool resolve(detail::wave& w, std::uint32_t expected, std::uint32_t to, errc reason) noexcept;
+  /// resolve() without the wake and the outstanding count: the caller
+  /// wakes the wave (a batch_waker) and counts it.
+  bool resolve_word(detail::wave& w, std::uint32_t expected, std::uint32_t to, errc reason) noexcept;
+  /// The records' waves resolved, then woken with one wake-bit RMW per run
+  /// of waves sharing a bitmap word and one poke per engine.
+  std::size_t resolve_all(std::span<const fault_record> records, std::uint32_t to, errc reason) noexcept;
   /// fault_buffer's space callback: every engine with waves parked on a
   /// full buffer retries.
   static void on_space(void* self) noexcept;
@@ -334,6 +340,9 @@ struct engine {
   /// Set wave w's wake bit and wake the engine thread if it sleeps (any
   /// thread). seq_cst: pairs with the engine's check before it sleeps.
   void wake(const wave& w) noexcept;
+  /// Set the wake bits `mask` of bitmap word `word` and its summary bit
+  /// (any thread); the caller pokes the engine afterwards.
+  void set_wake_bits(std::size_t word, std::uint64_t mask) noexcept;
   /// Wake the engine thread (any thread).
   void poke() noexcept;
 
@@ -383,6 +392,11 @@ struct engine {
   /// the fault buffer frees space and at shutdown; the owner reads it before
   /// looking for something to do and sleeps on it (futex) only if unchanged.
   alignas(64) std::atomic<std::uint32_t> wake_word{0};
+  /// Bit i set: wake_bits[i] may hold bits (at most 64 words: 4096 waves).
+  /// Set (fetch_or, seq_cst) after the word's bits; taken (exchange) by the
+  /// owner before it takes the words, so a bit set meanwhile is found on
+  /// the next look (the waker pokes after setting the summary).
+  std::atomic<std::uint64_t> wake_summary{0};
   std::atomic<std::uint32_t> sleeping{0};  // seq_cst; wakers notify only when nonzero
   /// Set (seq_cst) by the fault buffer's space callback; the owner then
   /// resumes its waves parked on a full buffer, FIFO.

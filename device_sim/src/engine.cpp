@@ -267,8 +267,13 @@ std::uint32_t engine::raise_fault(va_t va, svm::access acc) {
 // Waves
 
 void engine::wake(const wave& w) noexcept {
-  wake_bits[w.index / 64].fetch_or(std::uint64_t{1} << (w.index % 64), std::memory_order_seq_cst);
+  set_wake_bits(w.index / 64, std::uint64_t{1} << (w.index % 64));
   poke();
+}
+
+void engine::set_wake_bits(std::size_t word, std::uint64_t mask) noexcept {
+  wake_bits[word].fetch_or(mask, std::memory_order_seq_cst);
+  wake_summary.fetch_or(std::uint64_t{1} << word, std::memory_order_seq_cst);
 }
 
 void engine::poke() noexcept {
@@ -402,8 +407,11 @@ void engine::resume(wave& w) {
 }
 
 void engine::collect_wakes() {
-  for (std::size_t i = 0; i < wake_words; ++i) {
-    if (wake_bits[i].load(std::memory_order_relaxed) == 0) continue;
+  if (wake_summary.load(std::memory_order_relaxed) == 0) return;
+  std::uint64_t words = wake_summary.exchange(0, std::memory_order_seq_cst);
+  while (words) {
+    const std::size_t i = static_cast<std::size_t>(std::countr_zero(words));
+    words &= words - 1;
     std::uint64_t bits = wake_bits[i].exchange(0, std::memory_order_seq_cst);
     while (bits) {
       const unsigned b = static_cast<unsigned>(std::countr_zero(bits));

@@ -27,7 +27,8 @@ bool fault_buffer::push(const fault_record& r) {
     {
       lock_guard g(lock_);
       if (count_ < capacity_) {
-        ring_[(head_ + count_) % capacity_] = r;
+        const std::size_t slot = head_ + count_;
+        ring_[slot >= capacity_ ? slot - capacity_ : slot] = r;
         ++count_;
         ++stats_.pushed;
         if (stalled) ++stats_.full_stalls;
@@ -60,7 +61,8 @@ push_result fault_buffer::try_push(const fault_record& r) {
       ++stats_.full_stalls;
       return push_result::full;
     }
-    ring_[(head_ + count_) % capacity_] = r;
+    const std::size_t slot = head_ + count_;  // < 2 * capacity_: wrap by one subtraction
+    ring_[slot >= capacity_ ? slot - capacity_ : slot] = r;
     ++count_;
     ++stats_.pushed;
     stats_.high_water = std::max(stats_.high_water, count_);
@@ -77,8 +79,10 @@ std::size_t fault_buffer::fetch(std::span<fault_record> out) {
   {
     lock_guard g(lock_);
     n = std::min(out.size(), count_);
-    for (std::size_t i = 0; i < n; ++i) out[i] = ring_[(head_ + i) % capacity_];
-    head_ = (head_ + n) % capacity_;
+    const std::size_t first = std::min(n, capacity_ - head_);  // up to the ring's end, then from 0
+    std::copy_n(ring_.begin() + static_cast<std::ptrdiff_t>(head_), first, out.begin());
+    std::copy_n(ring_.begin(), n - first, out.begin() + static_cast<std::ptrdiff_t>(first));
+    head_ = head_ + n >= capacity_ ? head_ + n - capacity_ : head_ + n;
     count_ -= n;
     stats_.fetched += n;
     count_hint_.store(count_, std::memory_order_relaxed);

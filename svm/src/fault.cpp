@@ -24,10 +24,13 @@ std::uint64_t gpu_vm::service(std::span<dev::fault_record> recs) {
   bump(ctr_->batches);
   bump(ctr_->faults_raised, recs.size());
   // Coalesce records of one page into one service with the strongest access
-  // (recs are sorted by address); remember each page's outcome.
-  std::vector<dev::fault_record> ok;
-  std::vector<std::pair<errc, dev::fault_record>> bad;
-  ok.reserve(recs.size());
+  // (recs are sorted by address): page k covers recs [ends[k-1], ends[k]).
+  std::vector<va_t> pages;
+  std::vector<access> accs;
+  std::vector<std::uint32_t> ends;
+  pages.reserve(recs.size());
+  accs.reserve(recs.size());
+  ends.reserve(recs.size());
   std::uint64_t coalesced = 0;
   for (std::size_t i = 0; i < recs.size();) {
     const va_t page = recs[i].page();
@@ -35,12 +38,35 @@ std::uint64_t gpu_vm::service(std::span<dev::fault_record> recs) {
     std::size_t j = i + 1;
     for (; j < recs.size() && recs[j].page() == page; ++j) acc = std::max(acc, recs[j].acc);
     coalesced += j - i - 1;
-    const errc e = mirror_->service_page(page, acc);
-    for (std::size_t k = i; k < j; ++k) {
-      if (e == errc::ok) ok.push_back(recs[k]);
-      else bad.emplace_back(e, recs[k]);
-    }
+    pages.push_back(page);
+    accs.push_back(acc);
+    ends.push_back(static_cast<std::uint32_t>(j));
     i = j;
+  }
+  // Service per 2M block: the pages of one block go to the mirror together.
+  std::vector<errc> res(pages.size(), errc::ok);
+  std::uint64_t groups = 0;
+  for (std::size_t k = 0; k < pages.size();) {
+    const va_t blk = align_down(pages[k], huge_size);
+    std::size_t l = k + 1;
+    while (l < pages.size() && align_down(pages[l], huge_size) == blk) ++l;
+    ++groups;
+    if (l - k == 1)
+      res[k] = mirror_->service_page(pages[k], accs[k]);
+    else
+      mirror_->service_block(std::span<const va_t>(pages).subspan(k, l - k),
+                             std::span<const access>(accs).subspan(k, l - k), std::span(res).subspan(k, l - k));
+    k = l;
+  }
+  bump(ctr_->groups, groups);
+  std::vector<dev::fault_record> ok;
+  std::vector<std::pair<errc, dev::fault_record>> bad;
+  ok.reserve(recs.size());
+  for (std::size_t k = 0, i = 0; k < pages.size(); ++k) {
+    for (; i < ends[k]; ++i) {
+      if (res[k] == errc::ok) ok.push_back(recs[i]);
+      else bad.emplace_back(res[k], recs[i]);
+    }
   }
   const std::uint64_t t = now_ns();
   for (const auto& r : ok) {
@@ -81,12 +107,30 @@ errc gpu_vm::service_page_locked(va_t gva, access acc) {
     bump(ctr_->valid_faults);
     return errc::ok;
   }
-  // The window must avoid every BO mapping: trim `allowed` to the hole
-  // between the BO mappings around gva.
+  // The window must avoid every BO mapping.
+  return service_svm_locked(gva, cpu, acc, bo_hole_locked(gva, allowed));
+}
+
+va_range gpu_vm::bo_hole_locked(va_t gva, va_range allowed) const {
   if (const gpuva* next = tree_.first_overlap({gva, allowed.end})) allowed.end = std::min(allowed.end, next->start());
   for (const gpuva* m = tree_.first_overlap({allowed.start, gva}); m && m->start() < gva; m = tree_.next(*m))
     allowed.start = std::max(allowed.start, m->end());
-  return service_svm_locked(gva, cpu, acc, allowed);
+  return allowed;
+}
+
+void gpu_vm::service_block_locked(std::span<const va_t> pages, std::span<const access> accs, std::span<errc> out) {
+  // One window for the block: every page SVM, mirrored by the same window,
+  // and no BO mapping among them. Otherwise page by page.
+  bool done = false;
+  va_t cpu;
+  va_range allowed;
+  if (cfg_.mode != vm_mode::long_running && !released_ && to_cpu_locked(pages.front(), cpu, allowed)) {
+    const va_range span_gpu{pages.front(), pages.back() + page_size};
+    if (span_gpu.end <= allowed.end && tree_.is_free(span_gpu))
+      done = service_svm_block_locked(pages, accs, cpu, bo_hole_locked(pages.front(), allowed), out);
+  }
+  if (done) return;
+  for (std::size_t i = 0; i < pages.size(); ++i) out[i] = service_page_locked(pages[i], accs[i]);
 }
 
 namespace {
@@ -284,6 +328,148 @@ errc gpu_vm::service_svm_locked(va_t gva, va_t cpu, access acc, va_range allowed
     bump(ctr_->ptes_written, written);
     if (huge) bump(ctr_->huge_leaves);
     return errc::ok;
+  }
+}
+
+bool gpu_vm::service_svm_block_locked(std::span<const va_t> pages, std::span<const access> accs, va_t cpu,
+                                      va_range allowed, std::span<errc> out) {
+  const va_t front = pages.front();
+  const std::int64_t delta = static_cast<std::int64_t>(cpu - front);
+  chunk* c = get_chunk(cpu);
+  if (!c) return false;
+  struct chunk_ref {
+    gpu_vm* vm;
+    chunk* c;
+    ~chunk_ref() { vm->put_chunk(c); }
+  } ref{this, c};
+  const va_range chunk_gpu{c->cpu.start - static_cast<va_t>(delta), c->cpu.end - static_cast<va_t>(delta)};
+  allowed = intersect(allowed, chunk_gpu);
+  const va_range win{front, pages.back() + page_size};  // inside one 2M block: one leaf node
+  if (win.start < allowed.start || win.end > allowed.end) return false;
+  const va_range cwin{win.start + static_cast<va_t>(delta), win.end + static_cast<va_t>(delta)};
+
+  // Pages another fault already mapped well enough take the valid-fault
+  // short cut (as in service_page_locked); the rest are requested.
+  std::array<std::uint16_t, huge_size / page_size> need;  // window page index of each requested fault
+  std::array<std::uint16_t, huge_size / page_size> need_at;  // ... and its index in `pages`
+  std::size_t nneed = 0;
+  std::uint64_t valid = 0;  // counted only once the block is done here (a fallback counts its own)
+  for (std::size_t i = 0; i < pages.size(); ++i) {
+    const pt::translation tr = pt_.translate(pages[i]);
+    if (dev_pte::is_valid(tr.entry) && !(tr.entry & bo_pte_bit) &&
+        (!needs_write(accs[i]) || dev_pte::is_writable(tr.entry))) {
+      ++valid;
+      out[i] = errc::ok;
+      continue;
+    }
+    need[nneed] = static_cast<std::uint16_t>((pages[i] - win.start) / page_size);
+    need_at[nneed++] = static_cast<std::uint16_t>(i);
+  }
+  if (nneed == 0) {
+    bump(ctr_->valid_faults, valid);
+    return true;
+  }
+
+  const auto deadline = clock_type::now() + cfg_.fault_timeout;
+  unsigned seq_retries = 0;
+  std::uint64_t since = inval_stamp_.load(std::memory_order_acquire);
+  std::array<hmm_pfn, huge_size / page_size> pfns;
+  const std::size_t npages = win.size() / page_size;
+  auto span = std::span(pfns).first(npages);
+  const unsigned first = pt::entry_index(win.start, 0), last = pt::entry_index(win.end - 1, 0);
+  for (;;) {
+    {
+      // The block takes one window only where the policy gives each of its
+      // faults its own 4K window: then it maps exactly what per-page
+      // service would.
+      mm::read_guard rd(mm_);
+      auto vma = mm_.find_vma(cwin.start);
+      if (!vma || cwin.start < vma->start || cwin.end > vma->end) return false;
+      const va_range ok = intersect(allowed, {vma->start - static_cast<va_t>(delta), vma->end - static_cast<va_t>(delta)});
+      for (std::size_t k = 0; k < nneed; ++k) {
+        const va_t gva = win.start + need[k] * page_size;
+        if (policy_->choose(gva, ok) != va_range{gva, gva + page_size}) return false;
+      }
+    }
+    auto pinned = pt_.pin(win.start, 0, &dev::dev_page_table::split_entry);
+    if (!pinned) return false;  // per-page service reports the error
+    pt::node* n = *pinned;
+    struct pin_ref {
+      dev::dev_page_table& pt;
+      pt::node* n;
+      ~pin_ref() { pt.unpin(n); }
+    } pin{pt_, n};
+    const std::uint64_t snap = mirror_->read_begin(*c, *n, cwin);
+    if (hooks_.after_snapshot) hooks_.after_snapshot(win);
+    std::fill(span.begin(), span.end(), hmm_pfn{0});
+    for (std::size_t k = 0; k < nneed; ++k) {
+      const access acc = accs[need_at[k]];
+      span[need[k]] = (acc == access::prefetch ? 0 : hmm_req::fault) | (needs_write(acc) ? hmm_req::write : 0);
+    }
+    hmm_range range;
+    range.notifier = &c->sub;
+    range.notifier_seq = snap;
+    range.start = cwin.start;
+    range.end = cwin.end;
+    range.hmm_pfns = span;
+    range.default_flags = 0;
+    range.pfn_flags_mask = hmm_req::fault | hmm_req::write;
+    range.dev_private_owner = owner();
+    mirror_->guard_walk(range, *n, snap, first, last);
+    errc err;
+    {
+      mm::read_guard rd(mm_);
+      bump(ctr_->hmm_calls);
+      span_scope sp(dev_.trace(), "hmm_range_fault", npages);
+      err = hmm_range_fault(range);
+    }
+    bool stale = false;
+    if (err == errc::busy) {
+      bump(ctr_->retries_busy);
+      stale = true;
+    } else if (err != errc::ok) {
+      return false;  // a page the CPU refuses: per-page service gives each page its own outcome
+    } else {
+      for (unsigned i = 0, last_pool = ~0u; i < npages; ++i) {
+        if (!(span[i] & hmm_pfn_valid) || hmm_pfn_to_pool(span[i]) == last_pool) continue;
+        last_pool = static_cast<unsigned>(hmm_pfn_to_pool(span[i]));
+        ensure_pool(last_pool);
+      }
+      if (hooks_.before_commit) hooks_.before_commit(win);
+      std::uint64_t written = 0;
+      auto write_ptes = [&] {
+        n->lock.assert_held();  // commit() holds it around this call
+        for (std::size_t k = 0; k < nneed; ++k) {
+          const hmm_pfn p = span[need[k]];
+          if (!(p & hmm_pfn_valid)) continue;  // a prefetch of an absent page
+          const unsigned idx = pt::entry_index(win.start + need[k] * page_size, 0);
+          const std::uint64_t e = pte_of(p);
+          if (n->entries[idx].load(std::memory_order_relaxed) != e) {
+            pt_.set_leaf_locked(*n, idx, e);
+            ++written;
+          }
+        }
+      };
+      if (mirror_->commit(*c, *n, snap, first, last, win, span, write_ptes)) {
+        bump(ctr_->ptes_written, written);
+        bump(ctr_->grouped_pages, nneed);
+        bump(ctr_->valid_faults, valid);
+        for (std::size_t k = 0; k < nneed; ++k) out[need_at[k]] = errc::ok;
+        return true;
+      }
+      bump(ctr_->retries_seq);
+      stale = true;
+    }
+    if (stale) {
+      if (!overlapped_since(win, since)) bump(ctr_->false_retries);
+      since = inval_stamp_.load(std::memory_order_acquire);
+      if (++seq_retries >= cfg_.fault_retry_floor && clock_type::now() > deadline) {
+        bump(ctr_->fault_timeouts);
+        bump(ctr_->valid_faults, valid);
+        for (std::size_t k = 0; k < nneed; ++k) out[need_at[k]] = errc::busy;
+        return true;
+      }
+    }
   }
 }
 

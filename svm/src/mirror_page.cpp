@@ -11,6 +11,12 @@ errc gpu_vm::page_mirror::service_page(va_t gva, access acc) {
   return vm_.service_page_locked(gva, acc);
 }
 
+void gpu_vm::page_mirror::service_block(std::span<const va_t> pages, std::span<const access> accs,
+                                        std::span<errc> out) {
+  shared_lock_guard g(vm_.lock_);
+  vm_.service_block_locked(pages, accs, out);
+}
+
 std::uint64_t gpu_vm::page_mirror::read_begin(chunk& c, pt::node& n, va_range cwin) {
   if (seq_ == seq_mode::pgtable) {
     const std::uint64_t snap = n.read_seq();

@@ -46,7 +46,7 @@ struct gpu_vm::bo {
 struct gpu_vm::counters {
   std::atomic<std::uint64_t> faults_raised{0}, faults_serviced{0}, faults_cancelled{0}, valid_faults{0},
       batches{0}, hmm_calls{0}, retries_busy{0}, retries_seq{0}, false_retries{0}, retries_shrink{0},
-      retries_huge{0}, fault_timeouts{0}, invalidations{0},
+      retries_huge{0}, fault_timeouts{0}, invalidations{0}, groups{0}, grouped_pages{0},
       ptes_written{0}, ptes_zapped{0}, tlb_invalidations{0}, huge_leaves{0}, bo_faults{0}, evictions{0},
       preemptions{0};
   std::array<std::atomic<std::uint64_t>, latency_histogram::buckets> latency{};
@@ -154,6 +154,14 @@ class gpu_vm::mirror {
   /// takes vm.lock (shared for the page mirror, exclusive for the
   /// VM-locked baseline) around gpu_vm::service_page_locked.
   virtual errc service_page(va_t gva, access acc) = 0;
+  /// The faults of one 2M block: distinct pages in ascending order, each
+  /// with its strongest access; out[i] gets page i's outcome. The default
+  /// services them one by one (the VM-locked baseline keeps per-fault
+  /// ranges); the page mirror services them through one window under one
+  /// vm.lock shared.
+  virtual void service_block(std::span<const va_t> pages, std::span<const access> accs, std::span<errc> out) {
+    for (std::size_t i = 0; i < pages.size(); ++i) out[i] = service_page(pages[i], accs[i]);
+  }
   /// True when faults snapshot the device page-table node's sequence
   /// (seq_mode::pgtable), so zaps must advance node sequences.
   [[nodiscard]] virtual bool node_seq() const noexcept = 0;
@@ -195,6 +203,7 @@ class gpu_vm::page_mirror final : public gpu_vm::mirror {
  public:
   page_mirror(gpu_vm& vm, seq_mode seq) noexcept : mirror(vm), seq_(seq) {}
   errc service_page(va_t gva, access acc) override;
+  void service_block(std::span<const va_t> pages, std::span<const access> accs, std::span<errc> out) override;
   [[nodiscard]] bool node_seq() const noexcept override { return seq_ == seq_mode::pgtable; }
   std::uint64_t read_begin(chunk& c, pt::node& n, va_range cwin) override;
   void guard_walk(hmm_range& range, pt::node& n, std::uint64_t snap, unsigned first, unsigned last) override;

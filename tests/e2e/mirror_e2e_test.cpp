@@ -66,6 +66,67 @@ TEST_P(E2E, MunmapBetweenKernelsMakesTheNextAccessFail) {
 }
 
 
+// The faults of one 2M block reach the handler in one batch (the first
+// fault's service waits, in its snapshot hook, until every other fault is
+// outstanding): the page mirror services them through one window and one
+// hmm_range_fault, and maps exactly the faulting pages, as per-page
+// service would with 4K windows; the baseline services them page by page.
+TEST_P(E2E, FaultsOfOneBlockAreServicedTogetherAndMapOnlyTheirPages) {
+  constexpr unsigned n = 32;
+  make(vm_config{.window = std::make_shared<fixed_window_policy>(page_size)},
+       dev::device_config{.engines = 1, .waves_per_engine = 64});
+  const va_t raw = map_anon(2 * huge_size);
+  const va_t buf = align_up(raw, huge_size);  // 2n pages inside one 2M block
+  std::atomic<bool> first{true};
+  dev::device* hw = &dev->hw();
+  vm->set_test_hooks({.after_snapshot = [&](va_range) {
+    if (!first.exchange(false)) return;
+    const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+    while (hw->stats().outstanding_faults < n && std::chrono::steady_clock::now() < end) std::this_thread::yield();
+  }});
+  ASSERT_TRUE(run(n, [=](dev::work_item& wi) {
+                wi.store<std::uint64_t>(buf + 2 * wi.id() * page_size, 100 + wi.id());
+              }).ok());
+  for (unsigned i = 0; i < 2 * n; ++i) {
+    const va_t p = buf + i * page_size;
+    const bool mapped = dev::dev_pte::is_valid(vm->page_table().translate(p).entry);
+    if (i % 2 == 0) {
+      EXPECT_TRUE(mapped) << "faulting page " << i;
+      EXPECT_EQ(m->load<std::uint64_t>(p).value_or(0), 100 + i / 2) << "page " << i;
+    } else {
+      EXPECT_FALSE(mapped) << "page " << i << " between faults was mapped";
+    }
+  }
+  const vm_stats st = vm->stats();
+  EXPECT_EQ(st.faults_serviced, n);
+  if (GetParam().impl == mirror_impl::page) {
+    EXPECT_GE(st.grouped_pages, n - 1) << st.to_string();
+    EXPECT_LE(st.hmm_calls, 2u + st.retries_busy + st.retries_seq) << st.to_string();
+  } else {
+    EXPECT_EQ(st.grouped_pages, 0u);
+    EXPECT_GE(st.hmm_calls, n);
+  }
+}
+
+// A block whose pages the CPU refuses in part (one read-only VMA among
+// writable ones is another VMA, so the block falls back to per-page
+// service): each page gets its own outcome.
+TEST_P(E2E, ABlockWithARefusedPageGivesEachPageItsOwnOutcome) {
+  make(vm_config{.window = std::make_shared<fixed_window_policy>(page_size)},
+       dev::device_config{.engines = 1, .waves_per_engine = 64});
+  const va_t raw = map_anon(2 * huge_size);
+  const va_t buf = align_up(raw, huge_size);
+  ASSERT_EQ(m->mprotect(buf + 3 * page_size, page_size, prot::read), errc::ok);
+  auto st = run(8, [=](dev::work_item& wi) { wi.store<std::uint64_t>(buf + wi.id() * page_size, 7); });
+  EXPECT_EQ(st.error, errc::canceled);
+  EXPECT_EQ(st.reason, errc::perm);
+  for (unsigned i = 0; i < 8; ++i) {
+    const bool mapped = dev::dev_pte::is_valid(vm->page_table().translate(buf + i * page_size).entry);
+    if (i == 3) {
+      EXPECT_FALSE(mapped);
+    }
+  }
+}
 
 }  // namespace
 }  // namespace svm::test

@@ -120,7 +120,11 @@ class fault_buffer {
 
   const std::size_t capacity_;  // immutable
   const std::uint32_t spin_ns_;  // immutable
-  mutable mutex lock_{lock_class_};
+  // Cache-line layout: the immutable fields; then lock_ and what it guards
+  // (written by every push and fetch); then the futex words a waiting
+  // fetcher spins on, so that its spinning does not steal the lock's line
+  // from a pushing engine, and a push costs the spinner one line transfer.
+  alignas(64) mutable mutex lock_{lock_class_};
   std::vector<fault_record> ring_ SVM_GUARDED_BY(lock_);  // size fixed at construction
   std::size_t head_ SVM_GUARDED_BY(lock_) = 0;            // oldest record
   std::size_t count_ SVM_GUARDED_BY(lock_) = 0;
@@ -133,7 +137,7 @@ class fault_buffer {
   /// (seq_cst) after every fetch that removed records and by close(); a
   /// producer facing a full ring sleeps on it. Each is read before the
   /// ring is checked under lock_, so a change after that check is never missed.
-  std::atomic<std::uint32_t> pushed_{0};
+  alignas(64) std::atomic<std::uint32_t> pushed_{0};
   std::atomic<std::uint32_t> popped_{0};
   /// Sleepers on pushed_ / popped_: the bumping side calls notify_all only
   /// when nonzero. seq_cst on both sides (Dekker pair with the bump).

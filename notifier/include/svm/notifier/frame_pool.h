@@ -123,7 +123,11 @@ class frame_pool final : public phys_mem {
   const aperture aperture_;         // immutable
   std::byte* bytes_ = nullptr;      // immutable pointer; contents via atomic_ref
   std::unique_ptr<frame_meta[]> meta_;  // immutable array; fields atomic
-  mutable mutex lock_{lock_class_};
+  /// On its own cache line, with the state it guards: alloc() and put()
+  /// write it for every frame, while device accesses read the immutable
+  /// fields above (frame_data()) lock-free; sharing a line would make every
+  /// allocation cost every engine a cache miss.
+  alignas(64) mutable mutex lock_{lock_class_};
   /// Bit i set: frame i is free.
   std::vector<std::uint64_t> free_bits_ SVM_GUARDED_BY(lock_);
   /// Free frames per 512-frame block (for alloc_huge).

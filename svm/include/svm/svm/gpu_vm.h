@@ -178,6 +178,8 @@ struct vm_stats {
   std::uint64_t ptes_zapped = 0;      ///< in 4K pages
   std::uint64_t tlb_invalidations = 0; ///< device TLB invalidations issued (one per flushed range)
   std::uint64_t huge_leaves = 0;      ///< 2M leaves written
+  std::uint64_t groups = 0;           ///< 2M blocks among the distinct pages of the batches
+  std::uint64_t grouped_pages = 0;    ///< pages serviced through one window per 2M block
   std::uint64_t bo_faults = 0;        ///< faults serviced from a BO mapping (not the mirror)
   std::uint64_t evictions = 0;        ///< BOs moved from VRAM to system memory
   std::uint64_t preemptions = 0;      ///< preempt fences signalled (long-running VMs)
@@ -364,6 +366,17 @@ class gpu_vm {
   std::uint64_t service(std::span<dev::fault_record> recs);
   errc service_page_locked(va_t gva, access acc) SVM_REQUIRES_SHARED(lock_);
   errc service_svm_locked(va_t gva, va_t cpu_va, access acc, va_range allowed) SVM_REQUIRES_SHARED(lock_);
+  // The faults of one 2M block (distinct pages, ascending): one window,
+  // one pin, one snapshot, one hmm_range_fault and one commit for them all
+  // where that gives what per-page service would; otherwise page by page.
+  void service_block_locked(std::span<const va_t> pages, std::span<const access> accs, std::span<errc> out)
+      SVM_REQUIRES_SHARED(lock_);
+  // The one-window part of service_block_locked: false when the block
+  // needs per-page service (nothing was changed), true when `out` is set.
+  bool service_svm_block_locked(std::span<const va_t> pages, std::span<const access> accs, va_t cpu_va,
+                                va_range allowed, std::span<errc> out) SVM_REQUIRES_SHARED(lock_);
+  // `allowed` trimmed to the hole between the BO mappings around gva.
+  va_range bo_hole_locked(va_t gva, va_range allowed) const SVM_REQUIRES_SHARED(lock_);
   errc service_bo_locked(const gpuva& m, va_t gva, access acc) SVM_REQUIRES_SHARED(lock_);
   /// GPU VA -> CPU VA of the mirror, and the GPU range the mirror allows
   /// around it; false if the VA is not mirrored.
