@@ -370,7 +370,6 @@ bool gpu_vm::service_svm_block_locked(std::span<const va_t> pages, std::span<con
     return true;
   }
 
-  const auto deadline = clock_type::now() + cfg_.fault_timeout;
   unsigned seq_retries = 0;
   std::uint64_t since = inval_stamp_.load(std::memory_order_acquire);
   std::array<hmm_pfn, huge_size / page_size> pfns;
@@ -463,11 +462,14 @@ bool gpu_vm::service_svm_block_locked(std::span<const va_t> pages, std::span<con
     if (stale) {
       if (!overlapped_since(win, since)) bump(ctr_->false_retries);
       since = inval_stamp_.load(std::memory_order_acquire);
-      if (++seq_retries >= cfg_.fault_retry_floor && clock_type::now() > deadline) {
-        bump(ctr_->fault_timeouts);
-        bump(ctr_->valid_faults, valid);
-        for (std::size_t k = 0; k < nneed; ++k) out[need_at[k]] = errc::busy;
-        return true;
+      // A block's window spans up to 2M, so a CPU storm over any of it
+      // moves its sequence far more often than it moves a 4K page's. After
+      // group_retry_limit stale tries the block gives up as a group and each
+      // page is serviced on its own, under its own retry bound: grouping
+      // never makes a fault time out that per-page service would complete.
+      if (++seq_retries >= group_retry_limit) {
+        bump(ctr_->group_fallbacks);
+        return false;
       }
     }
   }

@@ -156,6 +156,7 @@ vm_stats gpu_vm::stats() const noexcept {
   s.huge_leaves = ld(c.huge_leaves);
   s.groups = ld(c.groups);
   s.grouped_pages = ld(c.grouped_pages);
+  s.group_fallbacks = ld(c.group_fallbacks);
   s.bo_faults = ld(c.bo_faults);
   s.evictions = ld(c.evictions);
   s.preemptions = ld(c.preemptions);
@@ -167,7 +168,7 @@ void gpu_vm::reset_stats() noexcept {
   counters& c = *ctr_;
   for (auto* a : {&c.faults_raised, &c.faults_serviced, &c.faults_cancelled, &c.valid_faults, &c.batches,
                   &c.hmm_calls, &c.retries_busy, &c.retries_seq, &c.false_retries, &c.retries_shrink, &c.retries_huge, &c.fault_timeouts, &c.invalidations,
-                  &c.ptes_written, &c.ptes_zapped, &c.tlb_invalidations, &c.huge_leaves, &c.groups, &c.grouped_pages, &c.bo_faults,
+                  &c.ptes_written, &c.ptes_zapped, &c.tlb_invalidations, &c.huge_leaves, &c.groups, &c.grouped_pages, &c.group_fallbacks, &c.bo_faults,
                   &c.evictions, &c.preemptions})
     a->store(0, std::memory_order_relaxed);
   for (auto& a : c.latency) a.store(0, std::memory_order_relaxed);

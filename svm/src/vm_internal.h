@@ -46,7 +46,7 @@ struct gpu_vm::bo {
 struct gpu_vm::counters {
   std::atomic<std::uint64_t> faults_raised{0}, faults_serviced{0}, faults_cancelled{0}, valid_faults{0},
       batches{0}, hmm_calls{0}, retries_busy{0}, retries_seq{0}, false_retries{0}, retries_shrink{0},
-      retries_huge{0}, fault_timeouts{0}, invalidations{0}, groups{0}, grouped_pages{0},
+      retries_huge{0}, fault_timeouts{0}, invalidations{0}, groups{0}, grouped_pages{0}, group_fallbacks{0},
       ptes_written{0}, ptes_zapped{0}, tlb_invalidations{0}, huge_leaves{0}, bo_faults{0}, evictions{0},
       preemptions{0};
   std::array<std::atomic<std::uint64_t>, latency_histogram::buckets> latency{};

@@ -108,6 +108,54 @@ TEST_P(E2E, FaultsOfOneBlockAreServicedTogetherAndMapOnlyTheirPages) {
   }
 }
 
+// A block whose window keeps being invalidated (a CPU storm over a page
+// between its faults) is handed back to per-page service after
+// gpu_vm::group_retry_limit stale tries. The retry bound is set so low that
+// a fault gives up at its first stale try: before the hand-back rule, the
+// group itself timed out (EBUSY); now each page, whose 4K window the storm
+// does not touch, completes.
+TEST_P(E2E, AGroupWhoseWindowKeepsMovingFallsBackInsteadOfTimingOut) {
+  if (GetParam().impl != mirror_impl::page) GTEST_SKIP() << "the baseline does not group";
+  constexpr unsigned n = 8;
+  make(vm_config{.window = std::make_shared<fixed_window_policy>(page_size),
+                 .fault_timeout = std::chrono::nanoseconds(1),
+                 .fault_retry_floor = 1},
+       dev::device_config{.engines = 1, .waves_per_engine = 64});
+  const va_t raw = map_anon(2 * huge_size);
+  const va_t buf = align_up(raw, huge_size);
+  // Never faulted by the device, and inside every group window whatever
+  // the first batch takes (the first fault may be serviced alone).
+  const va_t between = buf + 3 * page_size;
+  std::atomic<bool> first{true};
+  std::atomic<unsigned> storms{0};
+  dev::device* hw = &dev->hw();
+  mm* cpu = m.get();
+  vm->set_test_hooks({.after_snapshot = [&, cpu, between](va_range w) {
+    if (first.exchange(false)) {
+      const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+      while (hw->stats().outstanding_faults < n && std::chrono::steady_clock::now() < end) std::this_thread::yield();
+    }
+    // Only a group's window holds the page between the faults.
+    if (w.contains(between)) {
+      storms.fetch_add(1);
+      EXPECT_EQ(cpu->madvise(between, page_size, madvice::dontneed), errc::ok);
+    }
+  }});
+  ASSERT_TRUE(run(n, [=](dev::work_item& wi) {
+                wi.store<std::uint64_t>(buf + 2 * wi.id() * page_size, 500 + wi.id());
+              }).ok());
+  for (unsigned i = 0; i < n; ++i) {
+    EXPECT_EQ(m->load<std::uint64_t>(buf + 2 * i * page_size).value_or(0), 500 + i) << "page " << 2 * i;
+  }
+  EXPECT_FALSE(dev::dev_pte::is_valid(vm->page_table().translate(between).entry));
+  const vm_stats st = vm->stats();
+  EXPECT_EQ(st.fault_timeouts, 0u) << st.to_string();
+  EXPECT_EQ(st.faults_cancelled, 0u) << st.to_string();
+  EXPECT_GE(st.group_fallbacks, 1u) << st.to_string();
+  EXPECT_GE(storms.load(), gpu_vm::group_retry_limit);
+  vm->set_test_hooks({});
+}
+
 // A block whose pages the CPU refuses in part (one read-only VMA among
 // writable ones is another VMA, so the block falls back to per-page
 // service): each page gets its own outcome.

@@ -180,6 +180,7 @@ struct vm_stats {
   std::uint64_t huge_leaves = 0;      ///< 2M leaves written
   std::uint64_t groups = 0;           ///< 2M blocks among the distinct pages of the batches
   std::uint64_t grouped_pages = 0;    ///< pages serviced through one window per 2M block
+  std::uint64_t group_fallbacks = 0;  ///< blocks handed back to per-page service after stale group tries
   std::uint64_t bo_faults = 0;        ///< faults serviced from a BO mapping (not the mirror)
   std::uint64_t evictions = 0;        ///< BOs moved from VRAM to system memory
   std::uint64_t preemptions = 0;      ///< preempt fences signalled (long-running VMs)
@@ -209,6 +210,12 @@ class gpu_vm {
   /// The reason a kernel still running when its VM is destroyed is
   /// cancelled with: its status reads {ECANCELED, reason ENOENT}.
   static constexpr errc destroy_reason = errc::noent;
+
+  /// Stale tries after which the page mirror hands a 2M block it services
+  /// through one window back to per-page service (each page then retries
+  /// under fault_timeout and fault_retry_floor on its own), so a block
+  /// never times out as a group where its pages would complete.
+  static constexpr unsigned group_retry_limit = 2;
 
   /// Check a configuration: EINVAL for a chunk_size that is not a power of
   /// two >= 2M, a long-running VM with an SVM mirror (it takes no faults:
@@ -373,6 +380,8 @@ class gpu_vm {
       SVM_REQUIRES_SHARED(lock_);
   // The one-window part of service_block_locked: false when the block
   // needs per-page service (nothing was changed), true when `out` is set.
+  // A block whose sequence moves group_retry_limit times is handed back to
+  // per-page service (vm_stats::group_fallbacks).
   bool service_svm_block_locked(std::span<const va_t> pages, std::span<const access> accs, va_t cpu_va,
                                 va_range allowed, std::span<errc> out) SVM_REQUIRES_SHARED(lock_);
   // `allowed` trimmed to the hole between the BO mappings around gva.
