@@ -17,6 +17,8 @@ namespace {
 /// One VM's registration. Immutable after publication (the release store
 /// into its registry slot); never freed before the oracle's state.
 struct vm_entry {
+  /// The mm the VM mirrors; null once that mm was torn down (its release
+  /// replaced the entry): every SVM access is then stale (mm_released).
   svm::mm* m = nullptr;
   mirror_kind kind = mirror_kind::full_mm;
   std::vector<oracle_window> windows;  ///< sorted by gpu, disjoint
@@ -60,6 +62,17 @@ void bump(std::atomic<std::uint64_t>& c) noexcept { c.fetch_add(1, std::memory_o
 
 }  // namespace
 
+/// The oracle's subscription to the teardown of one mm it watches (one per
+/// mm, made by the first watch() of it). Owned by the state; the mm points
+/// at it until its release ran or ~access_oracle unsubscribed it.
+struct access_oracle::mm_sub final : mm_release_ops {
+  mm_sub(state& s, driver& d, svm::mm& mm) : st(s), dev(d), m(&mm) {}
+  state& st;
+  driver& dev;
+  svm::mm* const m;  ///< identity only once `gone`: never dereferenced then
+  void release(svm::mm&) noexcept override;
+};
+
 struct access_oracle::state {
   explicit state(oracle_options o) : opts(o) {}
 
@@ -83,6 +96,19 @@ struct access_oracle::state {
   std::vector<std::unique_ptr<slot_block>> blocks SVM_GUARDED_BY(reg_lock);
   std::vector<std::unique_ptr<vm_entry>> entries SVM_GUARDED_BY(reg_lock);
   bool attached SVM_GUARDED_BY(reg_lock) = false;
+  /// One subscription per watched mm, and whether its release ran (`gone`:
+  /// the mm may be freed, so the entry's pointer is only an identity).
+  struct sub_slot {
+    std::unique_ptr<mm_sub> sub;
+    bool gone = false;
+  };
+  std::vector<sub_slot> subs SVM_GUARDED_BY(reg_lock);
+
+  sub_slot* find_sub_locked(const svm::mm* m) SVM_REQUIRES(reg_lock) {
+    for (sub_slot& s : subs)
+      if (!s.gone && s.sub->m == m) return &s;
+    return nullptr;
+  }
 
   static constexpr lock_class reports_class{"access_oracle.reports", lockdep::rank::leaf};
   mutable mutex reports_lock{reports_class};
@@ -154,6 +180,10 @@ struct access_oracle::state {
       record(c, stale_reason::not_mirrored, 0, {});
       return;
     }
+    if (!e->m) {  // the mm is gone: the CPU maps nothing anywhere
+      record(c, stale_reason::mm_released, cpu, {});
+      return;
+    }
     const unsigned dpool = static_cast<unsigned>(c.pfn >> mm_pool_shift);
     const pfn_t dpfn = c.pfn & ((pfn_t{1} << mm_pool_shift) - 1);
     const bool write = needs_write(c.acc);
@@ -204,6 +234,7 @@ const char* to_string(stale_reason r) noexcept {
     case stale_reason::cpu_not_present: return "cpu_not_present";
     case stale_reason::frame_mismatch: return "frame_mismatch";
     case stale_reason::cpu_read_only: return "cpu_read_only";
+    case stale_reason::mm_released: return "mm_released";
   }
   return "?";
 }
@@ -226,6 +257,41 @@ std::string describe(const stale_report& r) {
   return buf;
 }
 
+// ---- the teardown of a watched mm ------------------------------------------------
+
+void access_oracle::mm_sub::release(svm::mm&) noexcept {
+  // Runs at the start of the mm's teardown, before anything of it is freed,
+  // holding the mm's release lock (rank driver); takes the registry lock
+  // (leaf) inside it.
+  bool attached;
+  {
+    lock_guard g(st.reg_lock);
+    for (auto& s : st.subs)
+      if (s.sub.get() == this) s.gone = true;
+    attached = st.attached;
+    // Every registration of this mm becomes an mm-less copy (published
+    // like any registration, so a check sees either the old entry, whose
+    // mm is still alive until the barrier below returns, or the new one).
+    for (std::size_t hi = 0; hi < slots; ++hi) {
+      slot_block* b = st.top[hi].load(std::memory_order_relaxed);  // written under reg_lock only
+      if (!b) continue;
+      for (std::size_t lo = 0; lo < slots; ++lo) {
+        const vm_entry* e = (*b)[lo].load(std::memory_order_relaxed);
+        if (!e || e->m != m) continue;
+        auto dead = std::make_unique<vm_entry>(*e);
+        dead->m = nullptr;
+        (void)st.publish_locked(static_cast<dev::vm_id>((hi << slot_bits) | lo), std::move(dead));
+      }
+    }
+  }
+  // The barrier: a check that read the old entry runs inside its access;
+  // a TLB invalidation returns only once every access that began before it
+  // completed, on every engine. Not from an engine thread (EINVAL: it
+  // cannot wait for itself, and its own check is not running). A detached
+  // oracle has no check in flight that could still start.
+  if (attached) (void)dev.hw().invalidate_tlb(0, {0, page_size});
+}
+
 // ---- access_oracle ------------------------------------------------------------
 
 access_oracle::access_oracle(driver& dev, oracle_options o)
@@ -237,7 +303,19 @@ access_oracle::access_oracle(driver& dev, oracle_options o)
   st_->attached = true;
 }
 
-access_oracle::~access_oracle() { detach(); }
+access_oracle::~access_oracle() {
+  detach();
+  // Unsubscribe from every mm still alive (a torn-down one already dropped
+  // its subscription). Outside the registry lock: remove_release takes the
+  // mm's release lock (rank driver) and waits for a release in progress.
+  std::vector<mm_sub*> live;
+  {
+    lock_guard g(st_->reg_lock);
+    for (auto& s : st_->subs)
+      if (!s.gone) live.push_back(s.sub.get());
+  }
+  for (mm_sub* s : live) s->m->remove_release(*s);
+}
 
 void access_oracle::detach() {
   bool was;
@@ -281,7 +359,22 @@ errc access_oracle::watch(dev::vm_id id, mm& m, mirror_kind kind, std::vector<or
       if (windows[i - 1].gpu + windows[i - 1].size > windows[i].gpu) return errc::inval;
     e->windows = std::move(windows);
   }
+  // Subscribe to the mm's teardown on its first watch (outside the registry
+  // lock: add_release takes the mm's release lock, rank driver).
+  std::unique_ptr<mm_sub> fresh;
+  {
+    lock_guard g(st_->reg_lock);
+    if (!st_->find_sub_locked(&m)) fresh = std::make_unique<mm_sub>(*st_, dev_, m);
+  }
+  if (fresh) {
+    if (m.add_release(*fresh) != errc::ok) return errc::inval;  // the mm is torn down
+    lock_guard g(st_->reg_lock);
+    st_->subs.push_back({std::move(fresh), false});
+  }
   lock_guard g(st_->reg_lock);
+  // A teardown that ran since (it marked the subscription gone under this
+  // lock) would never see this entry: refuse it instead.
+  if (!st_->find_sub_locked(&m)) return errc::inval;
   return st_->publish_locked(id, std::move(e));
 }
 

@@ -164,6 +164,73 @@ TEST(Lifetime, MmDestroyedBeforeVmWithSystemBo) {
   }
 }
 
+// The mm's release races a fault in flight, deterministically: the fault
+// stops between its sequence snapshot and hmm_range_fault while another
+// thread destroys the mm. A release subscriber placed before the VM's tells
+// the fault that the teardown has begun; the VM's release then waits for
+// vm.lock, which the fault holds, so the fault's walk and commit still see
+// a live mm. Afterwards the release zaps the mapping and the kernel's next
+// fault fails cleanly (ECANCELED, reason EFAULT) without touching the dead
+// mm (ASan sees any access to it).
+TEST(Lifetime, MmReleaseRacingAnInFlightFaultWaitsForItThenFailsLaterFaults) {
+  for (auto [seq_b, impl_b] : {std::pair{seq_mode::pgtable, mirror_impl::page}, std::pair{seq_mode::notifier, mirror_impl::page},
+                           std::pair{seq_mode::notifier, mirror_impl::range}}) {
+    // Plain copies: clang 14 cannot capture structured bindings in lambdas.
+    const seq_mode seq = seq_b;
+    const mirror_impl impl = impl_b;
+    SCOPED_TRACE(std::string(to_string(seq)) + "_" + to_string(impl));
+    auto m = std::make_unique<mm>(mm_options{.frames = 1024});
+    struct probe final : mm_release_ops {
+      std::atomic<bool> started{false};
+      void release(mm&) noexcept override { started.store(true); }
+    } first, last;
+    ASSERT_EQ(m->add_release(first), errc::ok);  // runs before the VM's release
+    auto dev = driver::create(driver_config{.hw = {.engines = 1}}).value();
+    auto v = gpu_vm::create(*dev, *m, cfg([&](vm_config& k) { k.seq = seq; k.impl = impl; }));
+    ASSERT_TRUE(v.ok());
+    std::unique_ptr<gpu_vm> vm = std::move(*v);
+    ASSERT_EQ(m->add_release(last), errc::ok);  // ... and this one after it
+    auto va = m->mmap(0, 4 * page_size, prot::read | prot::write, map::private_ | map::anonymous);
+    ASSERT_TRUE(va.ok());
+    const va_t a = *va, b = *va + 2 * page_size;
+    ASSERT_EQ(m->store<std::uint64_t>(a, 41), errc::ok);
+    std::thread killer;
+    std::atomic<int> calls{0};
+    std::atomic<bool> raced{false};
+    vm->set_test_hooks({.after_snapshot = [&](va_range) {
+      if (calls.fetch_add(1) != 0) return;
+      killer = std::thread([&m] { m.reset(); });
+      const auto end = std::chrono::steady_clock::now() + 20s;
+      while (!first.started.load() && std::chrono::steady_clock::now() < end) std::this_thread::yield();
+      // The teardown has begun, and the VM's release (before `last`) waits
+      // for this fault.
+      raced.store(first.started.load() && !last.started.load());
+    }});
+    std::atomic<std::uint64_t> got{0};
+    auto c = dev->submit(*vm, 1, [&got, a, b](dev::work_item& wi) {
+      got = wi.load<std::uint64_t>(a);
+      (void)wi.load<std::uint64_t>(b);  // faults after the release
+    });
+    ASSERT_TRUE(c.ok());
+    const dev::kernel_status st = c->wait(60s);
+    if (killer.joinable()) killer.join();
+    EXPECT_TRUE(raced.load()) << "the teardown did not start while the fault was in flight";
+    EXPECT_EQ(st.error, errc::canceled);
+    EXPECT_EQ(st.reason, errc::fault);
+    EXPECT_TRUE(vm->mm_released());
+    EXPECT_TRUE(last.started.load());
+    EXPECT_EQ(vm->page_table().translate(a).entry & 1, 0u) << "an SVM PTE survived the release";
+    EXPECT_EQ(vm->page_table().translate(b).entry & 1, 0u);
+    // The fault in flight finished on the live mm: the first load either
+    // read the CPU's value or was itself cancelled after the zap.
+    EXPECT_TRUE(got.load() == 41 || got.load() == 0) << got.load();
+    EXPECT_GE(vm->stats().faults_serviced, 1u);
+    vm->set_test_hooks({});
+    vm.reset();
+    dev.reset();
+  }
+}
+
 TEST(Lifetime, MmTornDownBeforeVmCreationIsEinval) {
   mm m(mm_options{.frames = 256});
   auto d_owner = driver::create(driver_config{.hw = {.engines = 1}}).value();

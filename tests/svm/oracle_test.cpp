@@ -506,6 +506,73 @@ TEST_P(Oracle, DestroyingTheOracleWhileKernelsRunIsSafe) {
   EXPECT_EQ(*m->load<std::uint64_t>(buf), before);
 }
 
+// A watched mm torn down first: the oracle's release replaces its
+// registrations, so a later SVM access of the VM is stale (mm_released)
+// and no check reads the dead mm (ASan would see it). A second mm that is
+// still alive keeps its registration; watching a torn-down mm is EINVAL.
+TEST_P(Oracle, AccessAfterTheWatchedMmIsGoneIsStaleAndNeverReadsIt) {
+  const va_t buf = map_anon(4 * page_size);
+  ASSERT_EQ(m->store<std::uint64_t>(buf, 3), errc::ok);
+  EXPECT_EQ(device_load(buf), 3u);
+  auto other = std::make_unique<mm>(mm_options{.frames = 256});
+  constexpr dev::vm_id other_id = 4001;
+  ASSERT_EQ(oracle->watch(other_id, *other, mirror_kind::full_mm), errc::ok);
+  EXPECT_EQ(oracle->stale(), 0u);
+  const pt::translation tr = vm->page_table().translate(buf);
+  ASSERT_TRUE(dev::dev_pte::is_valid(tr.entry));
+
+  m.reset();  // the VM's release and the oracle's both run
+
+  EXPECT_TRUE(vm->mm_released());
+  dev::access_check c;
+  c.vm = vm->id();
+  c.gva = buf;
+  c.acc = access::read;
+  c.pte = tr.entry;
+  c.pfn = dev::dev_pte::pfn(tr.entry);
+  oracle->check(c);
+  EXPECT_EQ(oracle->stale(), 1u);
+  ASSERT_EQ(oracle->reports().size(), 1u);
+  EXPECT_EQ(oracle->reports()[0].reason, stale_reason::mm_released);
+  EXPECT_EQ(oracle->reports()[0].cpu_va, buf);
+  EXPECT_NE(describe(oracle->reports()[0]).find("mm_released"), std::string::npos);
+  // The live mm's registration is untouched: nothing mapped there is
+  // cpu_not_present, as before.
+  c.vm = other_id;
+  oracle->check(c);
+  ASSERT_EQ(oracle->reports().size(), 2u);
+  EXPECT_EQ(oracle->reports()[1].reason, stale_reason::cpu_not_present);
+  // A torn-down mm cannot be watched.
+  other->teardown();
+  EXPECT_EQ(oracle->watch(other_id, *other, mirror_kind::full_mm), errc::inval);
+  oracle.reset();  // unsubscribes from nothing: both mms are gone
+  other.reset();
+}
+
+// The mm destroyed while kernels run over it, with the oracle watching:
+// the kernels end (the VM's release zaps the mirror: ECANCELED, EFAULT)
+// and every access checked before the release was legitimate. Checks in
+// flight during the teardown finish before the mm is freed (ASan).
+TEST_P(Oracle, MmDestroyedWhileKernelsRunUnderTheOracleIsSafe) {
+  const va_t buf = map_anon(8 * page_size);
+  for (unsigned i = 0; i < 8; ++i) ASSERT_EQ(m->store<std::uint64_t>(buf + i * page_size, i), errc::ok);
+  std::atomic<std::uint64_t> loads{0};
+  auto c = dev->submit(*vm, 4, [&loads, buf](dev::work_item& wi) {
+    for (std::uint64_t i = 0;; ++i) {
+      (void)wi.load<std::uint64_t>(buf + ((i + wi.id()) % 8) * page_size);
+      loads.fetch_add(1, std::memory_order_relaxed);
+    }
+  });
+  ASSERT_TRUE(c.ok());
+  while (loads.load() < 10000) std::this_thread::yield();
+  m.reset();
+  const dev::kernel_status st = c->wait(60s);
+  EXPECT_EQ(st.error, errc::canceled);
+  EXPECT_EQ(st.reason, errc::fault);
+  EXPECT_GE(oracle->svm_checked(), 10000u);
+  EXPECT_EQ(oracle->stale(), 0u);
+}
+
 INSTANTIATE_TEST_SUITE_P(Modes, Oracle,
                          ::testing::Values(mode{seq_mode::pgtable, mirror_impl::page},
                                            mode{seq_mode::notifier, mirror_impl::page},

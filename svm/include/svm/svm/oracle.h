@@ -67,9 +67,17 @@
 // live state (the device keeps old validators alive until it is destroyed).
 // The oracle therefore need not outlive the device's use of it, but the
 // svm::driver must be alive when the oracle is destroyed or detach() is
-// called (they call set_oracle(nullptr)). Each watched mm must stay alive
-// while kernels of its VM run (a gpu_vm already requires that); unwatch()
-// before destroying an mm whose VM id may still run kernels.
+// called (they call set_oracle(nullptr)).
+//
+// A watched mm may be torn down (or destroyed) before the oracle: the first
+// watch() of an mm subscribes the oracle to its teardown (mm_release_ops).
+// The release, which runs before the mm frees anything, replaces each
+// registration of that mm by an mm-less one, then waits out every check in
+// flight (one device TLB invalidation: it returns once every access that
+// began before it completed). Later SVM accesses of those VMs are stale
+// with reason mm_released; no check touches the dead mm. ~access_oracle
+// unsubscribes from the mms still alive, so an mm and its oracle must not
+// be destroyed at the same time on two threads (as with a VM and its mm).
 // One oracle per device: attaching replaces the device's validator, and
 // detaching turns the hook off whatever was installed after it.
 #pragma once
@@ -102,6 +110,7 @@ enum class stale_reason : std::uint8_t {
   cpu_not_present,  ///< the CPU maps nothing usable there (unmapped, swapped, PROT_NONE)
   frame_mismatch,   ///< the CPU maps another frame there
   cpu_read_only,    ///< same frame, but a write/atomic while the CPU maps it read-only
+  mm_released,      ///< the VM's watched mm was torn down (nothing is mapped any more)
 };
 /// The reason's name, as in the enumerator (e.g. "frame_mismatch").
 [[nodiscard]] const char* to_string(stale_reason r) noexcept;
@@ -164,7 +173,9 @@ class access_oracle {
   /// oracle is destroyed or detach()ed. Locking: takes the device's oracle
   /// lock (leaf); never blocks.
   explicit access_oracle(driver& dev, oracle_options o = {});
-  /// detach(). Locking: as detach().
+  /// detach(), then unsubscribe from the teardown of every watched mm still
+  /// alive (mm::remove_release: waits for a release running on another
+  /// thread). Locking: as detach(), then each mm's release lock.
   ~access_oracle();
   access_oracle(const access_oracle&) = delete;
   access_oracle& operator=(const access_oracle&) = delete;
@@ -182,17 +193,20 @@ class access_oracle {
   /// every SVM access is stale (not_mirrored). A windows mirror needs its
   /// windows: gpu_vm does not expose them yet, use the overload below.
   /// Watching an id again replaces its registration (windows included).
-  /// Errors: EINVAL (windows mirror).
-  /// Locking: takes the registry lock (leaf); never blocks.
+  /// Errors: EINVAL (windows mirror, `m` already torn down).
+  /// Locking: as the primitive below.
   errc watch(const gpu_vm& vm, mm& m);
   /// Watch a windows-mirror `vm` with its windows (call again after each
   /// add_window; a GPU VA in no window is stale). Errors: EINVAL (not a
   /// windows mirror, an empty/unaligned/overflowing window, overlapping GPU
-  /// ranges). Locking: as above.
+  /// ranges, `m` already torn down). Locking: as the primitive below.
   errc watch(const gpu_vm& vm, mm& m, std::vector<oracle_window> windows);
   /// The primitive: VM id `id` mirrors `m` per `kind` (windows used only
   /// for mirror_kind::windows). Errors: EINVAL (id > dev::max_vm_id, bad
-  /// windows). Locking: as above.
+  /// windows, `m` already torn down). Locking: takes the registry lock
+  /// (leaf); the first watch of an mm also subscribes to its teardown
+  /// (mm::add_release: the mm's release lock, rank driver, not nested in
+  /// the registry lock).
   errc watch(dev::vm_id id, mm& m, mirror_kind kind, std::vector<oracle_window> windows = {});
   /// Stop checking VM `id` (its accesses count as unwatched). ENOENT if not
   /// watched. The registration's memory is kept until the oracle's state
@@ -232,7 +246,8 @@ class access_oracle {
   void check(const dev::access_check& c);
 
  private:
-  struct state;  // oracle.cpp: the registry, counters and reports
+  struct state;   // oracle.cpp: the registry, counters and reports
+  struct mm_sub;  // oracle.cpp: the subscription to a watched mm's teardown
 
   driver& dev_;
   /// The state the validator shares (immutable pointer). Its registry lock
