@@ -173,14 +173,24 @@ errc gpu_vm::service_svm_locked(va_t gva, va_t cpu, access acc, va_range allowed
   allowed = intersect(allowed, chunk_gpu);
 
   // The retry bound (vm_config::fault_timeout): give up only when the
-  // clock has passed the deadline AND the sequence moved often enough, so
-  // a fault that was merely descheduled completes, while a genuine retry
-  // storm still ends. The other retries (shrink to one page, fall back to
-  // 4K entries) happen at most once each and need no bound.
+  // clock has passed the deadline AND the window itself was invalidated
+  // often enough, so a fault that was merely descheduled completes however
+  // much the rest of its chunk churned, while a genuine retry storm on the
+  // window still ends. Retries no invalidation of the window explains
+  // count toward unexplained_retry_limit only (the no-hang net). The other
+  // retries (shrink to one page, fall back to 4K entries) happen at most
+  // once each and need no bound.
   const auto deadline = clock_type::now() + cfg_.fault_timeout;
-  unsigned seq_retries = 0;
-  auto exhausted = [&] {
-    if (++seq_retries < cfg_.fault_retry_floor || clock_type::now() <= deadline) return false;
+  unsigned window_retries = 0, unexplained_retries = 0;
+  auto exhausted = [&](overlap o) {
+    if (o == overlap::no) bump(ctr_->false_retries);
+    if (o == overlap::yes) {
+      ++window_retries;
+    } else {
+      ++unexplained_retries;
+    }
+    if (window_retries < cfg_.fault_retry_floor && unexplained_retries < unexplained_retry_limit) return false;
+    if (clock_type::now() <= deadline) return false;
     bump(ctr_->fault_timeouts);
     return true;
   };
@@ -259,9 +269,9 @@ errc gpu_vm::service_svm_locked(va_t gva, va_t cpu, access acc, va_range allowed
     }
     if (err == errc::busy) {
       bump(ctr_->retries_busy);
-      if (!overlapped_since(win, since)) bump(ctr_->false_retries);
+      const overlap o = overlapped_since(win, since);
       since = inval_stamp_.load(std::memory_order_acquire);
-      if (exhausted()) return errc::busy;
+      if (exhausted(o)) return errc::busy;
       continue;
     }
     if (err == errc::fault && npages > 1) {
@@ -320,9 +330,9 @@ errc gpu_vm::service_svm_locked(va_t gva, va_t cpu, access acc, va_range allowed
     }
     if (stale) {
       bump(ctr_->retries_seq);
-      if (!overlapped_since(win, since)) bump(ctr_->false_retries);
+      const overlap o = overlapped_since(win, since);
       since = inval_stamp_.load(std::memory_order_acquire);
-      if (exhausted()) return errc::busy;
+      if (exhausted(o)) return errc::busy;
       continue;
     }
     bump(ctr_->ptes_written, written);
@@ -460,7 +470,7 @@ bool gpu_vm::service_svm_block_locked(std::span<const va_t> pages, std::span<con
       stale = true;
     }
     if (stale) {
-      if (!overlapped_since(win, since)) bump(ctr_->false_retries);
+      if (overlapped_since(win, since) == overlap::no) bump(ctr_->false_retries);
       since = inval_stamp_.load(std::memory_order_acquire);
       // A block's window spans up to 2M, so a CPU storm over any of it
       // moves its sequence far more often than it moves a 4K page's. After

@@ -105,13 +105,13 @@ void gpu_vm::note_invalidation(va_range gpu) {
   inval_stamp_.store(stamp, std::memory_order_release);
 }
 
-bool gpu_vm::overlapped_since(va_range win, std::uint64_t since) const {
+gpu_vm::overlap gpu_vm::overlapped_since(va_range win, std::uint64_t since) const {
   lock_guard g(log_lock_);
   const std::uint64_t now = inval_stamp_.load(std::memory_order_relaxed);
-  if (now - since > log_.size()) return true;  // the log wrapped: assume it was real
+  bool wrapped = now - since > log_.size();
   for (const logged& l : log_)
-    if (l.stamp > since && l.stamp <= now && l.r.overlaps(win)) return true;
-  return false;
+    if (l.stamp > since && l.stamp <= now && l.r.overlaps(win)) return overlap::yes;
+  return wrapped ? overlap::unknown : overlap::no;
 }
 
 void gpu_vm::zap_gpu(va_range r, bool bo_entries, std::vector<va_range>& flush) {

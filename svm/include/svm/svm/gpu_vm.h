@@ -135,9 +135,13 @@ struct vm_config {
   /// Bound of a fault's retry loop (the kernel's HMM_RANGE_DEFAULT_TIMEOUT
   /// is one second). Bounded by progress, not by the clock alone: a fault
   /// gives up (EBUSY) only once both fault_timeout has passed and its
-  /// sequence was found moved at least fault_retry_floor times. A fault
-  /// whose threads were descheduled past the timeout but which saw few or
-  /// no invalidations still completes. Must be > 0.
+  /// window was invalidated at least fault_retry_floor times (a retry the
+  /// VM's invalidation log shows overlapping the window). Retries no
+  /// invalidation of the window explains (the notifier-wide sequence moved
+  /// for another part of the chunk) count only toward
+  /// gpu_vm::unexplained_retry_limit. A fault whose threads were
+  /// descheduled past the timeout while the rest of its chunk churned
+  /// still completes. Must be > 0.
   std::chrono::nanoseconds fault_timeout = std::chrono::seconds(1);
   /// See fault_timeout. Must be >= 1.
   unsigned fault_retry_floor = 8;
@@ -172,7 +176,7 @@ struct vm_stats {
   std::uint64_t false_retries = 0;    ///< retries caused by an invalidation outside the window
   std::uint64_t retries_shrink = 0;   ///< another page of the window went away: retried on the fault's page alone
   std::uint64_t retries_huge = 0;     ///< not one CPU huge page, or a 4K table appeared: retried with 4K entries
-  std::uint64_t fault_timeouts = 0;   ///< faults that gave up (EBUSY) past fault_timeout and fault_retry_floor
+  std::uint64_t fault_timeouts = 0;   ///< faults that gave up (EBUSY) past fault_timeout and fault_retry_floor (or unexplained_retry_limit)
   std::uint64_t invalidations = 0;    ///< notifier callbacks that touched this VM
   std::uint64_t ptes_written = 0;     ///< in 4K pages (a 2M leaf counts 512)
   std::uint64_t ptes_zapped = 0;      ///< in 4K pages
@@ -216,6 +220,13 @@ class gpu_vm {
   /// under fault_timeout and fault_retry_floor on its own), so a block
   /// never times out as a group where its pages would complete.
   static constexpr unsigned group_retry_limit = 2;
+
+  /// The no-hang net of a fault's retry loop: past fault_timeout, a fault
+  /// also gives up after this many retries that no invalidation of its
+  /// window explains (false retries, and retries while the invalidation
+  /// log wrapped). Each such retry needs a fresh invalidation elsewhere in
+  /// the chunk, so only an endless storm there reaches it.
+  static constexpr unsigned unexplained_retry_limit = 1u << 16;
 
   /// Check a configuration: EINVAL for a chunk_size that is not a power of
   /// two >= 2M, a long-running VM with an SVM mirror (it takes no faults:
@@ -417,7 +428,11 @@ class gpu_vm {
   void ctr_add_ptes_written(std::uint64_t n) noexcept;
   void ctr_add_evictions() noexcept;
   void ctr_add_preemptions() noexcept;
-  bool overlapped_since(va_range win, std::uint64_t since) const;
+  /// Did an invalidation overlapping `win` happen after stamp `since`?
+  /// unknown: the log (64 entries) wrapped since, so it cannot tell.
+  /// Locking: takes log_lock_ (leaf).
+  enum class overlap : std::uint8_t { yes, no, unknown };
+  overlap overlapped_since(va_range win, std::uint64_t since) const;
 
   driver& dev_;
   svm::mm& mm_;  // not used once released_ is set
