@@ -88,7 +88,9 @@ errc hmm_range_fault(hmm_range& range) {
       hmm_pfn out = 0;
       bool fault = false;
       if (cpu_pte::is_valid(e)) {
-        const pfn_t pfn = cpu_pte::pfn(e) + (t.level == 1 ? (va & (huge_size - 1)) / page_size : 0);
+        // Every 4K piece of the huge zero page is the pool's zero frame.
+        const pfn_t pfn =
+            cpu_pte::pfn(e) + (t.level == 1 && !cpu_pte::is_zero(e) ? (va & (huge_size - 1)) / page_size : 0);
         out = make_out(pfn, cpu_pte::pool(e), t.level * pt::bits_per_level, cpu_pte::is_writable(e));
         fault = want_write && !cpu_pte::is_writable(e);
       } else if (cpu_pte::is_devpriv(e) && range.dev_private_owner &&
@@ -116,7 +118,7 @@ errc hmm_range_fault(hmm_range& range) {
           hmm_pfn& s2 = range.hmm_pfns[(va - range.start) / page_size];
           const hmm_pfn r2 = ((s2 & range.pfn_flags_mask) | range.default_flags) & req_bits;
           if ((r2 & hmm_pfn_req_fault) && (r2 & hmm_pfn_req_write) && !cpu_pte::is_writable(e)) break;
-          out += 1;
+          if (!cpu_pte::is_zero(e)) out += 1;  // the huge zero page: the zero frame throughout
           s2 = out;
           va += page_size;
         }

@@ -31,7 +31,9 @@ errc mm_impl::access(mm& m, va_t va, bool write, Op&& op) {
         if (n->dead || is_link(e)) {
           retry = true;
         } else if (cpu_pte::is_valid(e) && (!write || cpu_pte::is_writable(e)) && n->level <= 1) {
-          const pfn_t pfn = cpu_pte::pfn(e) + (n->level == 1 ? (va & (huge_size - 1)) / page_size : 0);
+          // Every 4K piece of the huge zero page is the pool's zero frame.
+          const pfn_t pfn =
+              cpu_pte::pfn(e) + (n->level == 1 && !cpu_pte::is_zero(e) ? (va & (huge_size - 1)) / page_size : 0);
           std::byte* base = m.pool(cpu_pte::pool(e)).frame_data(pfn);
           // Under the PTE's node lock: the frame cannot be unmapped (and so
           // cannot be freed) while the access runs, as with a CPU's TLB.
@@ -107,7 +109,9 @@ cpu_translation mm::cpu_translate(va_t va) const noexcept {
   out.pool = cpu_pte::pool(t.entry);
   out.order = t.level * 9;
   out.huge_zero = out.zero_page && t.level == 1;
-  out.pfn = cpu_pte::pfn(t.entry) + (t.level == 1 ? (va & (huge_size - 1)) / page_size : 0);
+  // Every 4K piece of the huge zero page is the pool's zero frame.
+  out.pfn = cpu_pte::pfn(t.entry) +
+            (t.level == 1 && !out.zero_page ? (va & (huge_size - 1)) / page_size : 0);
   if (out.pool < pool_count()) out.generation = pool(out.pool).frame_generation(out.pfn);
   return out;
 }
