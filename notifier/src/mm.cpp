@@ -172,14 +172,48 @@ void mm_impl::release(const mm& m, pending_free& f) {
   f.swap_slots.clear();
 }
 
-void mm_impl::zap_range(mm& m, va_t start, va_t end, pending_free& f) {
+void mm_impl::zap_range(mm& m, va_t start, va_t end, pending_free& f, bool reclaim_tables) {
   std::vector<va_range> flush;
-  [[maybe_unused]] errc r = m.pt_.zap(start, end, flush,
-                                      [&](va_t, std::uint64_t e, unsigned level) { collect(m, f, e, level); });
+  std::vector<va_t> slots;  // 2M slots whose 4K entries this zap emptied (in address order)
+  [[maybe_unused]] errc r = m.pt_.zap(start, end, flush, [&](va_t va, std::uint64_t e, unsigned level) {
+    collect(m, f, e, level);
+    if (level == 0 && (slots.empty() || slots.back() != align_down(va, huge_size)))
+      slots.push_back(align_down(va, huge_size));
+  });
   // ENOMEM (a partial huge split) cannot happen here: callers split first
   // only at VMA boundaries, which zap handles by splitting; if the node
   // allocation fails the huge leaf stays whole and mapped.
   assert(r == errc::ok);
+  if (!reclaim_tables) {
+    keep_tables(m, slots);
+    return;
+  }
+  // Page-table reclaim after a large DONTNEED: a table left with no entry
+  // goes, one that still holds entries (a 4K node exists) stays.
+  lock_guard g(m.tables_lock_);
+  for (va_t slot = align_down(start, huge_size); slot < end; slot += huge_size)
+    if (m.pt_.translate(slot).level >= 1) m.empty_tables_.erase(slot);
+}
+
+void mm_impl::keep_tables(mm& m, const std::vector<va_t>& slots) {
+  if (slots.empty()) return;
+  lock_guard g(m.tables_lock_);
+  for (va_t s : slots) m.empty_tables_.insert(s);
+}
+
+void mm_impl::free_tables(mm& m, va_t start, va_t end) {
+  if (start >= end) return;
+  lock_guard g(m.tables_lock_);
+  if (m.empty_tables_.empty()) return;
+  for (va_t slot = align_down(start, huge_size); slot < end; slot += huge_size) {
+    const vma* v = first_ending_after(m, slot);
+    if (!v || v->start >= slot + huge_size) m.empty_tables_.erase(slot);
+  }
+}
+
+bool mm_impl::empty_table(const mm& m, va_t slot) {
+  lock_guard g(m.tables_lock_);
+  return m.empty_tables_.contains(slot);
 }
 
 void mm_impl::split_huge(mm& m, va_t start, va_t end) {
@@ -242,6 +276,10 @@ void mm::teardown() {
   pending_free f;
   mm_impl::zap_range(*this, 0, opts_.mmap_limit, f);
   vmas_->set.clear_and_dispose([](vma* v) { delete v; });
+  {
+    lock_guard t(tables_lock_);
+    empty_tables_.clear();
+  }
   mm_impl::end_fn(*this, r);
   mm_impl::release(*this, f);
 }

@@ -271,8 +271,9 @@ errc mm_impl::fault_once(mm& m, const vma& v, va_t va, bool write) {
   // Private anonymous.
   const va_t slot = align_down(va, huge_size);
   if (v.private_anon() && thp_allowed(m.opts_, v.advice) && slot >= v.start && slot + huge_size <= v.end &&
-      t.level >= 1) {
-    // No 4K table under this 2M slot and the slot is empty: the huge zero
+      t.level >= 1 && !empty_table(m, slot)) {
+    // No 4K table under this 2M slot (not even an empty one Linux would still
+    // hold) and the slot is empty: the huge zero
     // page on a read (with use_zero_page), else a THP. Either way the VMA
     // gets its anon_vma (kernel: do_huge_pmd_anonymous_page prepares it
     // before choosing).

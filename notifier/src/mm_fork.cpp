@@ -61,6 +61,19 @@ result<std::unique_ptr<mm>> mm::fork() {
     }
     mm_impl::end_fn(*this, r);
   }
+  // Empty 4K tables of copied VMAs are copied too (kernel: copy_pte_range
+  // allocates the child's table before it copies entries).
+  std::vector<va_t> tables;
+  {
+    lock_guard pt(tables_lock_);
+    for (va_t slot : empty_tables_)
+      for (const vma& v : vmas_->set)
+        if (v.start < slot + huge_size && slot < v.end && needs_copy(v)) {
+          tables.push_back(slot);
+          break;
+        }
+  }
+  mm_impl::keep_tables(*child, tables);
   // The child is not visible to anyone yet.
   for (const copied& c : ptes) {
     errc pe = child->pt_.populate(c.va, c.va + entry_span(c.level), c.level, [&](va_t) { return c.e; });

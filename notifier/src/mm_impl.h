@@ -128,14 +128,31 @@ struct mm_impl {
   static void insert_vma(mm& m, vma* v) SVM_REQUIRES(m.mmap_lock_);
   static void erase_vma(mm& m, vma* v) SVM_REQUIRES(m.mmap_lock_);
   /// Move VMA `v` and its PTEs to `target` as a VMA of `new_len` bytes
-  /// (kernel: move_vma / copy_vma). With `keep_old` (DONTUNMAP) the old VMA
-  /// stays, mapped and empty. The caller raised UNMAP over the old range.
-  static void move_vma(mm& m, vma* v, va_t target, std::uint64_t new_len, bool keep_old) SVM_REQUIRES(m.mmap_lock_);
+  /// (kernel: move_vma / copy_vma); `v` is freed. The caller raised UNMAP
+  /// over the old range.
+  static void move_vma(mm& m, vma* v, va_t target, std::uint64_t new_len) SVM_REQUIRES(m.mmap_lock_);
+  /// MREMAP_DONTUNMAP of [lo, hi), which lies in one VMA, to `to` (free):
+  /// the PTEs move into a copy of that part of the VMA, merged at its new
+  /// place; the source VMA stays whole and unmerged, and drops its anon_vma
+  /// only when all of it moved. The caller raised UNMAP over [lo, hi).
+  static void move_range_keep(mm& m, va_t lo, va_t hi, va_t to) SVM_REQUIRES(m.mmap_lock_);
 
   static void collect(const mm& m, pending_free& f, std::uint64_t e, unsigned level);
   static void release(const mm& m, pending_free& f);
   /// Clear the PTEs of [start, end), collecting the references to drop.
-  static void zap_range(mm& m, va_t start, va_t end, pending_free& f);
+  /// Zap [start, end) and collect what it held into `f`. Slots whose 4K
+  /// entries it emptied keep an empty page table (mm::empty_tables_); with
+  /// `reclaim_tables` (MADV_DONTNEED of 2M or more) the tables left with no
+  /// entry are reclaimed instead.
+  static void zap_range(mm& m, va_t start, va_t end, pending_free& f, bool reclaim_tables = false);
+  static cpu_page_table& page_table(mm& m) noexcept { return m.pt_; }
+  /// Note that 4K entries of these 2M slots were emptied (their table stays).
+  static void keep_tables(mm& m, const std::vector<va_t>& slots);
+  /// munmap's free_pgtables: forget the empty tables of the slots of
+  /// [start, end) that no VMA touches any more.
+  static void free_tables(mm& m, va_t start, va_t end) SVM_REQUIRES(m.mmap_lock_);
+  /// Whether Linux would have a 4K page table at `slot` with no entry in it.
+  static bool empty_table(const mm& m, va_t slot);
   static errc do_munmap(mm& m, va_t start, va_t end) SVM_REQUIRES(m.mmap_lock_);
   static void split_huge(mm& m, va_t start, va_t end);
   /// fn(va, entry, level) -> new entry, for each nonzero leaf in [start,

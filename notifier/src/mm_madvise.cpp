@@ -36,7 +36,7 @@ errc mm::madvise(va_t addr, std::uint64_t length, madvice advice) {
       mmu_notifier_range r;
       (void)mm_impl::start_fn(*this, r, mmu_notifier_event::clear, s, e);
       pending_free f;
-      mm_impl::zap_range(*this, s, e, f);
+      mm_impl::zap_range(*this, s, e, f, /*reclaim_tables=*/e - s >= huge_size);
       mm_impl::end_fn(*this, r);
       mm_impl::release(*this, f);
     }

@@ -98,6 +98,7 @@ errc mm_impl::do_munmap(mm& m, va_t start, va_t end) {
     erase_vma(m, v);
     v = nx;
   }
+  free_tables(m, start, end);
   end_fn(m, r);
   release(m, f);
   return errc::ok;

@@ -17,7 +17,20 @@ namespace {
 // Move the PTEs of [s, e) to `target` (kernel: move_page_tables): frames keep
 // their references, so nothing is freed. A PMD moves whole when the target
 // slot is 2M aligned, else it is split into 4K entries on the way.
-void move_ptes(cpu_page_table& pt, va_t s, va_t e, va_t target) {
+void move_ptes(mm& m, va_t s, va_t e, va_t target) {
+  cpu_page_table& pt = mm_impl::page_table(m);
+  std::vector<va_t> emptied;  // source slots whose 4K entries moved out: their tables stay
+  // Linux moves extent by extent, each inside one source and one target 2M
+  // slot, and gives the target a 4K table wherever the source slot has one,
+  // even an empty one (kernel: move_page_tables, alloc_new_pmd + pte_alloc).
+  std::vector<va_t> target_tables;
+  for (va_t a = s; a < e;) {
+    const va_t src_slot = align_down(a, huge_size);
+    const va_t d = a - s + target;
+    const va_t ext_end = std::min({e, src_slot + huge_size, a + (align_down(d, huge_size) + huge_size - d)});
+    if (pt.translate(a).level == 0 || mm_impl::empty_table(m, src_slot)) target_tables.push_back(align_down(d, huge_size));
+    a = ext_end;
+  }
   struct moved {
     va_t va;
     std::uint64_t e;
@@ -25,7 +38,13 @@ void move_ptes(cpu_page_table& pt, va_t s, va_t e, va_t target) {
   };
   std::vector<moved> ptes;
   std::vector<va_range> flush;
-  (void)pt.zap(s, e, flush, [&](va_t va, std::uint64_t pte, unsigned level) { ptes.push_back({va, pte, level}); });
+  (void)pt.zap(s, e, flush, [&](va_t va, std::uint64_t pte, unsigned level) {
+    ptes.push_back({va, pte, level});
+    if (level == 0 && (emptied.empty() || emptied.back() != align_down(va, huge_size)))
+      emptied.push_back(align_down(va, huge_size));
+  });
+  mm_impl::keep_tables(m, emptied);
+  mm_impl::keep_tables(m, target_tables);
   for (const moved& mv : ptes) {
     const va_t nva = mv.va - s + target;
     if (mv.level == 1 && is_aligned(nva, huge_size)) {
@@ -104,6 +123,23 @@ result<va_t> mm::mremap(va_t old_addr, std::uint64_t old_length, std::uint64_t n
   if (fixed && old_len == new_len && old_addr + old_len > v->end) {
     for (vma* w = v; w && w->start < old_addr + old_len; w = mm_impl::next_vma(*this, w))
       if (w->kind == vma_kind::io) return errc::fault;  // PFN maps do not move in a batch
+    if (dontunmap) {
+      // The source VMAs stay exactly as they are: no split at the range's
+      // ends, no merge (kernel: remap_move -> move_vma with DONTUNMAP never
+      // touches the source's boundaries).
+      std::vector<std::pair<va_t, va_t>> pieces;
+      for (vma* w = v; w && w->start < old_addr + old_len; w = mm_impl::next_vma(*this, w))
+        pieces.emplace_back(std::max(w->start, old_addr), std::min(w->end, old_addr + old_len));
+      mmu_notifier_range r;
+      (void)mm_impl::start_fn(*this, r, mmu_notifier_event::unmap, old_addr, old_addr + old_len);
+      for (auto [lo, hi] : pieces) {
+        const va_t to = lo - old_addr + new_addr;
+        (void)mm_impl::do_munmap(*this, to, to + (hi - lo));
+        mm_impl::move_range_keep(*this, lo, hi, to);
+      }
+      mm_impl::end_fn(*this, r);
+      return new_addr;
+    }
     // Each VMA moves on its own (kernel: remap_move): only its own target
     // range is unmapped first, so what lies opposite a gap stays mapped.
     mm_impl::split_at(*this, old_addr);
@@ -117,10 +153,9 @@ result<va_t> mm::mremap(va_t old_addr, std::uint64_t old_length, std::uint64_t n
     for (auto [lo, hi] : pieces) {
       const va_t to = lo - old_addr + new_addr;
       (void)mm_impl::do_munmap(*this, to, to + (hi - lo));
-      mm_impl::move_vma(*this, mm_impl::find_vma_mut(*this, lo), to, hi - lo, dontunmap);
+      mm_impl::move_vma(*this, mm_impl::find_vma_mut(*this, lo), to, hi - lo);
     }
     mm_impl::merge_around(*this, new_addr, new_addr + new_len);
-    if (dontunmap) mm_impl::merge_around(*this, old_addr, old_addr + old_len);
     mm_impl::end_fn(*this, r);
     return new_addr;
   }
@@ -137,7 +172,7 @@ result<va_t> mm::mremap(va_t old_addr, std::uint64_t old_length, std::uint64_t n
       old_addr + new_len <= opts_.mmap_limit && mm_impl::range_free(*this, v->end, old_addr + new_len)) {
     // Grow in place. Shmem keeps its size: the new pages lie past its end.
     v->end = old_addr + new_len;
-    mm_impl::merge_around(*this, v->start, v->end);
+    mm_impl::merge_around(*this, v->end, v->end);  // with the next VMA only (kernel: vma_merge_extend)
     return old_addr;
   }
   if (!maymove) return errc::nomem;
@@ -153,22 +188,48 @@ result<va_t> mm::mremap(va_t old_addr, std::uint64_t old_length, std::uint64_t n
     if (!a) return a.error();
     target = *a;
   }
+  mmu_notifier_range r;
+  if (dontunmap) {
+    (void)mm_impl::start_fn(*this, r, mmu_notifier_event::unmap, old_addr, old_addr + move_len);
+    mm_impl::move_range_keep(*this, old_addr, old_addr + move_len, target);
+    mm_impl::end_fn(*this, r);
+    return target;
+  }
   mm_impl::split_at(*this, old_addr);
   mm_impl::split_at(*this, old_addr + move_len);
   v = mm_impl::find_vma_mut(*this, old_addr);
   assert(v && v->start == old_addr && v->end == old_addr + move_len);
 
-  mmu_notifier_range r;
   (void)mm_impl::start_fn(*this, r, mmu_notifier_event::unmap, old_addr, old_addr + move_len);
-  mm_impl::move_vma(*this, v, target, new_len, dontunmap);
+  mm_impl::move_vma(*this, v, target, new_len);
   mm_impl::merge_around(*this, target, target + new_len);
-  if (dontunmap) mm_impl::merge_around(*this, old_addr, old_addr + move_len);  // the old VMA, now empty
   mm_impl::end_fn(*this, r);
   return target;
 }
 
-void mm_impl::move_vma(mm& m, vma* v, va_t target, std::uint64_t new_len, bool keep_old) {
-  move_ptes(m.pt_, v->start, v->end, target);
+void mm_impl::move_range_keep(mm& m, va_t lo, va_t hi, va_t to) {
+  vma* v = find_vma_mut(m, lo);
+  assert(v && v->start <= lo && hi <= v->end);
+  const bool whole = v->start == lo && v->end == hi;
+  auto* nv = new vma(*v);
+  nv->start = to;
+  nv->end = to + (hi - lo);
+  nv->pgoff = v->pgoff + (lo - v->start) / page_size;
+  // As in move_vma: a never-faulted anonymous VMA takes its new place's page
+  // number (kernel: copy_vma).
+  if (nv->private_anon() && nv->anon_vma.load(std::memory_order_relaxed) == 0) nv->pgoff = to / page_size;
+  move_ptes(m, lo, hi, to);
+  insert_vma(m, nv);
+  merge_around(m, to, to + (hi - lo));
+  // The source keeps its place, flags and offset. Its anon_vma goes only when
+  // every page of it moved and the copy did not merge back into it (kernel:
+  // dontunmap_complete, new_vma != vma && the whole VMA was the range).
+  vma* w = find_vma_mut(m, lo);
+  if (whole && w && w->start == lo && w->end == hi) w->anon_vma.store(0, std::memory_order_relaxed);
+}
+
+void mm_impl::move_vma(mm& m, vma* v, va_t target, std::uint64_t new_len) {
+  move_ptes(m, v->start, v->end, target);
   auto* nv = new vma(*v);
   nv->start = target;
   nv->end = target + new_len;
@@ -176,14 +237,10 @@ void mm_impl::move_vma(mm& m, vma* v, va_t target, std::uint64_t new_len, bool k
   // place (kernel: copy_vma), so it can merge there; a faulted one keeps
   // its offset (its pages' rmap index).
   if (nv->private_anon() && nv->anon_vma.load(std::memory_order_relaxed) == 0) nv->pgoff = target / page_size;
-  if (!keep_old) {
-    mm_impl::erase_vma(m, v);
-  } else if (v->private_anon()) {
-    // DONTUNMAP: the old VMA has no pages left; it drops its anon_vma so it
-    // can merge again (kernel: unlink_anon_vmas in dontunmap_complete).
-    v->anon_vma.store(0, std::memory_order_relaxed);
-  }
+  const va_t old_start = v->start, old_end = v->end;
+  mm_impl::erase_vma(m, v);
   mm_impl::insert_vma(m, nv);
+  mm_impl::free_tables(m, old_start, old_end);  // the old range is unmapped (kernel: move_vma -> do_vmi_munmap)
 }
 
 }  // namespace svm

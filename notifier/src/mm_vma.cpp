@@ -70,8 +70,13 @@ bool mm_impl::mergeable(const vma& a, const vma& b) noexcept {
 }
 
 void mm_impl::merge_around(mm& m, va_t lo, va_t hi) {
+  // Only boundaries that lie in [lo, hi] are candidates: the changed range's
+  // own and its two edges (kernel: vma_merge_new_range / vma_modify merge
+  // with prev and next only). A pair of untouched neighbours further out
+  // stays as it is even when compatible (a DONTUNMAP source emptied of its
+  // anon_vma is one such pair on Linux).
   vma* v = first_ending_after(m, lo > 0 ? lo - 1 : 0);
-  while (v && v->start <= hi) {
+  while (v && v->end <= hi) {
     vma* n = next_vma(m, v);
     if (!n) break;
     if (mergeable(*v, *n)) {

@@ -358,5 +358,102 @@ TEST(MmLinux, ZeroPageOffMakesAnonymousReadsAllocate) {
   EXPECT_EQ(m.cpu_translate(slot).order, 9u);
 }
 
+
+// ---- empty 4K page tables (Linux keeps them until free_pgtables or PT reclaim) ----
+
+// A 2M slot, THP-advised and without VM_NOHUGEPAGE, with one page faulted at
+// 4K (the slot was NOHUGEPAGE then) and made eligible again afterwards.
+va_t slot_with_a_4k_table(mm& m, va_t* base) {
+  const va_t va = m.mmap(0, 8 * M2, rw, anon_priv).value();
+  *base = va;
+  const va_t slot = align_up(va, M2);
+  EXPECT_EQ(m.madvise(slot, M2, madvice::nohugepage), errc::ok);
+  EXPECT_EQ(m.store<int>(slot + 5 * K4, 1), errc::ok);
+  EXPECT_FALSE(m.cpu_translate(slot + 5 * K4).huge_zero);
+  return slot;
+}
+
+bool read_maps_huge_zero(mm& m, va_t slot) {
+  EXPECT_EQ(m.madvise(slot, M2, madvice::hugepage), errc::ok);
+  EXPECT_EQ(m.load<int>(slot + 0x100000).value(), 0);
+  const auto t = m.cpu_translate(slot + 0x100000);
+  EXPECT_TRUE(t.present && t.zero_page);
+  return t.huge_zero;
+}
+
+TEST(MmLinux, EmptyPageTableLeftByDontunmapMoveKeepsTheSlotAt4K) {
+  mm m;
+  va_t base = 0;
+  const va_t slot = slot_with_a_4k_table(m, &base);
+  using f = mremap_flags;
+  ASSERT_TRUE(m.mremap(slot + 5 * K4, K4, K4, f::maymove | f::fixed | f::dontunmap, slot + 3 * M2).has_value());
+  EXPECT_FALSE(m.cpu_translate(slot + 5 * K4).present);
+  EXPECT_FALSE(read_maps_huge_zero(m, slot));  // the table is still there: a 4K zero page
+}
+
+TEST(MmLinux, EmptyPageTableLeftByMunmapStaysWhileAVmaTouchesTheSlot) {
+  mm m;
+  va_t base = 0;
+  const va_t slot = slot_with_a_4k_table(m, &base);
+  ASSERT_EQ(m.munmap(slot + 5 * K4, K4), errc::ok);
+  ASSERT_TRUE(m.mmap(slot + 5 * K4, K4, rw, fixed_priv).has_value());
+  EXPECT_FALSE(read_maps_huge_zero(m, slot));
+  // Once no VMA touches the slot, munmap frees the table (free_pgtables).
+  ASSERT_EQ(m.munmap(slot, M2), errc::ok);
+  ASSERT_TRUE(m.mmap(slot, M2, rw, fixed_priv).has_value());
+  EXPECT_TRUE(read_maps_huge_zero(m, slot));
+}
+
+TEST(MmLinux, DontneedOfTwoMegabytesReclaimsTheEmptyPageTable) {
+  mm m;
+  va_t base = 0;
+  const va_t slot = slot_with_a_4k_table(m, &base);
+  // Smaller than 2M: no page-table reclaim, the emptied table stays.
+  ASSERT_EQ(m.madvise(slot, M2 - K4, madvice::dontneed), errc::ok);
+  EXPECT_FALSE(m.cpu_translate(slot + 5 * K4).present);
+  EXPECT_FALSE(read_maps_huge_zero(m, slot));
+  ASSERT_EQ(m.madvise(slot, M2, madvice::nohugepage), errc::ok);
+  ASSERT_EQ(m.store<int>(slot + 5 * K4, 1), errc::ok);
+  ASSERT_EQ(m.madvise(slot, M2, madvice::dontneed), errc::ok);  // 2M: reclaimed
+  EXPECT_TRUE(read_maps_huge_zero(m, slot));
+}
+
+TEST(MmLinux, MremapGivesTheTargetAPageTableWhereTheSourceSlotHasOne) {
+  mm m;
+  va_t base = 0;
+  const va_t slot = slot_with_a_4k_table(m, &base);
+  const va_t target = slot + 2 * M2;
+  // Move a never-touched page of the slot: no entry moves, yet the target
+  // slot gets a table, so a later read there maps 4K pages.
+  using f = mremap_flags;
+  ASSERT_TRUE(m.mremap(slot + 9 * K4, K4, K4, f::maymove | f::fixed, target).has_value());
+  EXPECT_FALSE(read_maps_huge_zero(m, target));
+  // A move from a slot without a table leaves the target free for a THP.
+  const va_t clean = slot + 3 * M2;
+  ASSERT_TRUE(m.mremap(slot + 4 * M2 + 9 * K4, K4, K4, f::maymove | f::fixed, clean).has_value());
+  EXPECT_TRUE(read_maps_huge_zero(m, clean));
+}
+
+TEST(MmLinux, MremapDontUnmapOfSeveralVmasLeavesTheSourceBoundariesAsTheyWere) {
+  mm m;
+  const va_t va = m.mmap(0x100000000, 16 * K4, rw, fixed_priv).value();
+  ASSERT_EQ(m.mprotect(va + 8 * K4, 8 * K4, prot::read), errc::ok);
+  ASSERT_EQ(m.store<int>(va + 6 * K4, 6), errc::ok);
+  const auto before = m.vmas();
+  ASSERT_EQ(before.size(), 2u);
+  using f = mremap_flags;
+  // [va+4, va+12) spans both VMAs: each piece moves, the sources stay whole.
+  ASSERT_EQ(m.mremap(va + 4 * K4, 8 * K4, 8 * K4, f::maymove | f::fixed | f::dontunmap, 0x200000000).value(),
+            va_t{0x200000000});
+  const auto after = m.vmas();
+  ASSERT_GE(after.size(), 3u);
+  EXPECT_EQ(after[0].start, before[0].start);
+  EXPECT_EQ(after[0].end, before[0].end);
+  EXPECT_EQ(after[1].start, before[1].start);
+  EXPECT_EQ(after[1].end, before[1].end);
+  EXPECT_EQ(m.load<int>(0x200000000 + 2 * K4).value(), 6);
+  EXPECT_EQ(m.load<int>(va + 6 * K4).value(), 0);  // the source is mapped and empty
+}
+
 }  // namespace
 }  // namespace svm

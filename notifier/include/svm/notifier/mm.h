@@ -25,6 +25,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <set>
 #include <span>
 #include <string>
 #include <type_traits>
@@ -564,6 +565,19 @@ class mm {
   bool torn_down_ SVM_GUARDED_BY(mmap_lock_) = false;
   /// The CPU page table. Internally synchronised (node locks, epoch).
   cpu_page_table pt_;
+  static constexpr lock_class tables_class_{"mm.empty_tables", lockdep::rank::leaf};
+  /// 2M slots where Linux would still hold a 4K page table whose entries are
+  /// all empty. `pt_` frees an empty 4K node at once, so without this the
+  /// next fault there would see "no table" and map a THP or the huge zero
+  /// page where Linux maps 4K pages. A slot is added when a zap or a move
+  /// empties 4K entries in it; it is dropped where Linux frees the table:
+  /// munmap once no VMA touches the slot (free_pgtables), and MADV_DONTNEED
+  /// of 2M or more (page-table reclaim, CONFIG_PT_RECLAIM) when the slot has
+  /// no entry left. A slot whose node exists again is harmless (the fault
+  /// path sees the node first). Leaf lock: taken with no node lock held; the
+  /// fault path takes it under the mmap read lock, the rest under either.
+  mutable mutex tables_lock_{tables_class_};
+  std::set<va_t> empty_tables_ SVM_GUARDED_BY(tables_lock_);
   mmu_notifier_subscriptions subs_;
   static constexpr lock_class release_class_{"mm.release", lockdep::rank::driver};
   /// The release subscribers. teardown() holds the lock across their
