@@ -40,7 +40,9 @@ ratio is the median of the per-repetition ratios:
   host    svm against host-minor-fault           ratio = svm ns/page / host ns/page (P1)
           (scenario default: cpu-populated, with 1 engine and 4K windows unless given)
   waves   --waves N (default 1024) against 1     ratio = pages/s N waves / pages/s 1 wave
-          (scenario default: first-touch, with 1 engine and 4K windows unless given)
+          (scenario default: first-touch, with 1 engine, 4K windows and --size 64M
+          unless given: 16K items a round, so the ramp at each round's start and
+          end, when fewer than N faults can be in flight, stays small)
 
 NO ARGUMENTS: the default storm set: every scenario, then the P1-P7 measurements of
 docs/performance.md (--compare host, seq and mirror, thread scaling), a table and the
@@ -140,7 +142,7 @@ std::optional<int> parse_options(int argc, char** argv, options& o) {
   auto* thr = app.add_option("-t,--handler-threads", b.handler_threads, "Fault handler threads, 1..64")
                   ->capture_default_str()
                   ->check(CLI::Range(1u, 64u));
-  app.add_option("--size", b.size,
+  auto* size_opt = app.add_option("--size", b.size,
                  "Bytes of memory the storm touches per round (K/M/G suffixes, powers of 1024), 64K..1G; "
                  "thp and invalidate-disjoint round it up to 2M")
       ->default_str("16M")
@@ -239,6 +241,7 @@ std::optional<int> parse_options(int argc, char** argv, options& o) {
   o.threads_given = thr->count() > 0;
   o.seconds_given = sec->count() > 0;
   o.window_given = win->count() > 0;
+  o.size_given = size_opt->count() > 0;
 
   auto fail = [&](const std::string& msg) {
     std::fprintf(stderr, "svm-storm: %s\nRun with --help for more information.\n", msg.c_str());

@@ -31,7 +31,7 @@ struct options {
   std::vector<std::string> sweep_specs;  ///< --sweep as given (parsed into sweeps)
   // Knobs the user set explicitly (a comparison or the default set only
   // overrides the ones left at their defaults).
-  bool engines_given = false, window_given = false, seconds_given = false, threads_given = false;
+  bool engines_given = false, window_given = false, seconds_given = false, threads_given = false, size_given = false;
 };
 
 /// Parse argv. Returns nullopt to go on, or the exit status to end with

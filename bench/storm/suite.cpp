@@ -71,6 +71,9 @@ void comparison_sides(const options& o, const std::string& name, run_config& a, 
     if (!o.engines_given) a.engines = 1;
     if (!o.window_given) a.window = window_choice::w4k;
     if (a.waves == 0) a.waves = 1024;
+    // Many more items than waves: at 16M (4096 items) a quarter of each
+    // round would be the ramp up and down of 1024 waves.
+    if (!o.size_given) a.size = 64ull << 20;
     b = a;
     b.waves = 1;
     a.label = "waves " + std::to_string(a.waves);
