@@ -290,6 +290,13 @@ run_result run_one(const run_config& c, const runner_options& o) {
 }
 
 void merge_into(run_result& a, const run_result& b) {
+  // Per-batch figures: weighted by each side's batches (before they add up).
+  const double distinct = a.distinct_per_batch * static_cast<double>(a.batches) +
+                          b.distinct_per_batch * static_cast<double>(b.batches);
+  const std::uint64_t batches = a.batches + b.batches;
+  a.distinct_per_batch = batches ? distinct / static_cast<double>(batches) : 0;
+  a.coalesced += b.coalesced;
+  a.outstanding_high_water = std::max(a.outstanding_high_water, b.outstanding_high_water);
   a.wall_s += b.wall_s;
   a.total_s += b.total_s;
   a.rounds += b.rounds;

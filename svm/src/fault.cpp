@@ -206,12 +206,14 @@ errc gpu_vm::service_svm_locked(va_t gva, va_t cpu, access acc, va_range allowed
     // sequence, which invalidations of other 2M blocks there also advance.
     va_range win;
     bool aim_huge = false;
+    bool vma_writable = false;
     {
       mm::read_guard rd(mm_);
       auto vma = mm_.find_vma(cpu);
       if (!vma || cpu < vma->start) return errc::fault;
       const va_range vma_gpu{vma->start - static_cast<va_t>(delta), vma->end - static_cast<va_t>(delta)};
       const va_range ok = intersect(allowed, vma_gpu);
+      vma_writable = (vma->protection & prot::write) == prot::write;
       const va_range page{align_down(gva, page_size), align_down(gva, page_size) + page_size};
       win = shrink ? page : policy_->choose(gva, ok);
       // A policy that breaks its contract (a window that is not a power of
@@ -243,9 +245,14 @@ errc gpu_vm::service_svm_locked(va_t gva, va_t cpu, access acc, va_range allowed
 
     const std::size_t npages = win.size() / page_size;
     auto span = std::span(pfns).first(npages);
+    // A write fault asks for the whole window writable where the VMA allows
+    // it (as drm_gpusvm and amdkfd do): asking for its neighbours read-only
+    // would map them the zero page (or a shared COW page), and the device's
+    // next write to each would break it, invalidate the window and retry.
+    // A read fault asks for read access only.
     const bool write = needs_write(acc);
     for (std::size_t i = 0; i < npages; ++i)
-      span[i] = (write && win.start + i * page_size == align_down(gva, page_size)) ? hmm_req::write : 0;
+      span[i] = write && (vma_writable || win.start + i * page_size == align_down(gva, page_size)) ? hmm_req::write : 0;
     hmm_range range;
     range.notifier = &c->sub;
     range.notifier_seq = snap;

@@ -192,7 +192,12 @@ TEST(Lifetime, MmReleaseRacingAnInFlightFaultWaitsForItThenFailsLaterFaults) {
     ASSERT_EQ(m->add_release(last), errc::ok);  // ... and this one after it
     auto va = m->mmap(0, 4 * page_size, prot::read | prot::write, map::private_ | map::anonymous);
     ASSERT_TRUE(va.ok());
-    const va_t a = *va, b = *va + 2 * page_size;
+    // b in a VMA of its own (read-only, so it never merges with a's): no
+    // fault window of a can reach it, so its load must fault after the
+    // release instead of hitting a mapping a's window made.
+    auto vb = m->mmap(0, 4 * page_size, prot::read, map::private_ | map::anonymous);
+    ASSERT_TRUE(vb.ok());
+    const va_t a = *va, b = *vb + 2 * page_size;
     ASSERT_EQ(m->store<std::uint64_t>(a, 41), errc::ok);
     std::thread killer;
     std::atomic<int> calls{0};
@@ -207,8 +212,14 @@ TEST(Lifetime, MmReleaseRacingAnInFlightFaultWaitsForItThenFailsLaterFaults) {
       raced.store(first.started.load() && !last.started.load());
     }});
     std::atomic<std::uint64_t> got{0};
-    auto c = dev->submit(*vm, 1, [&got, a, b](dev::work_item& wi) {
+    auto c = dev->submit(*vm, 1, [&got, &last, a, b](dev::work_item& wi) {
       got = wi.load<std::uint64_t>(a);
+      // Wait until the VM's release is over (`last` runs after it): a fault
+      // serviced between the start of the teardown and the VM's release may
+      // still succeed on the intact mm, so only then is the next one's
+      // failure certain.
+      const auto end = std::chrono::steady_clock::now() + 20s;
+      while (!last.started.load() && std::chrono::steady_clock::now() < end) wi.yield();
       (void)wi.load<std::uint64_t>(b);  // faults after the release
     });
     ASSERT_TRUE(c.ok());
