@@ -245,14 +245,47 @@ errc gpu_vm::service_svm_locked(va_t gva, va_t cpu, access acc, va_range allowed
 
     const std::size_t npages = win.size() / page_size;
     auto span = std::span(pfns).first(npages);
-    // A write fault asks for the whole window writable where the VMA allows
-    // it (as drm_gpusvm and amdkfd do): asking for its neighbours read-only
-    // would map them the zero page (or a shared COW page), and the device's
-    // next write to each would break it, invalidate the window and retry.
-    // A read fault asks for read access only.
+    // A write fault asks for write access to its own page. Its neighbours
+    // in the window are asked for read access, except those the CPU has not
+    // populated at all (where the VMA allows writing): asked for read, each
+    // would get the zero page, and the device's next write to it would break
+    // that, invalidate the window and retry, once per page of a first-touch
+    // storm. Present read-only neighbours (COW after fork, the zero page)
+    // stay read-only: asking for them writable would break every COW of the
+    // window on each fault, and a CPU that forks often would then keep the
+    // window busy until the fault times out. A snapshot pass of
+    // hmm_range_fault (no fault flags) tells absent pages from present ones.
     const bool write = needs_write(acc);
-    for (std::size_t i = 0; i < npages; ++i)
-      span[i] = write && (vma_writable || win.start + i * page_size == align_down(gva, page_size)) ? hmm_req::write : 0;
+    const std::size_t self = static_cast<std::size_t>((align_down(gva, page_size) - win.start) / page_size);
+    std::fill(span.begin(), span.end(), hmm_pfn{0});
+    if (write) span[self] = hmm_req::write;
+    // The pass runs only when the faulting page itself is absent (a first
+    // touch): a write to a present read-only page (a COW break) asks for
+    // that page alone, without paying a walk of the whole window.
+    if (write && vma_writable && npages > 1 && acc != access::prefetch &&
+        !mm_.cpu_translate(align_down(gva, page_size) + static_cast<va_t>(delta)).present) {
+      std::array<hmm_pfn, huge_size / page_size> seen_pfns;
+      auto seen = std::span(seen_pfns).first(npages);
+      std::fill(seen.begin(), seen.end(), hmm_pfn{0});
+      hmm_range probe;
+      probe.notifier = &c->sub;
+      probe.notifier_seq = snap;
+      probe.start = cwin.start;
+      probe.end = cwin.end;
+      probe.hmm_pfns = seen;
+      probe.default_flags = 0;
+      probe.pfn_flags_mask = 0;
+      probe.dev_private_owner = owner();
+      mirror_->guard_walk(probe, *n, snap, pt::entry_index(win.start, level), pt::entry_index(win.end - 1, level));
+      errc pe;
+      {
+        mm::read_guard rd(mm_);
+        pe = hmm_range_fault(probe);
+      }
+      if (pe == errc::ok)  // else: read access for the neighbours, as without the pass
+        for (std::size_t i = 0; i < npages; ++i)
+          if (!(seen[i] & hmm_pfn_valid)) span[i] = hmm_req::write;
+    }
     hmm_range range;
     range.notifier = &c->sub;
     range.notifier_seq = snap;
