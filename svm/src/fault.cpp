@@ -259,6 +259,7 @@ errc gpu_vm::service_svm_locked(va_t gva, va_t cpu, access acc, va_range allowed
     const std::size_t self = static_cast<std::size_t>((align_down(gva, page_size) - win.start) / page_size);
     std::fill(span.begin(), span.end(), hmm_pfn{0});
     if (write) span[self] = hmm_req::write;
+    bool probe_busy = false;  // the pass saw the sequence move: retry without a second call on it
     // The pass runs only when the faulting page itself is absent (a first
     // touch): a write to a present read-only page (a COW break) asks for
     // that page alone, without paying a walk of the whole window.
@@ -282,9 +283,12 @@ errc gpu_vm::service_svm_locked(va_t gva, va_t cpu, access acc, va_range allowed
         mm::read_guard rd(mm_);
         pe = hmm_range_fault(probe);
       }
-      if (pe == errc::ok)  // else: read access for the neighbours, as without the pass
+      if (pe == errc::ok) {
         for (std::size_t i = 0; i < npages; ++i)
           if (!(seen[i] & hmm_pfn_valid)) span[i] = hmm_req::write;
+      } else if (pe == errc::busy) {
+        probe_busy = true;  // calling again on the same stale sequence would be the bug the checker reports
+      }  // else: read access for the neighbours, as without the pass
     }
     hmm_range range;
     range.notifier = &c->sub;
@@ -300,8 +304,8 @@ errc gpu_vm::service_svm_locked(va_t gva, va_t cpu, access acc, va_range allowed
     // block) does not make this fault retry.
     const unsigned first = pt::entry_index(win.start, level), last = pt::entry_index(win.end - 1, level);
     mirror_->guard_walk(range, *n, snap, first, last);
-    errc err;
-    {
+    errc err = errc::busy;
+    if (!probe_busy) {
       mm::read_guard rd(mm_);
       bump(ctr_->hmm_calls);
       span_scope sp(dev_.trace(), "hmm_range_fault", npages);

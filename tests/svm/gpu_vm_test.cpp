@@ -177,6 +177,76 @@ TEST_P(GpuVm, DisjointInvalidationRetriesOnlyInNotifierWideMode) {
 
 // The automatic spin: on only when engines and handler threads fit in the
 // hardware threads; an explicit value always wins.
+// A write fault on a page the CPU never touched maps its window's other
+// untouched pages writable (real pages, not the zero page), so the device's
+// writes to them are valid faults that invalidate nothing. Asked for read,
+// each would get the zero page and each later write would break it: one
+// invalidation and one retry per page of a first-touch storm.
+TEST_P(GpuVm, FirstTouchWriteMapsTheWindowsUntouchedNeighboursWritable) {
+  const va_t va = base + 3 * page_size, other = base + 5 * page_size;
+  auto c = dev->submit(*vm, 1, [va](dev::work_item& wi) { wi.store<std::uint64_t>(va, 9); });
+  ASSERT_TRUE(c.ok());
+  ASSERT_TRUE(c->wait(30s).ok());
+  const cpu_translation t = m->cpu_translate(other);
+  EXPECT_TRUE(t.present && t.writable && !t.zero_page) << "the neighbour got the zero page";
+  const auto before = vm->stats();
+  auto w = dev->submit(*vm, 16, [this](dev::work_item& wi) {
+    wi.store<std::uint64_t>(base + wi.id() * page_size + 8, wi.id());
+  });
+  ASSERT_TRUE(w.ok());
+  ASSERT_TRUE(w->wait(30s).ok());
+  const auto after = vm->stats();
+  EXPECT_EQ(after.invalidations, before.invalidations) << "a neighbour's write broke a zero page";
+  EXPECT_EQ(after.hmm_calls, before.hmm_calls) << "the window did not map the neighbours";
+  for (std::uint64_t i = 0; i < 16; ++i) EXPECT_EQ(m->load<std::uint64_t>(base + i * page_size + 8).value(), i);
+  EXPECT_EQ(m->load<std::uint64_t>(va).value(), 9u);
+}
+
+// Neighbours the CPU maps read-only (COW after a fork) stay read-only: a
+// write fault breaks the COW of its own page only, so a CPU that forks
+// again and again does not make every fault break the whole window.
+TEST_P(GpuVm, WriteFaultLeavesPresentReadOnlyNeighboursShared) {
+  for (std::uint64_t i = 0; i < 8; ++i) ASSERT_EQ(m->store<std::uint64_t>(base + i * page_size, 100 + i), errc::ok);
+  auto child = m->fork();
+  ASSERT_TRUE(child.ok());
+  const va_t va = base + 3 * page_size, other = base + 5 * page_size;
+  const pfn_t shared = m->cpu_translate(other).pfn;
+  ASSERT_FALSE(m->cpu_translate(other).writable);
+  auto c = dev->submit(*vm, 1, [va](dev::work_item& wi) { wi.store<std::uint64_t>(va, 9); });
+  ASSERT_TRUE(c.ok());
+  ASSERT_TRUE(c->wait(30s).ok());
+  EXPECT_TRUE(m->cpu_translate(va).writable);
+  EXPECT_NE(m->cpu_translate(va).pfn, (*child)->cpu_translate(va).pfn) << "the faulting page's COW is broken";
+  EXPECT_FALSE(m->cpu_translate(other).writable) << "a neighbour's COW was broken on the fault's behalf";
+  EXPECT_EQ(m->cpu_translate(other).pfn, shared);
+  EXPECT_EQ((*child)->load<std::uint64_t>(va).value(), 103u);
+  EXPECT_EQ(m->load<std::uint64_t>(va).value(), 9u);
+}
+
+// The snapshot pass of a first-touch write fault sees the sequence move
+// (an invalidation of the window between the snapshot and the pass): the
+// fault retries with a fresh snapshot instead of calling hmm_range_fault
+// again on the stale one (which the stale-sequence checker would report).
+TEST_P(GpuVm, FirstTouchPassThatSeesTheSequenceMoveRetriesWithAFreshSnapshot) {
+  const va_t va = base + 3 * page_size;
+  std::atomic<int> calls{0};
+  vm->set_test_hooks({.after_snapshot = [&](va_range) {
+    if (calls.fetch_add(1) == 0) {
+      EXPECT_EQ(m->madvise(base + 9 * page_size, page_size, madvice::dontneed), errc::ok);
+    }
+  }});
+  const std::uint64_t reuses = hmm_stale_sequence_reuses();
+  const auto before = vm->stats();
+  auto c = dev->submit(*vm, 1, [va](dev::work_item& wi) { wi.store<std::uint64_t>(va, 9); });
+  ASSERT_TRUE(c.ok());
+  ASSERT_TRUE(c->wait(30s).ok());
+  vm->set_test_hooks({});
+  EXPECT_GE(calls.load(), 2) << "the fault did not retry";
+  EXPECT_GT(vm->stats().retries_busy, before.retries_busy);
+  EXPECT_EQ(hmm_stale_sequence_reuses(), reuses);
+  EXPECT_EQ(m->load<std::uint64_t>(va).value(), 9u);
+}
+
 TEST(DeviceConfig, WaitSpinIsAutomaticUnlessGiven) {
   const unsigned hw = std::max(1u, std::thread::hardware_concurrency());
   driver_config c;
