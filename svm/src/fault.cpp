@@ -18,6 +18,25 @@ using detail::now_ns;
 using detail::span_scope;
 using clock_type = std::chrono::steady_clock;
 
+namespace {
+// An hmm_range over the CPU window `cwin` of chunk notifier `sub`, from the
+// sequence snapshot `snap`, with the request flags of `pfns` (masked) and
+// `dflt` for every page.
+hmm_range window_range(interval_notifier& sub, std::uint64_t snap, va_range cwin, std::span<hmm_pfn> pfns,
+                       hmm_pfn dflt, hmm_pfn mask, const void* owner) {
+  hmm_range r;
+  r.notifier = &sub;
+  r.notifier_seq = snap;
+  r.start = cwin.start;
+  r.end = cwin.end;
+  r.hmm_pfns = pfns;
+  r.default_flags = dflt;
+  r.pfn_flags_mask = mask;
+  r.dev_private_owner = owner;
+  return r;
+}
+}  // namespace
+
 // ---- the fault path -----------------------------------------------------------
 
 std::uint64_t gpu_vm::service(std::span<dev::fault_record> recs) {
@@ -268,15 +287,7 @@ errc gpu_vm::service_svm_locked(va_t gva, va_t cpu, access acc, va_range allowed
       std::array<hmm_pfn, huge_size / page_size> seen_pfns;
       auto seen = std::span(seen_pfns).first(npages);
       std::fill(seen.begin(), seen.end(), hmm_pfn{0});
-      hmm_range probe;
-      probe.notifier = &c->sub;
-      probe.notifier_seq = snap;
-      probe.start = cwin.start;
-      probe.end = cwin.end;
-      probe.hmm_pfns = seen;
-      probe.default_flags = 0;
-      probe.pfn_flags_mask = 0;
-      probe.dev_private_owner = owner();
+      hmm_range probe = window_range(c->sub, snap, cwin, seen, 0, 0, owner());
       mirror_->guard_walk(probe, *n, snap, pt::entry_index(win.start, level), pt::entry_index(win.end - 1, level));
       errc pe;
       {
@@ -290,15 +301,8 @@ errc gpu_vm::service_svm_locked(va_t gva, va_t cpu, access acc, va_range allowed
         probe_busy = true;  // calling again on the same stale sequence would be the bug the checker reports
       }  // else: read access for the neighbours, as without the pass
     }
-    hmm_range range;
-    range.notifier = &c->sub;
-    range.notifier_seq = snap;
-    range.start = cwin.start;
-    range.end = cwin.end;
-    range.hmm_pfns = span;
-    range.default_flags = acc == access::prefetch ? 0 : hmm_req::fault;
-    range.pfn_flags_mask = hmm_req::write;
-    range.dev_private_owner = owner();
+    hmm_range range =
+        window_range(c->sub, snap, cwin, span, acc == access::prefetch ? 0 : hmm_req::fault, hmm_req::write, owner());
     // The window's entries in its node: an advance of the node's sequence
     // for other entries of the node (a disjoint invalidation in the same 2M
     // block) does not make this fault retry.
@@ -459,15 +463,7 @@ bool gpu_vm::service_svm_block_locked(std::span<const va_t> pages, std::span<con
       const access acc = accs[need_at[k]];
       span[need[k]] = (acc == access::prefetch ? 0 : hmm_req::fault) | (needs_write(acc) ? hmm_req::write : 0);
     }
-    hmm_range range;
-    range.notifier = &c->sub;
-    range.notifier_seq = snap;
-    range.start = cwin.start;
-    range.end = cwin.end;
-    range.hmm_pfns = span;
-    range.default_flags = 0;
-    range.pfn_flags_mask = hmm_req::fault | hmm_req::write;
-    range.dev_private_owner = owner();
+    hmm_range range = window_range(c->sub, snap, cwin, span, 0, hmm_req::fault | hmm_req::write, owner());
     mirror_->guard_walk(range, *n, snap, first, last);
     errc err;
     {
