@@ -49,6 +49,10 @@ mm::vma* mm_impl::next_vma(const mm& m, vma* v) {
 void mm_impl::split_at(mm& m, va_t va) {
   vma* v = find_vma_mut(m, va);
   if (!v || v->start == va) return;
+  // A PMD mapping the new boundary cuts becomes 4K entries first (kernel:
+  // vma_adjust_trans_huge in __split_vma): a THP stays one folio, PTE-mapped;
+  // the huge zero page becomes 4K zero-page entries.
+  if (!is_aligned(va, huge_size)) split_huge(m, va, va + 1);
   auto* tail = new vma(*v);  // both halves share the anon_vma, as in Linux
   tail->start = va;
   tail->pgoff = v->pgoff + (va - v->start) / page_size;

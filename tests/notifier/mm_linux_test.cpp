@@ -455,5 +455,36 @@ TEST(MmLinux, MremapDontUnmapOfSeveralVmasLeavesTheSourceBoundariesAsTheyWere) {
   EXPECT_EQ(m.load<int>(va + 6 * K4).value(), 0);  // the source is mapped and empty
 }
 
+TEST(MmLinux, SplittingAVmaInsideAHugeZeroPmdMapsFourKZeroPages) {
+  mm m;
+  const va_t va = m.mmap(0, 2 * M2, rw, anon_priv).value();
+  const va_t slot = align_up(va, M2);
+  ASSERT_EQ(m.madvise(va, 2 * M2, madvice::hugepage), errc::ok);
+  ASSERT_EQ(m.load<int>(slot).value(), 0);
+  ASSERT_TRUE(m.cpu_translate(slot + 100 * K4).huge_zero);
+  // NOHUGEPAGE on part of the slot splits the VMA inside the PMD: the PMD
+  // becomes 4K entries, each the 4K zero page.
+  ASSERT_EQ(m.madvise(slot + 43 * K4, M2, madvice::nohugepage), errc::ok);
+  for (va_t p : {slot, slot + 42 * K4, slot + 43 * K4, slot + 511 * K4}) {
+    const auto t = m.cpu_translate(p);
+    EXPECT_TRUE(t.present && t.zero_page) << std::hex << p;
+    EXPECT_FALSE(t.huge_zero) << std::hex << p;
+    EXPECT_EQ(t.order, 0u) << std::hex << p;
+  }
+  // A THP cut the same way stays one folio, now mapped by 4K entries.
+  const va_t v2 = m.mmap(0, 2 * M2, rw, anon_priv).value();
+  const va_t s2 = align_up(v2, M2);
+  ASSERT_EQ(m.madvise(v2, 2 * M2, madvice::hugepage), errc::ok);
+  ASSERT_EQ(m.store<int>(s2, 7), errc::ok);
+  ASSERT_EQ(m.cpu_translate(s2).order, 9u);
+  const pfn_t head = m.cpu_translate(s2).pfn;
+  ASSERT_EQ(m.madvise(s2 + 43 * K4, M2, madvice::nohugepage), errc::ok);
+  const auto t = m.cpu_translate(s2 + 100 * K4);
+  EXPECT_EQ(t.order, 0u);
+  EXPECT_EQ(t.pfn, head + 100);
+  EXPECT_EQ(m.folio(t.pfn).order, 9u);
+  EXPECT_EQ(m.load<int>(s2).value(), 7);
+}
+
 }  // namespace
 }  // namespace svm
