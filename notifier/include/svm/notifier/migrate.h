@@ -84,19 +84,19 @@ enum class migrate_select : std::uint8_t {
 struct migrate_vma {
   va_t start = 0;  ///< page aligned, non-zero
   va_t end = 0;    ///< exclusive, page aligned; [start, end) lies in one VMA
-  /// Per page, set by setup: VALID with the old frame (pool, pfn) for a
-  /// collected page (+WRITE if it was writable), MIGRATE alone for a
-  /// collected hole, nothing for a page that is not migrated.
-  std::vector<migrate_page> src;
-  /// Per page, filled by the driver: VALID with a frame it allocated (one
-  /// reference, which migration takes over) holding the page's new bytes.
-  /// A device-private pool's frame becomes a device-private entry, any other
-  /// pool's a present PTE.
-  std::vector<migrate_page> dst;
   /// The owner the MIGRATE invalidation carries; device-private pages are
   /// collected only from pools attached with this owner.
   const void* pgmap_owner = nullptr;
   migrate_select select = migrate_select::none;  ///< which pages to collect
+  /// Per page, set by setup: VALID with the old frame (pool, pfn) for a
+  /// collected page (+WRITE if it was writable), MIGRATE alone for a
+  /// collected hole, nothing for a page that is not migrated.
+  std::vector<migrate_page> src = {};
+  /// Per page, filled by the driver: VALID with a frame it allocated (one
+  /// reference, which migration takes over) holding the page's new bytes.
+  /// A device-private pool's frame becomes a device-private entry, any other
+  /// pool's a present PTE.
+  std::vector<migrate_page> dst = {};
   std::size_t cpages = 0;  ///< pages (holes included) setup marked MIGRATE
   std::size_t npages = 0;  ///< pages in [start, end), set by setup
   /// The mm setup ran on (set by setup, cleared by finalize); pages and
