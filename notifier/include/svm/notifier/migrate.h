@@ -51,7 +51,7 @@ inline constexpr unsigned max_migrate_to_ram_calls = 8;
 
 /// Flags of a migrate_vma page entry (kernel: MIGRATE_PFN_*).
 enum class migrate_pfn : std::uint32_t {
-  none = 0,
+  none = 0,     ///< no frame, not migrating
   valid = 1,    ///< pool and pfn name a frame
   migrate = 2,  ///< src: collected (may move); cleared where the page cannot move
   write = 4,    ///< src: the old entry was writable (the new one will be)
@@ -72,7 +72,7 @@ struct migrate_page {
 
 /// Which pages migrate_vma_setup collects (kernel: MIGRATE_VMA_SELECT_*).
 enum class migrate_select : std::uint8_t {
-  none = 0,
+  none = 0,            ///< nothing (refused by setup)
   system = 1,          ///< present system-memory pages, and empty PTEs (holes)
   device_private = 2,  ///< device-private pages whose pool owner is pgmap_owner
   is_flag_enum_ = 0

@@ -179,7 +179,7 @@ struct folio_info {
 /// How a pool attached to an mm behaves.
 enum class pool_kind : std::uint8_t {
   numa,            ///< ordinary memory on another node: CPU-accessible
-  device_private,  ///< device memory: not CPU-accessible; a CPU fault migrates back
+  device_private,  ///< device memory: not CPU-accessible; a CPU fault migrates back (through the pool's dev_pagemap_ops if it has them)
 };
 
 /// Construction options. mm::create() checks them (validate()).
@@ -444,8 +444,11 @@ class mm {
   /// Kernel: handle_mm_fault. Make `va` present (and writable for a
   /// write/atomic access): zero page, new frame, THP, page cache, COW break
   /// (CLEAR on the page), swap-in, migration back from device memory
-  /// (MIGRATE). EFAULT: no VMA / no permission / I/O VMA; EPERM: write to a
-  /// VMA without write; ENOMEM.
+  /// (MIGRATE; through the pool's dev_pagemap_ops::migrate_to_ram when it
+  /// has them, EFAULT after max_migrate_to_ram_calls calls that left the page
+  /// there). A migration entry (svm/notifier/migrate.h) is waited on until
+  /// its migrate_vma_finalize. EFAULT: no VMA / no permission / I/O VMA;
+  /// EPERM: write to a VMA without write; ENOMEM.
   /// Locking: requires mmap_lock shared (or exclusive); takes node locks and
   /// may run invalidations; blocks.
   [[nodiscard]] errc handle_mm_fault(va_t va, access a) SVM_REQUIRES_SHARED(mmap_lock_);
