@@ -55,7 +55,7 @@ mm::mm(mm_options o, std::shared_ptr<pool_set> pools)
       vmas_(std::make_unique<vma_tree>()) {
   if (!pools_) {
     pools_ = std::make_shared<pool_set>();
-    pools_->pools[0] = {std::make_shared<frame_pool>(o.frames), pool_kind::numa, nullptr};
+    pools_->pools[0] = {std::make_shared<frame_pool>(o.frames), pool_kind::numa, nullptr, nullptr};
     pools_->swap = std::make_shared<swap_space>(o.swap_slots);
     pools_->count.store(1, std::memory_order_release);
   }
@@ -89,13 +89,14 @@ mm::~mm() {
 
 unsigned mm::pool_count() const noexcept { return pools_->count.load(std::memory_order_acquire); }
 
-result<unsigned> mm::attach_pool(std::shared_ptr<frame_pool> p, pool_kind kind, const void* owner) {
-  if (!p) return errc::inval;
+result<unsigned> mm::attach_pool(std::shared_ptr<frame_pool> p, pool_kind kind, const void* owner,
+                                 dev_pagemap_ops* ops) {
+  if (!p || (ops && kind != pool_kind::device_private)) return errc::inval;
   lock_guard g(mmap_lock_);
   lock_guard a(pools_->attach_lock);
   const unsigned n = pools_->count.load(std::memory_order_relaxed);
   if (n >= cpu_pte::max_pools) return errc::nospc;
-  pools_->pools[n] = {std::move(p), kind, owner};
+  pools_->pools[n] = {std::move(p), kind, owner, ops};
   // release: publishes the slot; pairs with the acquire load in pool_count().
   pools_->count.store(n + 1, std::memory_order_release);
   return n;

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cassert>
 #include <cstring>
+#include <thread>
 
 #include "mm_impl.h"
 #include "svm/base/epoch.h"
@@ -178,10 +179,15 @@ errc mm_impl::fault_once(mm& m, const vma& v, va_t va, bool write) {
     return errc::again;  // look again: a write may still need the COW path
   }
 
+  // Under migration: handle_mm_fault waits for it to go.
+  if (cpu_pte::is_migration(e)) return errc::again;
+
   if (cpu_pte::is_devpriv(e)) {
-    // Device-private page: migrate it back to system memory (kernel:
-    // migrate_to_ram through the page's pgmap owner).
+    // Device-private page: migrate it back to system memory. A pool with
+    // pgmap ops does it through migrate_to_ram, which handle_mm_fault calls
+    // (the entry appeared after it looked); the others right here.
     const unsigned pool = cpu_pte::pool(e);
+    if (m.pool_ops(pool)) return errc::again;
     const pfn_t old = cpu_pte::pfn(e);
     auto nf = sys.alloc();
     if (!nf) return nf.error();
@@ -346,11 +352,32 @@ errc mm::handle_mm_fault(va_t va, access a) {
   mmap_lock_.assert_held_shared();
   va = align_down(va, page_size);
   const bool write = needs_write(a);
+  unsigned ops_calls = 0;
   for (;;) {
     const vma* v = mm_impl::find_vma(*this, va);
     if (!v || v->kind == vma_kind::io) return errc::fault;
     if (write && !v->writable()) return v->accessible() ? errc::perm : errc::fault;
     if (!write && !v->accessible()) return errc::fault;  // PROT_WRITE implies read (x86)
+    // A lock-free look first, for the two cases that leave the fault path:
+    const std::uint64_t e = pt_.translate(va).entry;
+    if (cpu_pte::is_migration(e)) {
+      // Kernel: migration_entry_wait. The migrating thread's finalize
+      // (which takes no mmap lock) always replaces the entry.
+      std::this_thread::yield();
+      continue;
+    }
+    if (cpu_pte::is_devpriv(e)) {
+      if (dev_pagemap_ops* ops = pool_ops(cpu_pte::pool(e))) {
+        // Kernel: do_swap_page -> pgmap->ops->migrate_to_ram, then the
+        // fault is retried. An owner that leaves the page on the device
+        // every time gets the fault refused, not an endless loop.
+        if (ops_calls++ == max_migrate_to_ram_calls) return errc::fault;
+        const errc r = ops->migrate_to_ram(*this, va);
+        if (r == errc::nomem) return r;
+        if (r != errc::ok && r != errc::again) return errc::fault;
+        continue;
+      }
+    }
     errc r = mm_impl::fault_once(*this, *v, va, write);
     if (r != errc::again) return r;
   }

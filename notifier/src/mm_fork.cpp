@@ -48,6 +48,12 @@ result<std::unique_ptr<mm>> mm::fork() {
       if (!needs_copy(v)) continue;
       const bool cow = !v.shared;
       (void)mm_impl::walk_locked(*this, v.start, v.end, [&](va_t va, std::uint64_t e, unsigned level) {
+        // A page under migration stays where it is (cpu_pte.h): the child
+        // must not get an entry no finalize would ever replace.
+        if (cpu_pte::is_migration(e)) e = mm_impl::unmigrate(*this, e);
+        // Device-private entries are copied like present ones: both sides
+        // keep the device frame, read-only (kernel: copy_nonpresent_pte
+        // makes a writable device-private entry read-only in both).
         if (cpu_pte::is_swap(e)) {
           pools_->swap->get(cpu_pte::pfn(e));
         } else if (cpu_pte::holds_frame(e)) {

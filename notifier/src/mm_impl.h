@@ -9,6 +9,7 @@
 #include <boost/intrusive/set.hpp>
 
 #include "svm/base/epoch.h"
+#include "svm/notifier/migrate.h"
 #include "svm/notifier/mm.h"
 
 namespace svm {
@@ -173,6 +174,13 @@ struct mm_impl {
   static errc fault_once(mm& m, const vma& v, va_t va, bool write) SVM_REQUIRES_SHARED(m.mmap_lock_);
   template <class Op>
   static errc access(mm& m, va_t va, bool write, Op&& op) SVM_REQUIRES_SHARED(m.mmap_lock_);
+  /// The entry a migration entry replaced (device-private for a
+  /// device-private pool, present otherwise), with its write bit.
+  static std::uint64_t unmigrate(const mm& m, std::uint64_t e) noexcept;
+  /// migrate_vma's three steps (mm_migrate.cpp).
+  static errc migrate_setup(mm& m, migrate_vma& a) SVM_REQUIRES_SHARED(m.mmap_lock_);
+  static errc migrate_pages(mm& m, migrate_vma& a) SVM_REQUIRES_SHARED(m.mmap_lock_);
+  static errc migrate_finalize(mm& m, migrate_vma& a);
   static errc start_fn(mm& m, mmu_notifier_range& r, mmu_notifier_event ev, va_t s, va_t e,
                     const void* owner = nullptr, bool blockable = true);
   static void end_fn(mm& m, mmu_notifier_range& r);

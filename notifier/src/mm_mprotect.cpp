@@ -57,6 +57,9 @@ errc mm::mprotect(va_t addr, std::uint64_t length, prot p) {
     v->account = acct;
     const bool shared = v->shared;
     (void)mm_impl::walk_locked(*this, v->start, v->end, [&](va_t, std::uint64_t e, unsigned) -> std::uint64_t {
+      // A page under migration stays where it is (cpu_pte.h), then gets the
+      // new protection like any other entry.
+      if (cpu_pte::is_migration(e)) e = mm_impl::unmigrate(*this, e);
       if (!accessible) {
         if (cpu_pte::is_valid(e)) return (e & ~(cpu_pte::present | cpu_pte::write)) | cpu_pte::protnone;
         return e;

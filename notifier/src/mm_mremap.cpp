@@ -39,7 +39,9 @@ void move_ptes(mm& m, va_t s, va_t e, va_t target) {
   std::vector<moved> ptes;
   std::vector<va_range> flush;
   (void)pt.zap(s, e, flush, [&](va_t va, std::uint64_t pte, unsigned level) {
-    ptes.push_back({va, pte, level});
+    // A page under migration moves as the entry it was (cpu_pte.h: the
+    // migration is abandoned; its finalize finds the old PTE gone).
+    ptes.push_back({va, cpu_pte::is_migration(pte) ? mm_impl::unmigrate(m, pte) : pte, level});
     if (level == 0 && (emptied.empty() || emptied.back() != align_down(va, huge_size)))
       emptied.push_back(align_down(va, huge_size));
   });

@@ -179,7 +179,7 @@ struct folio_info {
 /// How a pool attached to an mm behaves.
 enum class pool_kind : std::uint8_t {
   numa,            ///< ordinary memory on another node: CPU-accessible
-  device_private,  ///< device memory: not CPU-accessible; a CPU fault migrates back
+  device_private,  ///< device memory: not CPU-accessible; a CPU fault migrates back (through the pool's dev_pagemap_ops if it has them)
 };
 
 /// Construction options. mm::create() checks them (validate()).
@@ -234,6 +234,7 @@ struct mm_stats {
 };
 
 class swap_space;
+class dev_pagemap_ops;
 struct hmm_range;
 errc hmm_range_fault(hmm_range& range);
 
@@ -443,8 +444,11 @@ class mm {
   /// Kernel: handle_mm_fault. Make `va` present (and writable for a
   /// write/atomic access): zero page, new frame, THP, page cache, COW break
   /// (CLEAR on the page), swap-in, migration back from device memory
-  /// (MIGRATE). EFAULT: no VMA / no permission / I/O VMA; EPERM: write to a
-  /// VMA without write; ENOMEM.
+  /// (MIGRATE; through the pool's dev_pagemap_ops::migrate_to_ram when it
+  /// has them, EFAULT after max_migrate_to_ram_calls calls that left the page
+  /// there). A migration entry (svm/notifier/migrate.h) is waited on until
+  /// its migrate_vma_finalize. EFAULT: no VMA / no permission / I/O VMA;
+  /// EPERM: write to a VMA without write; ENOMEM.
   /// Locking: requires mmap_lock shared (or exclusive); takes node locks and
   /// may run invalidations; blocks.
   [[nodiscard]] errc handle_mm_fault(va_t va, access a) SVM_REQUIRES_SHARED(mmap_lock_);
@@ -488,14 +492,22 @@ class mm {
   [[nodiscard]] pool_kind kind_of_pool(unsigned i) const noexcept { return pools_->pools[i].kind; }
   /// The owner given to attach_pool() for pool `i` (null for pool 0).
   [[nodiscard]] const void* pool_owner(unsigned i) const noexcept { return pools_->pools[i].owner; }
+  /// The pgmap ops given to attach_pool() for pool `i` (null: none; a CPU
+  /// fault on the pool's device-private pages then migrates them back itself).
+  [[nodiscard]] dev_pagemap_ops* pool_ops(unsigned i) const noexcept { return pools_->pools[i].ops; }
   /// Pools attached, the system pool included (acquire load; at least 1).
   [[nodiscard]] unsigned pool_count() const noexcept;
   /// Attach another pool; returns its index (up to cpu_pte::max_pools). Fork
   /// children share the attached pools. `owner` names a device-private
-  /// pool's owner (hmm_range's dev_private_owner).
-  /// Locking: takes mmap_lock exclusive. EINVAL: null pool; ENOSPC: full.
+  /// pool's owner (hmm_range's dev_private_owner). `ops` (device-private
+  /// pools only; it must outlive every mm of the fork family) is the pgmap's
+  /// migrate_to_ram, which a CPU fault on the pool's pages calls
+  /// (svm/notifier/migrate.h).
+  /// Locking: takes mmap_lock exclusive. EINVAL: null pool, or ops on a
+  /// numa pool; ENOSPC: full.
   [[nodiscard]] result<unsigned> attach_pool(std::shared_ptr<frame_pool> p, pool_kind kind,
-                                             const void* owner = nullptr) SVM_EXCLUDES(mmap_lock_);
+                                             const void* owner = nullptr, dev_pagemap_ops* ops = nullptr)
+      SVM_EXCLUDES(mmap_lock_);
   /// The zero page's frame number, the same (frame 0) in every pool.
   [[nodiscard]] static constexpr pfn_t zero_pfn() noexcept { return frame_pool::zero_pfn(); }
 
@@ -539,6 +551,7 @@ class mm {
     std::shared_ptr<frame_pool> pool;
     pool_kind kind = pool_kind::numa;
     const void* owner = nullptr;
+    dev_pagemap_ops* ops = nullptr;  // not owned
   };
   /// Pools and swap shared by a fork family. Slot i is written once, before
   /// `count` is raised past i (release); readers index only below an
@@ -550,6 +563,13 @@ class mm {
     std::shared_ptr<swap_space> swap;  // immutable
     mutex attach_lock{attach_class};   // serialises attach_pool across a fork family
     static constexpr lock_class attach_class{"pool_set.attach", lockdep::rank::leaf};
+    /// Frames collected by a migrate_vma_setup whose migrate_vma_finalize
+    /// has not run yet, as (pool << 52 | pfn): a frame is isolated by one
+    /// migration at a time (kernel: the folio lock migrate_vma takes).
+    /// Leaf lock, taken under page-table node locks.
+    mutex isolate_lock{isolate_class};
+    static constexpr lock_class isolate_class{"pool_set.isolate", lockdep::rank::leaf};
+    std::set<std::uint64_t> isolated SVM_GUARDED_BY(isolate_lock);
   };
   mm(mm_options o, std::shared_ptr<pool_set> pools);
 
