@@ -1,5 +1,7 @@
 #include "fuzz/op_runner.h"
 
+#include "svm/notifier/migrate.h"
+
 #include <array>
 #include <atomic>
 #include <chrono>
@@ -119,6 +121,7 @@ class runner {
   /// with the model (the data check).
   bool read_back(std::size_t i, const op_desc& op, const std::vector<range_access>& acc, const range_outcome& o);
   bool check_oracle(std::size_t i, const op_desc& op);
+  void migrate_in_three_steps(va_t va, std::uint64_t len, unsigned target);
   std::string show_status(const dev::kernel_status& st) const;
   std::uint64_t pick_bo(std::uint8_t b) const;
 
@@ -139,6 +142,37 @@ class runner {
   /// an ENOMEM from svm ends the run instead of failing it.
   static constexpr pfn_t low_frames = 1024;  // the device-private pool's owner (not the VM)
 };
+
+// A driver's device migration of [va, va + len) to pool `target` (1: a
+// second system pool, 2: the device-private pool): setup, copy every
+// collected page into a new frame of the target, pages, finalize. Its error
+// codes follow migrate_vma's contract (one VMA only), not mm::migrate's, so
+// they are not compared; the bytes are, by every later CPU and device read.
+void runner::migrate_in_three_steps(va_t va, std::uint64_t len, unsigned target) {
+  migrate_vma mv;
+  mv.start = va;
+  mv.end = va + len;
+  mv.pgmap_owner = &foreign_owner_;
+  mv.select = migrate_select::system | migrate_select::device_private;
+  {
+    mm::read_guard rd(*m_);
+    if (migrate_vma_setup(*m_, mv) != errc::ok) return;
+  }
+  frame_pool& to = m_->pool(target);
+  for (std::size_t i = 0; i < mv.npages; ++i) {
+    const migrate_page& s = mv.src[i];
+    if (!s.has(migrate_pfn::valid | migrate_pfn::migrate) || s.pool == target) continue;
+    auto f = to.alloc();
+    if (!f) continue;  // out of frames: this page stays
+    frame_pool::copy_frame(to.frame_data(*f), m_->pool(s.pool).frame_data(s.pfn));
+    mv.dst[i] = {migrate_pfn::valid, target, *f};
+  }
+  {
+    mm::read_guard rd(*m_);
+    (void)migrate_vma_pages(*m_, mv);
+  }
+  (void)migrate_vma_finalize(*m_, mv);
+}
 
 runner::runner(const program& p, const run_hooks* h) : prog_(p), hooks_(h), model_(cpu_base, mm_options{}.mmap_limit) {
   const std::uint8_t c = p.config;
@@ -312,6 +346,10 @@ bool runner::step(std::size_t i, const op_desc& op) {
     case op_kind::migrate: {
       const va_t va = page_va(cpu_base, u16(a, 0));
       const std::uint64_t len = decode_pages(a[2]) * page_size;
+      if (op.kind == op_kind::migrate && (a[3] & 2)) {
+        migrate_in_three_steps(va, len, 1 + (a[3] & 1));
+        return true;  // bytes are checked by the later loads against the model, which migration keeps
+      }
       auto got = op.kind == op_kind::reclaim ? m_->reclaim(va, len)
                                              : m_->migrate(va, len, 1 + (a[3] & 1), (a[3] & 1) ? &foreign_owner_ : nullptr);
       const errc want = model_.reclaim_or_migrate_check(va, len);
@@ -1206,6 +1244,21 @@ std::vector<std::pair<std::string, std::vector<std::uint8_t>>> seed_corpus() {
                            .cpu_load(1, 0, 3)
                            .cpu_store(0, 0, 3, 4)
                            .kernel({{ld8, 0, 0, 0}}));
+  // migrate_vma in three steps (t & 2): to the device-private pool and
+  // back, to the second system pool, and a range across two VMAs (refused).
+  put("migrate_vma_steps", seed(0x11)
+                               .mmap_anon(0, 7)
+                               .kernel({{st8, 0, 0, 1}, {st8, 1, 0, 2}})
+                               .migrate(0, 7, 3)
+                               .kernel({{ld8, 0, 0, 0}, {st8, 1, 0, 3}})
+                               .cpu_load(1, 0, 3)
+                               .migrate(0, 7, 3)
+                               .migrate(0, 7, 2)
+                               .cpu_store(0, 0, 3, 4)
+                               .kernel({{ld8, 0, 0, 0}, {ld8, 1, 0, 0}})
+                               .mmap_anon(8, 3)
+                               .migrate(0, 12, 3)
+                               .cpu_load(0, 0, 3));
   put("file_mappings", seed(0x00)
                            .mmap_file(0, 3, 0, true, 0)
                            .mmap_file(8, 3, 1, false, 2)
