@@ -46,9 +46,11 @@ std::string completion::describe() const {
 // ---------------------------------------------------------------------------
 // impl
 
-device::impl::impl(device_config c)
+device::impl::impl(device_config c, std::shared_ptr<phys_mem> vram_memory)
     : cfg_(std::move(c)),
-      vram_(cfg_.vram_bytes),
+      vram_ext_(std::move(vram_memory)),
+      vram_(vram_ext_ ? 0 : cfg_.vram_bytes),
+      vram_mem_(vram_ext_ ? vram_ext_.get() : static_cast<phys_mem*>(&vram_)),
       faults_(cfg_.fault_buffer_entries, cfg_.wait_spin_ns) {
   // cfg_ passed validate() (device::create, or the constructor's clamp).
   faults_.set_space_callback(&impl::on_space, this);
@@ -332,14 +334,17 @@ errc device_config::validate() const {
   return errc::ok;
 }
 
-result<std::unique_ptr<device>> device::create(device_config cfg) {
+result<std::unique_ptr<device>> device::create(device_config cfg) { return create(std::move(cfg), nullptr); }
+
+result<std::unique_ptr<device>> device::create(device_config cfg, std::shared_ptr<phys_mem> vram_memory) {
   if (const errc e = cfg.validate(); e != errc::ok) return e;
-  std::unique_ptr<device> d(new device(std::move(cfg), private_tag{}));
+  std::unique_ptr<device> d(new device(std::move(cfg), std::move(vram_memory), private_tag{}));
   if (const errc e = d->impl_->start(); e != errc::ok) return e;
   return d;
 }
 
-device::device(device_config cfg, private_tag) : impl_(std::make_unique<impl>(std::move(cfg))) {
+device::device(device_config cfg, std::shared_ptr<phys_mem> vram_memory, private_tag)
+    : impl_(std::make_unique<impl>(std::move(cfg), std::move(vram_memory))) {
   lock_guard g(impl_->anchor_->lock);
   impl_->anchor_->dev = this;
 }
@@ -360,6 +365,7 @@ std::size_t device::cancel(std::span<const fault_record> r, errc reason) noexcep
 errc device::invalidate_tlb(vm_id vm, va_range r) { return impl_->invalidate_tlb(vm, r); }
 void device::set_oracle(access_validator v) { impl_->set_oracle(std::move(v)); }
 vram_pool& device::vram() noexcept { return impl_->vram_; }
+phys_mem& device::vram_memory() noexcept { return *impl_->vram_mem_; }
 copy_engine& device::copier() noexcept { return impl_->copier_; }
 unsigned device::engine_count() const noexcept { return static_cast<unsigned>(impl_->engines_.size()); }
 device_stats device::stats() const { return impl_->stats(); }

@@ -194,7 +194,7 @@ struct wave {
 
 class device::impl {
  public:
-  explicit impl(device_config c);
+  impl(device_config c, std::shared_ptr<phys_mem> vram_memory);
   ~impl();
   /// Map the wave stacks and start the engine threads (ENOMEM: no stacks).
   errc start();
@@ -247,7 +247,9 @@ class device::impl {
   std::atomic<std::int64_t> outstanding_hw_{0};
 
   device_config cfg_;
+  std::shared_ptr<phys_mem> vram_ext_;  // immutable; external VRAM (null: vram_)
   vram_pool vram_;
+  phys_mem* const vram_mem_;  // immutable; what aperture::vram reaches
   fault_buffer faults_;
   copy_engine copier_;
   std::vector<std::unique_ptr<detail::engine>> engines_;  // immutable after construction

@@ -139,7 +139,7 @@ tlb_entry engine::make_entry(const pt::translation& tr, va_t va) {
   e.base = align_down(va, tr.size());
   e.tag = tlb_entry::make_tag(vmid, va, tr.level);
   e.pte = tr.entry;
-  e.mem = dev_pte::aperture_of(tr.entry) == aperture::vram ? static_cast<phys_mem*>(&dev.vram_) : vm->sysmem;
+  e.mem = dev_pte::aperture_of(tr.entry) == aperture::vram ? dev.vram_mem_ : vm->sysmem;
   const pfn_t pfn = dev_pte::pfn(tr.entry);
   const pfn_t frames = tr.size() >> page_shift;
   if (pfn >= e.mem->frame_count() || frames > e.mem->frame_count() - pfn) [[unlikely]]

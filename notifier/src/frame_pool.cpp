@@ -26,6 +26,18 @@ frame_pool::frame_pool(pfn_t frames, aperture ap)
   std::memset(bytes_, 0, page_size);
   meta_[0].refs.store(1, std::memory_order_relaxed);
   free_count_.store(count_ - 1, std::memory_order_relaxed);
+  capacity_ = count_ - 1;
+}
+
+frame_pool::frame_pool(exact_t, pfn_t frames, aperture ap) : frame_pool(std::max<pfn_t>(frames, 1), ap) {
+  frames = std::max<pfn_t>(frames, 1);
+  lock_guard g(lock_);
+  for (pfn_t p = frames; p < count_; ++p) {
+    take_frame_locked(p);
+    meta_[p].refs.store(1, std::memory_order_relaxed);
+  }
+  free_count_.store(frames - 1, std::memory_order_relaxed);
+  capacity_ = frames - 1;
 }
 
 frame_pool::~frame_pool() { ::operator delete(bytes_, std::align_val_t{page_size}); }

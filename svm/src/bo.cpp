@@ -13,48 +13,63 @@ using dev::dev_pte;
 
 void gpu_vm::free_bo_frames(bo& b) {
   if (b.where == placement::vram) {
-    for (pfn_t p : b.frames) (void)dev_.hw().vram().free(p);
+    dev_.vram().remove(b);
+    dev_.vram().put(b.frames);
+    b.vram_frames.store(0, std::memory_order_relaxed);
   } else {
     for (pfn_t p : b.frames) pool0().put(p);
+    if (b.home == placement::vram && cfg_.mode == vm_mode::fault) evicted_bos_.fetch_sub(1, std::memory_order_relaxed);
   }
   b.frames.clear();
+}
+
+errc gpu_vm::bo::evict(const evict_context& cx) {
+  if (cx.vm_exclusive == &owner) {
+    owner.lock_.assert_held();  // the allocating thread holds it exclusive
+    return owner.evict_locked(*this, std::chrono::nanoseconds{0}) == errc::ok ? errc::ok : errc::busy;
+  }
+  if (cx.vm_shared == &owner || !owner.lock_.try_lock()) return errc::busy;
+  const errc e = owner.evict_locked(*this, std::chrono::nanoseconds{0});
+  owner.lock_.unlock();
+  return e == errc::ok ? errc::ok : errc::busy;
 }
 
 result<bo_id> gpu_vm::create_bo(std::uint64_t size, placement where) {
   if (size == 0 || !is_aligned(size, page_size)) return errc::inval;
   if (where != placement::vram && where != placement::system) return errc::inval;
   const std::uint64_t pages = size / page_size;
-  dev::vram_pool& vram = dev_.hw().vram();
   // Larger than the memory itself: ENOMEM before anything is allocated.
-  if (pages > (where == placement::vram ? vram.frame_count() : pool0().frame_count())) return errc::nomem;
-  auto b = std::make_unique<bo>();
+  if (pages > (where == placement::vram ? dev_.vram().pool()->capacity() : pool0().frame_count())) return errc::nomem;
+  auto b = std::make_unique<bo>(*this);
   b->size = size;
+  b->home = where;
   b->where = where;
   b->frames.reserve(pages);
   lock_guard g(lock_);
   if (where == placement::vram) {
-    // More than the free VRAM plus what evicting this VM's other VRAM BOs
-    // would free: ENOMEM before evicting anything.
-    std::uint64_t evictable = 0;
-    for (const auto& [bid, other] : bos_)
-      if (other->where == placement::vram) evictable += other->frames.size();
-    const std::uint64_t used = std::min<std::uint64_t>(vram.used_frames(), vram.frame_count());
-    if (pages > vram.frame_count() - used + evictable) return errc::nomem;
-  } else if (pages > pool0().free_frames()) {
-    return errc::nomem;
-  }
-  for (std::size_t i = 0; i < pages; ++i) {
-    result<pfn_t> f = where == placement::vram ? dev_.hw().vram().alloc() : pool0().alloc();
-    if (!f && where == placement::vram && evict_one_locked(nullptr)) f = dev_.hw().vram().alloc();
-    if (!f) {
-      free_bo_frames(*b);
-      return f.error();
+    // The manager checks "free + evictable" before evicting anything, and
+    // gives every frame back when it fails: nothing has changed then but
+    // what it evicted on the way (which keeps its data in system memory).
+    evict_context cx;
+    cx.vm_exclusive = this;
+    if (const errc e = dev_.vram().alloc(pages, b->frames, nullptr, cx); e != errc::ok) return e;
+    b->vram_frames.store(pages, std::memory_order_relaxed);
+  } else {
+    if (pages > pool0().free_frames()) return errc::nomem;
+    for (std::size_t i = 0; i < pages; ++i) {
+      result<pfn_t> f = pool0().alloc();
+      if (!f) {
+        free_bo_frames(*b);
+        return f.error();
+      }
+      b->frames.push_back(*f);
     }
-    b->frames.push_back(*f);
   }
   b->id = next_bo_++;
   const bo_id id = b->id;
+  bo& ref = *b;
   bos_.emplace(id, std::move(b));
+  if (where == placement::vram) dev_.vram().insert(ref);
   return id;
 }
 
@@ -185,7 +200,7 @@ errc gpu_vm::bo_write(bo_id id, std::uint64_t offset, std::span<const std::byte>
   if (it == bos_.end()) return errc::noent;
   bo& b = *it->second;
   if (offset + in.size() < offset || offset + in.size() > b.size) return errc::inval;
-  phys_mem& mem = b.where == placement::vram ? static_cast<phys_mem&>(dev_.hw().vram()) : pool0();
+  phys_mem& mem = b.where == placement::vram ? static_cast<phys_mem&>(*dev_.vram().pool()) : pool0();
   std::size_t done = 0;
   while (done < in.size()) {
     const std::uint64_t off = offset + done;
@@ -202,7 +217,7 @@ errc gpu_vm::bo_read(bo_id id, std::uint64_t offset, std::span<std::byte> out) {
   if (it == bos_.end()) return errc::noent;
   bo& b = *it->second;
   if (offset + out.size() < offset || offset + out.size() > b.size) return errc::inval;
-  phys_mem& mem = b.where == placement::vram ? static_cast<phys_mem&>(dev_.hw().vram()) : pool0();
+  phys_mem& mem = b.where == placement::vram ? static_cast<phys_mem&>(*dev_.vram().pool()) : pool0();
   std::size_t done = 0;
   while (done < out.size()) {
     const std::uint64_t off = offset + done;
@@ -217,28 +232,28 @@ errc gpu_vm::evict(bo_id id) {
   lock_guard g(lock_);
   auto it = bos_.find(id);
   if (it == bos_.end()) return errc::noent;
-  return evict_locked(*it->second);
-}
-
-bool gpu_vm::evict_one_locked(const bo* keep) {
-  for (auto& [bid, b] : bos_) {
-    if (b.get() == keep || b->where != placement::vram) continue;
-    if (evict_locked(*b) == errc::ok) return true;
-  }
-  return false;
-}
-
-errc gpu_vm::evict_locked(bo& b) {
+  bo& b = *it->second;
   if (b.where != placement::vram) return errc::inval;
+  // Out of the manager's list first: a concurrent allocation can no longer
+  // pick it (one that already did fails its try-lock: we hold vm.lock).
+  dev_.vram().remove(b);
+  const errc e = evict_locked(b, cfg_.fault_timeout);
+  if (e != errc::ok) dev_.vram().insert(b);
+  return e;
+}
+
+errc gpu_vm::evict_locked(bo& b, std::chrono::nanoseconds fence_wait) {
+  if (b.where != placement::vram) return errc::inval;
+  // Eviction moves the memory: every job using the BO (all usages up to
+  // BOOKKEEP) must be done first. Checked before the preempt fence is
+  // signalled, so a timeout leaves the VM as it was.
+  if (b.reservation.wait(resv_usage::bookkeep, fence_wait) != errc::ok) return errc::timedout;
   if (cfg_.mode == vm_mode::long_running && preempt_) {
     // Suspend the VM's queues: signal the preempt fence (its waiters learn
     // the VM is off the hardware until the new fence is armed below).
     preempt_->signal();
     ctr_add_preemptions();
   }
-  // Eviction moves the memory: every job using the BO (all usages up to
-  // BOOKKEEP) must be done first.
-  if (b.reservation.wait(resv_usage::bookkeep, cfg_.fault_timeout) != errc::ok) return errc::timedout;
   // Destination frames first: on ENOMEM nothing has changed.
   std::vector<pfn_t> sys;
   sys.reserve(b.frames.size());
@@ -261,13 +276,15 @@ errc gpu_vm::evict_locked(bo& b) {
   });
   flush_tlb(flush);
   for (std::size_t i = 0; i < b.frames.size(); ++i) {
-    auto done = dev_.hw().copier().copy({&dev_.hw().vram(), b.frames[i]}, {&pool0(), sys[i]}, 1);
+    auto done = dev_.hw().copier().copy({dev_.vram().pool().get(), b.frames[i]}, {&pool0(), sys[i]}, 1);
     SVM_CHECK(done.ok(), "copy engine refused a one-page copy");
     (void)(*done)->wait();
   }
-  for (pfn_t p : b.frames) (void)dev_.hw().vram().free(p);
+  dev_.vram().put(b.frames);
+  b.vram_frames.store(0, std::memory_order_relaxed);
   b.frames = std::move(sys);
   b.where = placement::system;
+  if (b.home == placement::vram && cfg_.mode == vm_mode::fault) evicted_bos_.fetch_add(1, std::memory_order_relaxed);
   ctr_add_evictions();
   if (cfg_.mode == vm_mode::long_running) {
     // No faults here: rebind at once, then resume with a new preempt fence
@@ -279,6 +296,56 @@ errc gpu_vm::evict_locked(bo& b) {
     preempt_ = fence::create("preempt");
   }
   return errc::ok;
+}
+
+}  // namespace svm
+
+namespace svm {
+
+errc gpu_vm::restore_bo_locked(bo& b) {
+  if (b.where != placement::system || b.home != placement::vram) return errc::inval;
+  std::vector<pfn_t> vram;
+  evict_context cx;
+  cx.vm_exclusive = this;
+  // The BO itself is not registered while in system memory, so it is never
+  // its own victim.
+  if (const errc e = dev_.vram().alloc(b.frames.size(), vram, &b, cx); e != errc::ok) return e;
+  // Clear its system PTEs and shoot down the TLBs before the copy, so no
+  // device write lands in the old frames after they were copied.
+  std::vector<va_range> flush;
+  tree_.for_each_bo_mapping(b.id, [&](const gpuva& m) {
+    pt::zap_options o;
+    o.match_mask = bo_pte_bit;
+    o.match_value = bo_pte_bit;
+    (void)pt_.zap(m.start(), m.end(), flush, o);
+  });
+  flush_tlb(flush);
+  for (std::size_t i = 0; i < b.frames.size(); ++i) {
+    auto done = dev_.hw().copier().copy({&pool0(), b.frames[i]}, {dev_.vram().pool().get(), vram[i]}, 1);
+    SVM_CHECK(done.ok(), "copy engine refused a one-page copy");
+    (void)(*done)->wait();
+  }
+  for (pfn_t p : b.frames) pool0().put(p);
+  b.frames = std::move(vram);
+  b.where = placement::vram;
+  b.vram_frames.store(b.frames.size(), std::memory_order_relaxed);
+  evicted_bos_.fetch_sub(1, std::memory_order_relaxed);
+  dev_.vram().insert(b);
+  detail::bump(ctr_->bo_restores);
+  return errc::ok;
+}
+
+void gpu_vm::restore_bos(std::span<const dev::fault_record> recs) {
+  lock_guard g(lock_);
+  for (const dev::fault_record& r : recs) {
+    const gpuva* m = tree_.find(r.page());
+    if (!m) continue;
+    auto it = bos_.find(m->bo());
+    if (it == bos_.end()) continue;
+    bo& b = *it->second;
+    if (b.where == placement::system && b.home == placement::vram) (void)restore_bo_locked(b);
+    if (evicted_bos_.load(std::memory_order_relaxed) == 0) return;
+  }
 }
 
 }  // namespace svm

@@ -45,12 +45,16 @@ result<std::unique_ptr<driver>> driver::create(driver_config c) {
   // Validate and start the hardware before the constructor runs, so that
   // its invariant checks below can never fire.
   if (const errc e = validate(c); e != errc::ok) return e;
-  auto hw = dev::device::create(hw_config(c));
+  // One VRAM for BOs and migrated SVM pages: the device reaches it as its
+  // VRAM aperture (svm/svm/vram.h).
+  auto vram = std::make_unique<vram_manager>(c.hw.vram_bytes);
+  auto hw = dev::device::create(hw_config(c), vram->pool());
   if (!hw) return hw.error();  // the wave stacks could not be mapped
-  return std::make_unique<driver>(key{}, std::move(c), std::move(*hw));
+  return std::make_unique<driver>(key{}, std::move(c), std::move(*hw), std::move(vram));
 }
 
-driver::driver(key, driver_config c, std::unique_ptr<dev::device> hw) : cfg_(c), hw_(std::move(hw)) {
+driver::driver(key, driver_config c, std::unique_ptr<dev::device> hw, std::unique_ptr<vram_manager> vram)
+    : cfg_(c), vram_(std::move(vram)), hw_(std::move(hw)) {
   // Invariants: create() validated cfg_ and created hw_.
   SVM_CHECK(validate(cfg_) == errc::ok, "driver_config not validated (only driver::create() constructs)");
   SVM_CHECK(hw_ != nullptr, "driver constructed without hardware (only driver::create() constructs)");

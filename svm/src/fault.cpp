@@ -42,6 +42,9 @@ hmm_range window_range(interval_notifier& sub, std::uint64_t snap, va_range cwin
 std::uint64_t gpu_vm::service(std::span<dev::fault_record> recs) {
   bump(ctr_->batches);
   bump(ctr_->faults_raised, recs.size());
+  // Evicted VRAM BOs these records touch come back first (under vm.lock
+  // exclusive, which the service below does not hold).
+  if (evicted_bos_.load(std::memory_order_relaxed) != 0) restore_bos(recs);
   // Coalesce records of one page into one service with the strongest access
   // (recs are sorted by address): page k covers recs [ends[k-1], ends[k]).
   std::vector<va_t> pages;

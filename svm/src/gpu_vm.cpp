@@ -160,6 +160,13 @@ vm_stats gpu_vm::stats() const noexcept {
   s.bo_faults = ld(c.bo_faults);
   s.evictions = ld(c.evictions);
   s.preemptions = ld(c.preemptions);
+  s.bo_restores = ld(c.bo_restores);
+  s.migrations_to_vram = ld(c.migrations_to_vram);
+  s.migrations_to_ram = ld(c.migrations_to_ram);
+  s.pages_to_vram = ld(c.pages_to_vram);
+  s.pages_to_ram = ld(c.pages_to_ram);
+  s.svm_evictions = ld(c.svm_evictions);
+  s.migrate_fallbacks = ld(c.migrate_fallbacks);
   for (unsigned i = 0; i < latency_histogram::buckets; ++i) s.latency.count[i] = ld(c.latency[i]);
   return s;
 }
@@ -169,7 +176,8 @@ void gpu_vm::reset_stats() noexcept {
   for (auto* a : {&c.faults_raised, &c.faults_serviced, &c.faults_cancelled, &c.valid_faults, &c.batches,
                   &c.hmm_calls, &c.retries_busy, &c.retries_seq, &c.false_retries, &c.retries_shrink, &c.retries_huge, &c.fault_timeouts, &c.invalidations,
                   &c.ptes_written, &c.ptes_zapped, &c.tlb_invalidations, &c.huge_leaves, &c.groups, &c.grouped_pages, &c.group_fallbacks, &c.bo_faults,
-                  &c.evictions, &c.preemptions})
+                  &c.evictions, &c.preemptions, &c.bo_restores, &c.migrations_to_vram, &c.migrations_to_ram,
+                  &c.pages_to_vram, &c.pages_to_ram, &c.svm_evictions, &c.migrate_fallbacks})
     a->store(0, std::memory_order_relaxed);
   for (auto& a : c.latency) a.store(0, std::memory_order_relaxed);
 }

@@ -4,7 +4,8 @@
 //   fault.cpp       the fault path (servicing, the retry loop, BO populate)
 //   invalidate.cpp  the lazily inserted notifiers and their callbacks
 //   mirror_page.cpp, mirror_range.cpp  the two mirror implementations
-//   bo.cpp          buffer objects, bind/unbind, eviction
+//   bo.cpp          buffer objects, bind/unbind, eviction and return to VRAM
+//   evict.cpp       the device's VRAM manager and its eviction policy
 #pragma once
 
 #include <array>
@@ -19,6 +20,7 @@
 #include <vector>
 
 #include "svm/svm/gpu_vm.h"
+#include "svm/svm/vram.h"
 
 namespace svm {
 
@@ -29,17 +31,33 @@ struct gpu_vm::window {
   std::uint64_t size;
 };
 
-/// A buffer object.
-struct gpu_vm::bo {
+/// A buffer object. A VRAM-resident one is registered with the device's
+/// vram_manager, which may evict it to make room for any VM (evict()).
+struct gpu_vm::bo final : vram_object {
+  explicit bo(gpu_vm& v) noexcept : owner(v) {}
+  gpu_vm& owner;
   bo_id id = 0;
   std::uint64_t size = 0;
-  /// Where the frames are. Changed by evict() under vm.lock exclusive; read
-  /// by BO faults under vm.lock shared.
+  /// Where it was created: a VRAM BO evicted in a fault VM returns there on
+  /// its next device access (gpu_vm::restore_bos). Immutable.
+  placement home = placement::vram;
+  /// Where the frames are. Changed by evict_locked()/restore_bo_locked()
+  /// under vm.lock exclusive; read by BO faults under vm.lock shared.
   placement where = placement::vram;
   /// Backing frames, one per page: VRAM pfns, or pfns of the mm's pool 0
   /// (each owning one reference). Same protection as `where`.
   std::vector<pfn_t> frames;
+  /// frames.size() while in VRAM, else 0: what vram_manager's "could
+  /// eviction free enough" check reads under its own lock (relaxed).
+  std::atomic<std::size_t> vram_frames{0};
   resv reservation;
+  // vram_object: the manager's eviction, on an allocating thread that
+  // holds no manager lock. In place when that thread holds this VM's
+  // vm.lock exclusive; else only under a try-lock of it (EBUSY if taken),
+  // and without waiting for fences (EBUSY if a job still uses the BO).
+  errc evict(const evict_context& cx) override;
+  [[nodiscard]] std::size_t resident_frames() const noexcept override { return vram_frames.load(std::memory_order_relaxed); }
+  [[nodiscard]] const void* vm() const noexcept override { return &owner; }
 };
 
 /// The VM's counters: relaxed atomics, statistics only.
@@ -48,7 +66,8 @@ struct gpu_vm::counters {
       batches{0}, hmm_calls{0}, retries_busy{0}, retries_seq{0}, false_retries{0}, retries_shrink{0},
       retries_huge{0}, fault_timeouts{0}, invalidations{0}, groups{0}, grouped_pages{0}, group_fallbacks{0},
       ptes_written{0}, ptes_zapped{0}, tlb_invalidations{0}, huge_leaves{0}, bo_faults{0}, evictions{0},
-      preemptions{0};
+      preemptions{0}, bo_restores{0}, migrations_to_vram{0}, migrations_to_ram{0}, pages_to_vram{0}, pages_to_ram{0},
+      svm_evictions{0}, migrate_fallbacks{0};
   std::array<std::atomic<std::uint64_t>, latency_histogram::buckets> latency{};
 };
 

@@ -353,7 +353,9 @@ TEST(Lifetime, CreateBoHugeIsEnomemWithoutException) {
 }
 
 // A VRAM BO larger than VRAM, or larger than free VRAM plus what evicting
-// this VM's BOs could free, fails before anything is evicted.
+// every other VRAM user of the device could free, fails before anything is
+// evicted; one that fits after eviction evicts in LRU order, and only as
+// much as it needs.
 TEST(Lifetime, VramBoLargerThanVramFailsBeforeEvicting) {
   env e({}, {.engines = 1, .vram_bytes = 64 * page_size});
   auto a = e.vm->create_bo(16 * page_size, placement::vram);
@@ -362,28 +364,35 @@ TEST(Lifetime, VramBoLargerThanVramFailsBeforeEvicting) {
   const auto pa = pattern(16 * page_size, 1), pb = pattern(16 * page_size, 2);
   ASSERT_EQ(e.vm->bo_write(*a, 0, pa), errc::ok);
   ASSERT_EQ(e.vm->bo_write(*b, 0, pb), errc::ok);
-  // Another VM on the device holds 16 VRAM pages this VM cannot evict.
+  // Another VM on the device holds 16 VRAM pages too.
   auto other = gpu_vm::create(*e.dev, *e.m);
   ASSERT_TRUE(other.ok());
   auto o = (*other)->create_bo(16 * page_size, placement::vram);
   ASSERT_TRUE(o.ok());
 
-  for (std::uint64_t pages : {65u, 64u, 49u}) {  // > VRAM; = VRAM; > free 16 + evictable 32
+  for (std::uint64_t pages : {65u, 100u}) {  // > VRAM (= free 16 + evictable 48)
     auto r = e.vm->create_bo(pages * page_size, placement::vram);
     ASSERT_FALSE(r.ok()) << pages;
     EXPECT_EQ(r.error(), errc::nomem);
     EXPECT_EQ(e.vm->stats().evictions, 0u) << pages;
+    EXPECT_EQ((*other)->stats().evictions, 0u) << pages;
     EXPECT_EQ(*e.vm->bo_placement(*a), placement::vram);
     EXPECT_EQ(*e.vm->bo_placement(*b), placement::vram);
   }
-  EXPECT_EQ(e.dev->hw().vram().used_frames(), 48u);
-  // What fits after evicting succeeds, and evicts.
+  EXPECT_EQ(e.dev->vram().stats().used_frames, 48u);
+  // What fits after evicting succeeds and evicts the least recently used
+  // (a, then b), not the other VM's newer BO.
   auto fits = e.vm->create_bo(48 * page_size, placement::vram);
   ASSERT_TRUE(fits.ok());
   EXPECT_EQ(e.vm->stats().evictions, 2u);
+  EXPECT_EQ((*other)->stats().evictions, 0u);
+  EXPECT_EQ(*e.vm->bo_placement(*a), placement::system);
+  EXPECT_EQ(*(*other)->bo_placement(*o), placement::vram);
   std::vector<std::byte> back(16 * page_size);
   ASSERT_EQ(e.vm->bo_read(*a, 0, back), errc::ok);
   EXPECT_EQ(back, pa);
+  ASSERT_EQ(e.vm->bo_read(*b, 0, back), errc::ok);
+  EXPECT_EQ(back, pb);
   (*other).reset();
 }
 

@@ -461,8 +461,16 @@ class device {
   /// mapped. The only way to make a device: a bad configuration is an
   /// error, never an abort.
   [[nodiscard]] static result<std::unique_ptr<device>> create(device_config cfg = {});
+  /// The same, with VRAM whose frames and allocator belong to the caller:
+  /// the engines and TLBs translate aperture::vram PTEs through
+  /// `vram_memory` (a driver that shares one VRAM between BOs and migrated
+  /// SVM pages, svm::vram_manager), and the device's own vram_pool is empty
+  /// (cfg.vram_bytes is then ignored). Null: as create(cfg). The device
+  /// keeps a reference until it is destroyed.
+  [[nodiscard]] static result<std::unique_ptr<device>> create(device_config cfg,
+                                                             std::shared_ptr<phys_mem> vram_memory);
   /// Used by create() only (the tag is private).
-  device(device_config cfg, private_tag);
+  device(device_config cfg, std::shared_ptr<phys_mem> vram_memory, private_tag);
   /// Stops the engines and the copy engine: every kernel queued or running
   /// is cancelled as by cancel_queue(q, ECANCELED) (running work items
   /// abort at their next access or boundary, accesses stalled on faults
@@ -551,8 +559,12 @@ class device {
   void set_oracle(access_validator v);
 
   // ---- memory -----------------------------------------------------------
-  /// The device's VRAM, sized by device_config::vram_bytes.
+  /// The device's own VRAM allocator, sized by device_config::vram_bytes
+  /// (empty when create() was given external VRAM memory).
   [[nodiscard]] vram_pool& vram() noexcept;
+  /// The memory aperture::vram PTEs reach: the external VRAM given to
+  /// create(), else vram().
+  [[nodiscard]] phys_mem& vram_memory() noexcept;
   /// The device's copy engine, for moving frames between system memory and VRAM.
   [[nodiscard]] copy_engine& copier() noexcept;
 

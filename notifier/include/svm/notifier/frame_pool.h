@@ -39,6 +39,14 @@ class frame_pool final : public phys_mem {
   /// A pool of `frames` frames (rounded up to a multiple of 512, at least
   /// 1024 so that one aligned huge block besides frame 0 exists).
   explicit frame_pool(pfn_t frames = 16384, aperture ap = aperture::system);
+  /// A pool with exactly `frames` frames (at least 1), frame 0 the zero
+  /// page: `frames - 1` can be allocated. Its layout is still rounded up to
+  /// whole 2M blocks; the frames past `frames` are taken for good (they are
+  /// never handed out). A device's VRAM sized in bytes uses it.
+  struct exact_t {
+    explicit exact_t() = default;
+  };
+  frame_pool(exact_t, pfn_t frames, aperture ap);
   ~frame_pool() override;
   frame_pool(const frame_pool&) = delete;
   frame_pool& operator=(const frame_pool&) = delete;
@@ -84,6 +92,9 @@ class frame_pool final : public phys_mem {
   [[nodiscard]] aperture kind() const noexcept { return aperture_; }
   /// Frames currently free (racy snapshot).
   [[nodiscard]] pfn_t free_frames() const noexcept;
+  /// Frames that can be allocated at all (immutable): frame_count() - 1, or
+  /// `frames - 1` for an exact pool.
+  [[nodiscard]] pfn_t capacity() const noexcept { return capacity_; }
 
   /// Fault injection for tests: while it returns true, alloc()/alloc_huge()
   /// fail with ENOMEM. Set before concurrent use.
@@ -121,6 +132,7 @@ class frame_pool final : public phys_mem {
   static constexpr lock_class lock_class_{"frame_pool", lockdep::rank::leaf};
   const pfn_t count_;               // immutable
   const aperture aperture_;         // immutable
+  pfn_t capacity_ = 0;              // immutable after construction
   std::byte* bytes_ = nullptr;      // immutable pointer; contents via atomic_ref
   std::unique_ptr<frame_meta[]> meta_;  // immutable array; fields atomic
   /// On its own cache line, with the state it guards: alloc() and put()

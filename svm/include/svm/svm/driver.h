@@ -29,6 +29,7 @@
 #include "svm/base/mutex.h"
 #include "svm/base/types.h"
 #include "svm/device_sim/device.h"
+#include "svm/svm/vram.h"
 
 namespace svm {
 
@@ -102,7 +103,7 @@ class driver {
   /// Start the handler threads over `hw`, the hardware create() started.
   /// Callable only by create() (the key is private), which has validated
   /// `c` and created `hw` first; use create().
-  driver(key, driver_config c, std::unique_ptr<dev::device> hw);
+  driver(key, driver_config c, std::unique_ptr<dev::device> hw, std::unique_ptr<vram_manager> vram);
   /// Check a configuration: EINVAL for batch outside 1..256, no handler
   /// thread, or a hardware configuration hw.validate() refuses.
   [[nodiscard]] static errc validate(const driver_config& c) noexcept;
@@ -118,8 +119,12 @@ class driver {
   driver(const driver&) = delete;
   driver& operator=(const driver&) = delete;
 
-  /// The hardware: engines, queues, fault buffer, TLBs, VRAM.
+  /// The hardware: engines, queues, fault buffer, TLBs. Its VRAM frames are
+  /// vram()'s pool (dev::device::vram_memory()).
   [[nodiscard]] dev::device& hw() noexcept { return *hw_; }
+  /// The device's VRAM: one frame pool and one eviction policy for the BOs
+  /// of every VM and the migrated SVM chunks (svm/svm/vram.h).
+  [[nodiscard]] vram_manager& vram() noexcept { return *vram_; }
   /// Submit `items` work items of `fn` on the VM's queue (see
   /// dev::device::submit).
   [[nodiscard]] result<dev::completion> submit(gpu_vm& vm, std::uint64_t items, dev::kernel_fn fn);
@@ -156,6 +161,7 @@ class driver {
   void process(std::span<dev::fault_record> recs) SVM_REQUIRES_SHARED(reg_lock_);
 
   driver_config cfg_;  // immutable
+  std::unique_ptr<vram_manager> vram_;  // immutable; outlives hw_ (declared first)
   std::unique_ptr<dev::device> hw_;  // immutable after construction
   /// The registry lock (see the file comment): handler threads hold it
   /// shared across a batch; register/unregister take it exclusive.

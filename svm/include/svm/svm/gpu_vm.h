@@ -188,6 +188,13 @@ struct vm_stats {
   std::uint64_t bo_faults = 0;        ///< faults serviced from a BO mapping (not the mirror)
   std::uint64_t evictions = 0;        ///< BOs moved from VRAM to system memory
   std::uint64_t preemptions = 0;      ///< preempt fences signalled (long-running VMs)
+  std::uint64_t bo_restores = 0;      ///< evicted VRAM BOs a device access brought back to VRAM
+  std::uint64_t migrations_to_vram = 0;  ///< SVM chunks migrated to VRAM (faults and prefetches)
+  std::uint64_t migrations_to_ram = 0;   ///< SVM chunks migrated back (CPU faults, prefetch to system, eviction)
+  std::uint64_t pages_to_vram = 0;    ///< pages those migrations to VRAM moved
+  std::uint64_t pages_to_ram = 0;     ///< pages those migrations back moved
+  std::uint64_t svm_evictions = 0;    ///< SVM chunks evicted to system memory under VRAM pressure
+  std::uint64_t migrate_fallbacks = 0;  ///< chunks a fault wanted in VRAM but mapped in system memory (no room, or not migratable)
   latency_histogram latency;          ///< raise-to-replay latency of serviced faults
   /// A one-line summary of the main counters (what operator<< prints).
   [[nodiscard]] std::string to_string() const;
@@ -282,14 +289,15 @@ class gpu_vm {
 
   // ---- buffer objects ---------------------------------------------------
   /// A BO of `size` bytes (page multiple) placed in VRAM or system memory
-  /// (the mm's pool 0). A VRAM BO may evict this VM's other VRAM BOs to
-  /// system memory to make room. Errors: EINVAL (zero, unaligned, a
-  /// placement outside the enum), ENOMEM (more than the memory holds, more
-  /// than its free frames plus what eviction could free — both checked
-  /// before anything is allocated or evicted — or an allocation or
-  /// eviction that failed on the way, after which the frames taken are
-  /// given back; BOs already evicted stay in system memory with their
-  /// contents).
+  /// (the mm's pool 0). A VRAM BO takes its frames from the device's
+  /// vram_manager, which may evict other VRAM users of any VM on the
+  /// device (BOs, migrated SVM chunks) in its policy's order to make room.
+  /// Errors: EINVAL (zero, unaligned, a placement outside the enum),
+  /// ENOMEM (more than the memory holds, more than its free frames plus
+  /// what eviction could free — both checked before anything is allocated
+  /// or evicted — or evictions that could not free enough, busy victims
+  /// included, after which the frames taken are given back; objects
+  /// already evicted stay in system memory with their contents).
   [[nodiscard]] result<bo_id> create_bo(std::uint64_t size, placement where) SVM_EXCLUDES(lock_);
   /// Destroy a BO; its mappings are unbound first. ENOENT if unknown.
   errc destroy_bo(bo_id bo) SVM_EXCLUDES(lock_);
@@ -305,8 +313,10 @@ class gpu_vm {
   [[nodiscard]] resv* bo_resv(bo_id bo) SVM_EXCLUDES(lock_);
   /// Move a VRAM BO to system memory with the copy engine, after waiting for
   /// the fences whose usage requires it (everything up to BOOKKEEP), then
-  /// clear its PTEs. In a fault VM the next access faults it back; in a
-  /// long-running VM the queues are suspended and the BO rebound.
+  /// clear its PTEs. In a fault VM the next device access faults it back
+  /// into VRAM (or maps it in system memory if VRAM is full of things that
+  /// cannot be evicted); in a long-running VM the queues are suspended and
+  /// the BO rebound.
   /// Errors: ENOENT, EINVAL (not in VRAM), ENOMEM (no system frames),
   /// ETIMEDOUT (a fence did not signal).
   errc evict(bo_id bo) SVM_EXCLUDES(lock_);
@@ -421,8 +431,17 @@ class gpu_vm {
   void note_invalidation(va_range gpu);
   // BOs (bo.cpp).
   void free_bo_frames(bo& b);
-  bool evict_one_locked(const bo* keep) SVM_REQUIRES(lock_);
-  errc evict_locked(bo& b) SVM_REQUIRES(lock_);
+  // Move `b` to system memory; waits up to `fence_wait` for its jobs
+  // (ETIMEDOUT past it, nothing changed).
+  errc evict_locked(bo& b, std::chrono::nanoseconds fence_wait) SVM_REQUIRES(lock_);
+  // Bring an evicted VRAM BO of a fault VM back (ENOMEM: it stays in
+  // system memory and faults map it there).
+  errc restore_bo_locked(bo& b) SVM_REQUIRES(lock_);
+  // Before servicing `recs`: restore the evicted BOs they touch.
+  void restore_bos(std::span<const dev::fault_record> recs) SVM_EXCLUDES(lock_);
+  /// Evicted VRAM BOs of a fault VM waiting to return (relaxed; a hint
+  /// that lets service() skip restore_bos()).
+  std::atomic<std::size_t> evicted_bos_{0};
   result<std::uint64_t> bo_size_locked(bo_id id) const SVM_REQUIRES_SHARED(lock_);
   void write_bo_ptes_locked(const gpuva& m, va_range r) SVM_REQUIRES_SHARED(lock_);
   void ctr_add_ptes_written(std::uint64_t n) noexcept;
