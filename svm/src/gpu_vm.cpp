@@ -314,6 +314,14 @@ gpu_vm::~gpu_vm() {
   }
   if (registered_) dev_.unregister_vm(driver::vm_key{}, id_);  // no handler is inside this VM after this
   {
+    // Out of the device's eviction list before the page table goes: no
+    // other VM's allocation may evict (zap, shoot down, copy) these BOs
+    // from now on; remove() waits out an eviction already running.
+    lock_guard g(lock_);
+    for (auto& [id, b] : bos_)
+      if (b->where == placement::vram) dev_.vram().remove(*b);
+  }
+  {
     shared_lock_guard g(lock_);
     released = released_;
   }
