@@ -11,6 +11,24 @@ namespace svm {
 
 using dev::dev_pte;
 
+namespace {
+
+// Copy frame src[i] of `from` to dst[i] of `to` on the copy engine: every
+// request is queued first, then the last fence waited for (the engine runs
+// them in submission order), so a BO costs one round trip, not one a page.
+void copy_frames(dev::copy_engine& ce, phys_mem& from, std::span<const pfn_t> src, phys_mem& to,
+                 std::span<const pfn_t> dst) {
+  fence_ptr last;
+  for (std::size_t i = 0; i < src.size(); ++i) {
+    auto done = ce.copy({&from, src[i]}, {&to, dst[i]}, 1);
+    SVM_CHECK(done.ok(), "copy engine refused a one-page copy");
+    last = std::move(*done);
+  }
+  if (last) (void)last->wait();
+}
+
+}  // namespace
+
 void gpu_vm::free_bo_frames(bo& b) {
   if (b.where == placement::vram) {
     dev_.vram().remove(b);
@@ -275,11 +293,7 @@ errc gpu_vm::evict_locked(bo& b, std::chrono::nanoseconds fence_wait) {
     (void)pt_.zap(m.start(), m.end(), flush, o);
   });
   flush_tlb(flush);
-  for (std::size_t i = 0; i < b.frames.size(); ++i) {
-    auto done = dev_.hw().copier().copy({dev_.vram().pool().get(), b.frames[i]}, {&pool0(), sys[i]}, 1);
-    SVM_CHECK(done.ok(), "copy engine refused a one-page copy");
-    (void)(*done)->wait();
-  }
+  copy_frames(dev_.hw().copier(), *dev_.vram().pool(), b.frames, pool0(), sys);
   dev_.vram().put(b.frames);
   b.vram_frames.store(0, std::memory_order_relaxed);
   b.frames = std::move(sys);
@@ -320,11 +334,7 @@ errc gpu_vm::restore_bo_locked(bo& b) {
     (void)pt_.zap(m.start(), m.end(), flush, o);
   });
   flush_tlb(flush);
-  for (std::size_t i = 0; i < b.frames.size(); ++i) {
-    auto done = dev_.hw().copier().copy({&pool0(), b.frames[i]}, {dev_.vram().pool().get(), vram[i]}, 1);
-    SVM_CHECK(done.ok(), "copy engine refused a one-page copy");
-    (void)(*done)->wait();
-  }
+  copy_frames(dev_.hw().copier(), pool0(), b.frames, *dev_.vram().pool(), vram);
   for (pfn_t p : b.frames) pool0().put(p);
   b.frames = std::move(vram);
   b.where = placement::vram;
