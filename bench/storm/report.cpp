@@ -67,6 +67,16 @@ nlohmann::json to_json(const run_result& r) {
       {"huge_leaves", r.huge_leaves},
       {"bo_faults", r.bo_faults},
       {"evictions", r.evictions},
+      {"migrations_to_vram", r.migrations_to_vram},
+      {"migrations_to_ram", r.migrations_to_ram},
+      {"pages_to_vram", r.pages_to_vram},
+      {"pages_to_ram", r.pages_to_ram},
+      {"svm_evictions", r.svm_evictions},
+      {"bo_restores", r.bo_restores},
+      {"migrate_fallbacks", r.migrate_fallbacks},
+      {"bytes_copied", r.bytes_copied},
+      {"migrations_per_s", r.migrations_per_s},
+      {"evictions_per_s", r.evictions_per_s},
       {"pages_mapped", r.pages_mapped},
       {"ns_per_page", r.ns_per_page},
       {"pages_per_s", r.pages_per_s},
@@ -148,6 +158,17 @@ void print_table(std::FILE* out, const std::vector<const run_result*>& runs) {
                  static_cast<unsigned long long>(r.false_retries), static_cast<unsigned long long>(r.invalidations),
                  lat, r.stale_accesses ? std::to_string(*r.stale_accesses).c_str() : "off",
                  static_cast<unsigned long long>(r.data_errors), r.kernel_errors ? "  KERNEL ERROR" : "");
+    // Device memory, for the runs that moved any: a second line.
+    if (r.migrations_to_vram + r.migrations_to_ram + r.evictions + r.svm_evictions + r.bo_restores)
+      std::fprintf(out,
+                   "  %-34s migrations %llu to VRAM (%llu pages), %llu back (%llu pages), %.0f/s; %.1f MiB copied; "
+                   "evictions %llu BO + %llu SVM, %.0f/s; BOs back %llu; fallbacks %llu\n",
+                   "", static_cast<unsigned long long>(r.migrations_to_vram),
+                   static_cast<unsigned long long>(r.pages_to_vram), static_cast<unsigned long long>(r.migrations_to_ram),
+                   static_cast<unsigned long long>(r.pages_to_ram), r.migrations_per_s,
+                   static_cast<double>(r.bytes_copied) / (1 << 20), static_cast<unsigned long long>(r.evictions),
+                   static_cast<unsigned long long>(r.svm_evictions), r.evictions_per_s,
+                   static_cast<unsigned long long>(r.bo_restores), static_cast<unsigned long long>(r.migrate_fallbacks));
   }
 }
 

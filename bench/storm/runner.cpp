@@ -84,6 +84,10 @@ void finish(run_result& r) {
     r.ns_per_page = 0;
     r.pages_per_s = 0;
   }
+  r.bytes_copied = (r.pages_to_vram + r.pages_to_ram) * page_size;
+  r.migrations_per_s =
+      r.wall_s > 0 ? static_cast<double>(r.migrations_to_vram + r.migrations_to_ram) / r.wall_s : 0;
+  r.evictions_per_s = r.wall_s > 0 ? static_cast<double>(r.evictions + r.svm_evictions) / r.wall_s : 0;
   r.pages_per_handler_s = r.handler_busy_s > 0 ? static_cast<double>(r.pages_mapped) / r.handler_busy_s : 0;
   r.pt_bytes_per_page = r.pt_mapped_pages ? static_cast<double>(r.pt_bytes) / static_cast<double>(r.pt_mapped_pages) : 0;
 }
@@ -242,6 +246,13 @@ run_result run_device(const run_config& c, const runner_options& o) {
   r.huge_leaves = s.huge_leaves;
   r.bo_faults = s.bo_faults;
   r.evictions = s.evictions;
+  r.migrations_to_vram = s.migrations_to_vram;
+  r.migrations_to_ram = s.migrations_to_ram;
+  r.pages_to_vram = s.pages_to_vram;
+  r.pages_to_ram = s.pages_to_ram;
+  r.svm_evictions = s.svm_evictions;
+  r.bo_restores = s.bo_restores;
+  r.migrate_fallbacks = s.migrate_fallbacks;
   r.latency = s.latency;
   r.pages_mapped = s.ptes_written;
   r.cpu_ops = env.cpu_ops.load();
@@ -317,6 +328,13 @@ void merge_into(run_result& a, const run_result& b) {
   a.huge_leaves += b.huge_leaves;
   a.bo_faults += b.bo_faults;
   a.evictions += b.evictions;
+  a.migrations_to_vram += b.migrations_to_vram;
+  a.migrations_to_ram += b.migrations_to_ram;
+  a.pages_to_vram += b.pages_to_vram;
+  a.pages_to_ram += b.pages_to_ram;
+  a.svm_evictions += b.svm_evictions;
+  a.bo_restores += b.bo_restores;
+  a.migrate_fallbacks += b.migrate_fallbacks;
   a.pages_mapped += b.pages_mapped;
   for (unsigned i = 0; i < latency_histogram::buckets; ++i) a.latency.count[i] += b.latency.count[i];
   if (b.pt_bytes > a.pt_bytes) {

@@ -88,6 +88,15 @@ struct run_result {
   double distinct_per_batch = 0;          ///< (records - coalesced) / batches
   std::uint64_t outstanding_high_water = 0;  ///< most faults outstanding at once (device)
   double faults_per_s = 0;                ///< faults_raised / wall_s, end to end
+  // ---- device memory: migration and VRAM eviction (vm_stats) ----
+  std::uint64_t migrations_to_vram = 0, migrations_to_ram = 0;  ///< chunks migrated each way
+  std::uint64_t pages_to_vram = 0, pages_to_ram = 0;            ///< pages those migrations moved
+  std::uint64_t svm_evictions = 0;      ///< SVM chunks evicted to system memory under VRAM pressure
+  std::uint64_t bo_restores = 0;        ///< evicted VRAM BOs brought back by a device access
+  std::uint64_t migrate_fallbacks = 0;  ///< chunks wanted in VRAM but mapped in system memory
+  std::uint64_t bytes_copied = 0;       ///< (pages_to_vram + pages_to_ram) * 4K
+  double migrations_per_s = 0;          ///< (migrations_to_vram + migrations_to_ram) / wall_s
+  double evictions_per_s = 0;           ///< (evictions + svm_evictions) / wall_s
 };
 
 /// One side-by-side comparison: both runs and the ratio.
