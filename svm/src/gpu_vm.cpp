@@ -353,13 +353,13 @@ bool gpu_vm::to_cpu_locked(va_t gva, va_t& cpu, va_range& allowed) const {
     case mirror_kind::full_mm:
       cpu = gva;
       allowed = {0, std::min<va_t>(pt_.va_limit(), mm_va_limit_)};
-      return gva < allowed.end;
+      return gva < allowed.end && trim_unbound_locked(gva, allowed);
     case mirror_kind::windows:
       for (const window& w : windows_) {
         if (gva >= w.gpu && gva < w.gpu + w.size) {
           cpu = w.cpu + (gva - w.gpu);
           allowed = {w.gpu, w.gpu + w.size};
-          return true;
+          return trim_unbound_locked(gva, allowed);  // never into a range mirror_unbind() took out
         }
       }
       return false;

@@ -6,6 +6,7 @@
 //   mirror_page.cpp, mirror_range.cpp  the two mirror implementations
 //   bo.cpp          buffer objects, bind/unbind, eviction and return to VRAM
 //   evict.cpp       the device's VRAM manager and its eviction policy
+//   mirror_bind.cpp mirror_unbind/mirror_bind: GPU ranges taken out of the mirror
 #pragma once
 
 #include <array>

@@ -39,13 +39,14 @@ class frame_pool final : public phys_mem {
   /// A pool of `frames` frames (rounded up to a multiple of 512, at least
   /// 1024 so that one aligned huge block besides frame 0 exists).
   explicit frame_pool(pfn_t frames = 16384, aperture ap = aperture::system);
+  /// The tag that selects the exact-size constructor.
+  struct exact_t {
+    explicit exact_t() = default;
+  };
   /// A pool with exactly `frames` frames (at least 1), frame 0 the zero
   /// page: `frames - 1` can be allocated. Its layout is still rounded up to
   /// whole 2M blocks; the frames past `frames` are taken for good (they are
   /// never handed out). A device's VRAM sized in bytes uses it.
-  struct exact_t {
-    explicit exact_t() = default;
-  };
   frame_pool(exact_t, pfn_t frames, aperture ap);
   ~frame_pool() override;
   frame_pool(const frame_pool&) = delete;

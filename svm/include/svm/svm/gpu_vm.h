@@ -286,6 +286,29 @@ class gpu_vm {
   /// EOVERFLOW, EEXIST (overlaps another window's GPU or CPU range).
   /// Locking: takes lock_ exclusive.
   errc add_window(va_t cpu_va, va_t gpu_va, std::uint64_t size) SVM_EXCLUDES(lock_);
+  /// Take GPU VA [gpu_va, gpu_va + size) out of the SVM mirror (a full_mm
+  /// or windows VM), as unbinding part of a CPU-address-mirror VMA does in
+  /// xe. Before it returns, the mirror's PTEs there are cleared (BO PTEs
+  /// stay) and the device TLB is invalidated; from then on a device fault
+  /// there is cancelled with EFAULT, as at an address the mirror never
+  /// covered, unless a BO is bound there (BO mappings keep working, and a
+  /// later BO unbind leaves the VA unmirrored). Idempotent: parts already
+  /// out of the mirror are fine. Errors (nothing changed): EINVAL (zero or
+  /// unaligned size or address, mirror_kind::none — which includes every
+  /// long-running VM —, past the mirror's GPU limit, or in a windows VM a
+  /// range not wholly inside its windows), EOVERFLOW (gpu_va + size
+  /// wraps), ENOENT (the mm was released: the mirror is gone; BOs still
+  /// work). Locking: takes lock_ exclusive.
+  errc mirror_unbind(va_t gpu_va, std::uint64_t size) SVM_EXCLUDES(lock_);
+  /// Give GPU VA [gpu_va, gpu_va + size) back to the SVM mirror: later
+  /// faults there fill it from the CPU's current mappings as before.
+  /// Idempotent: parts that were never taken out are fine. Errors: as
+  /// mirror_unbind(), nothing changed. Locking: takes lock_ exclusive.
+  errc mirror_bind(va_t gpu_va, std::uint64_t size) SVM_EXCLUDES(lock_);
+  /// The GPU ranges mirror_unbind() took out of the mirror and no
+  /// mirror_bind() gave back: ascending, disjoint, adjacent ones merged.
+  /// Locking: takes lock_ shared.
+  [[nodiscard]] std::vector<va_range> mirror_unbound() const SVM_EXCLUDES(lock_);
 
   // ---- buffer objects ---------------------------------------------------
   /// A BO of `size` bytes (page multiple) placed in VRAM or system memory
@@ -307,7 +330,8 @@ class gpu_vm {
   /// outside the VA), EOVERFLOW, ENOENT (unknown BO), ENOMEM.
   errc bind(bo_id bo, va_t gpu_va, std::uint64_t offset, std::uint64_t size) SVM_EXCLUDES(lock_);
   /// VM_BIND unmap: remove BO mappings in the range (edges trimmed); the VA
-  /// returns to the mirror. Errors: EINVAL, EOVERFLOW.
+  /// returns to the mirror (where mirror_unbind() has not taken it out).
+  /// Errors: EINVAL, EOVERFLOW.
   errc unbind(va_t gpu_va, std::uint64_t size) SVM_EXCLUDES(lock_);
   /// The BO's reservation object (fences by usage).
   [[nodiscard]] resv* bo_resv(bo_id bo) SVM_EXCLUDES(lock_);
@@ -476,6 +500,33 @@ class gpu_vm {
   std::unordered_map<bo_id, std::unique_ptr<bo>> bos_ SVM_GUARDED_BY(lock_);
   bo_id next_bo_ SVM_GUARDED_BY(lock_) = 1;
   std::vector<window> windows_ SVM_GUARDED_BY(lock_);
+  /// GPU ranges out of the mirror (mirror_unbind), start -> end: disjoint,
+  /// adjacent ones merged. Why no SVM PTE survives in them once
+  /// mirror_unbind() returns (mirror_bind.cpp):
+  ///  - Every SVM PTE write (a fault's commit) happens inside one hold of
+  ///    vm.lock — shared in the page mirror, exclusive in the baseline —
+  ///    taken before the fault looks the VA up (to_cpu_locked) and chooses
+  ///    its window, and kept until after the commit. mirror_unbind() takes
+  ///    vm.lock exclusive, so no fault is between its lookup and its commit
+  ///    then: a fault ordered before it has committed, and the zap below
+  ///    clears what it wrote; one ordered after it sees the range here.
+  ///  - Under that same lock mirror_unbind() records the range, then
+  ///    clears the untagged PTEs (advancing the node sequences, as any
+  ///    invalidation does) and flushes the TLB before it unlocks.
+  ///  - to_cpu_locked() refuses a VA inside a range (the fault is
+  ///    cancelled, EFAULT) and trims the `allowed` range of every other
+  ///    fault to the gap between ranges, so no window reaches into one.
+  ///  - The invalidation callback never takes vm.lock and never reads this
+  ///    set; it only clears untagged PTEs, so it can map nothing here.
+  /// The sequence protocol is thus not what keeps unbind safe: the lock is;
+  /// a writer of SVM PTEs outside a fault must hold vm.lock and ask
+  /// to_cpu_locked() too.
+  std::map<va_t, va_t> unbound_ SVM_GUARDED_BY(lock_);
+  /// EINVAL/ENOENT checks of mirror_bind()/mirror_unbind() that need vm.lock.
+  errc check_mirror_range_locked(va_range r) const SVM_REQUIRES_SHARED(lock_);
+  /// False if gva lies in an unbound range; else trims `allowed` to the gap
+  /// between the unbound ranges around gva.
+  bool trim_unbound_locked(va_t gva, va_range& allowed) const SVM_REQUIRES_SHARED(lock_);
   fence_ptr preempt_ SVM_GUARDED_BY(lock_);  ///< long-running VMs only
   /// The mm was torn down: set once, under lock_ exclusive, by its release.
   bool released_ SVM_GUARDED_BY(lock_) = false;
