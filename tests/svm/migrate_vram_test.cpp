@@ -530,5 +530,41 @@ TEST_F(MigrateVram, ForkDuringMigrationAndChildOutlivesDriver) {
   kid.reset();
 }
 
+// The oracle checks SVM accesses through VRAM PTEs: fine while the CPU
+// entry is our device-private entry of that frame, stale once the chunk
+// went back to system memory.
+TEST_F(MigrateVram, OracleChecksVramAccessesAgainstTheCpuEntry) {
+  map_at(*m, base, M2);
+  fill(*m, base, 16, 20);
+  ASSERT_EQ(vm->set_attrs(base, M2, {.granularity = K64}), errc::ok);
+  ASSERT_EQ(vm->prefetch(base, 16 * K4, mem_location::vram), errc::ok);
+  const std::uint64_t e = m->raw_pte(base).entry;
+  ASSERT_TRUE(cpu_pte::is_devpriv(e));
+  ASSERT_EQ(cpu_pte::pool(e), vm->vram_pool());
+  dev::access_check c;
+  c.vm = vm->id();
+  c.gva = base;
+  c.acc = access::read;
+  c.ap = aperture::vram;
+  c.pfn = cpu_pte::pfn(e);
+  c.pte = dev::dev_pte::make(aperture::vram, c.pfn, true);
+  c.mem = &dev->hw().vram_memory();
+  oracle->check(c);
+  EXPECT_EQ(oracle->stale(), 0u);
+  c.pfn += 1;  // another VRAM frame
+  c.pte = dev::dev_pte::make(aperture::vram, c.pfn, true);
+  oracle->check(c);
+  EXPECT_EQ(oracle->stale(), 1u);
+  c.pfn -= 1;
+  ASSERT_EQ(vm->prefetch(base, 16 * K4, mem_location::system), errc::ok);
+  c.pte = dev::dev_pte::make(aperture::vram, c.pfn, true);
+  oracle->check(c);  // the page is back in system memory
+  EXPECT_EQ(oracle->stale(), 2u);
+  ASSERT_EQ(oracle->reports().size(), 2u);
+  EXPECT_EQ(oracle->reports()[1].reason, stale_reason::frame_mismatch);
+  EXPECT_EQ(oracle->counts().svm_checked, 3u);
+  oracle->reset();
+}
+
 }  // namespace
 }  // namespace svm::test
