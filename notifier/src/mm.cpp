@@ -55,7 +55,7 @@ mm::mm(mm_options o, std::shared_ptr<pool_set> pools)
       vmas_(std::make_unique<vma_tree>()) {
   if (!pools_) {
     pools_ = std::make_shared<pool_set>();
-    pools_->pools[0] = {std::make_shared<frame_pool>(o.frames), pool_kind::numa, nullptr, nullptr};
+    pools_->pools[0] = {std::make_shared<frame_pool>(o.frames), pool_kind::numa, nullptr, nullptr, nullptr};
     pools_->swap = std::make_shared<swap_space>(o.swap_slots);
     pools_->count.store(1, std::memory_order_release);
   }
@@ -96,7 +96,25 @@ result<unsigned> mm::attach_pool(std::shared_ptr<frame_pool> p, pool_kind kind, 
   lock_guard a(pools_->attach_lock);
   const unsigned n = pools_->count.load(std::memory_order_relaxed);
   if (n >= cpu_pte::max_pools) return errc::nospc;
-  pools_->pools[n] = {std::move(p), kind, owner, ops};
+  pools_->pools[n] = {std::move(p), kind, owner, ops, nullptr};
+  // release: publishes the slot; pairs with the acquire load in pool_count().
+  pools_->count.store(n + 1, std::memory_order_release);
+  return n;
+}
+
+result<unsigned> mm::attach_pool(std::shared_ptr<frame_pool> p, const void* owner,
+                                 std::shared_ptr<dev_pagemap_ops> ops) {
+  if (!p || !ops) return errc::inval;
+  lock_guard g(mmap_lock_);
+  lock_guard a(pools_->attach_lock);
+  const unsigned n = pools_->count.load(std::memory_order_relaxed);
+  for (unsigned i = 1; i < n; ++i) {
+    const pool_entry& e = pools_->pools[i];
+    if (e.pool == p && e.kind == pool_kind::device_private && e.owner == owner) return i;
+  }
+  if (n >= cpu_pte::max_pools) return errc::nospc;
+  dev_pagemap_ops* raw = ops.get();
+  pools_->pools[n] = {std::move(p), pool_kind::device_private, owner, raw, std::move(ops)};
   // release: publishes the slot; pairs with the acquire load in pool_count().
   pools_->count.store(n + 1, std::memory_order_release);
   return n;

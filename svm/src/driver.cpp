@@ -54,7 +54,10 @@ result<std::unique_ptr<driver>> driver::create(driver_config c) {
 }
 
 driver::driver(key, driver_config c, std::unique_ptr<dev::device> hw, std::unique_ptr<vram_manager> vram)
-    : cfg_(c), vram_(std::move(vram)), hw_(std::move(hw)) {
+    : cfg_(c),
+      vram_(std::move(vram)),
+      pagemap_(std::make_shared<svm_pagemap>(vram_->pool(), this)),
+      hw_(std::move(hw)) {
   // Invariants: create() validated cfg_ and created hw_.
   SVM_CHECK(validate(cfg_) == errc::ok, "driver_config not validated (only driver::create() constructs)");
   SVM_CHECK(hw_ != nullptr, "driver constructed without hardware (only driver::create() constructs)");

@@ -163,6 +163,8 @@ namespace {
 bool huge_mappable(std::span<const hmm_pfn> p) {
   if (p.size() != huge_size / page_size) return false;
   const hmm_pfn first = p[0];
+  // (A device-private page is reported with order 0: VRAM is mapped with
+  // 4K entries.)
   if (!(first & hmm_pfn_valid) || hmm_pfn_to_map_order(first) != order_2m) return false;
   if (hmm_pfn_to_pfn(first) % (huge_size / page_size) != 0) return false;
   for (std::size_t i = 1; i < p.size(); ++i) {
@@ -174,7 +176,12 @@ bool huge_mappable(std::span<const hmm_pfn> p) {
   return true;
 }
 
-std::uint64_t pte_of(hmm_pfn e) {
+// The device PTE of an hmm entry: this device's VRAM pool (`vram_pool`,
+// its index in the mm; 0: none) through the VRAM aperture, any other pool
+// through the system aperture.
+std::uint64_t pte_of(hmm_pfn e, unsigned vram_pool) {
+  if (vram_pool != 0 && hmm_pfn_to_pool(e) == vram_pool)
+    return dev_pte::make(aperture::vram, hmm_pfn_to_pfn(e), (e & hmm_pfn_write) != 0);
   return dev_pte::make(aperture::system, mm_device_pfn(hmm_pfn_to_pool(e), hmm_pfn_to_pfn(e)),
                        (e & hmm_pfn_write) != 0);
 }
@@ -193,6 +200,8 @@ errc gpu_vm::service_svm_locked(va_t gva, va_t cpu, access acc, va_range allowed
   // A window never leaves the chunk whose notifier guards it.
   const va_range chunk_gpu{c->cpu.start - static_cast<va_t>(delta), c->cpu.end - static_cast<va_t>(delta)};
   allowed = intersect(allowed, chunk_gpu);
+  // Memory whose attributes want VRAM moves there first (migrate.cpp).
+  migrate_for_fault_locked(gva, cpu, acc, allowed);
 
   // The retry bound (vm_config::fault_timeout): give up only when the
   // clock has passed the deadline AND the window itself was invalidated
@@ -355,14 +364,14 @@ errc gpu_vm::service_svm_locked(va_t gva, va_t cpu, access acc, va_range allowed
         if (pt::is_link(n->entries[idx].load(std::memory_order_relaxed))) {
           relink = true;  // a 4K table appeared there: map with 4K entries
         } else {
-          pt_.set_leaf_locked(*n, idx, pte_of(span[0]));
+          pt_.set_leaf_locked(*n, idx, pte_of(span[0], vram_pool_));
           written = npages;
         }
       } else {
         for (std::size_t i = 0; i < npages; ++i) {
           if (!(span[i] & hmm_pfn_valid)) continue;
           const unsigned idx = pt::entry_index(win.start + i * page_size, 0);
-          const std::uint64_t e = pte_of(span[i]);
+          const std::uint64_t e = pte_of(span[i], vram_pool_);
           if (n->entries[idx].load(std::memory_order_relaxed) != e) {
             pt_.set_leaf_locked(*n, idx, e);
             ++written;
@@ -430,6 +439,14 @@ bool gpu_vm::service_svm_block_locked(std::span<const va_t> pages, std::span<con
     bump(ctr_->valid_faults, valid);
     return true;
   }
+  // A page that needs migrating to VRAM (or that is ours read-only in VRAM
+  // and written) goes through per-page service, which migrates first.
+  for (std::size_t k = 0; k < nneed; ++k) {
+    const va_t gva = win.start + need[k] * page_size;
+    const va_t cva = gva + static_cast<va_t>(delta);
+    if (wants_vram(gva, cva, accs[need_at[k]])) return false;
+    if (needs_write(accs[need_at[k]]) && in_vram(cva) && !cpu_pte::is_writable(mm_.raw_pte(cva).entry)) return false;
+  }
 
   unsigned seq_retries = 0;
   std::uint64_t since = inval_stamp_.load(std::memory_order_acquire);
@@ -495,7 +512,7 @@ bool gpu_vm::service_svm_block_locked(std::span<const va_t> pages, std::span<con
           const hmm_pfn p = span[need[k]];
           if (!(p & hmm_pfn_valid)) continue;  // a prefetch of an absent page
           const unsigned idx = pt::entry_index(win.start + need[k] * page_size, 0);
-          const std::uint64_t e = pte_of(p);
+          const std::uint64_t e = pte_of(p, vram_pool_);
           if (n->entries[idx].load(std::memory_order_relaxed) != e) {
             pt_.set_leaf_locked(*n, idx, e);
             ++written;

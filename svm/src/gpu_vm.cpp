@@ -167,6 +167,7 @@ vm_stats gpu_vm::stats() const noexcept {
   s.pages_to_ram = ld(c.pages_to_ram);
   s.svm_evictions = ld(c.svm_evictions);
   s.migrate_fallbacks = ld(c.migrate_fallbacks);
+  s.timeslice_waits = ld(c.timeslice_waits);
   for (unsigned i = 0; i < latency_histogram::buckets; ++i) s.latency.count[i] = ld(c.latency[i]);
   return s;
 }
@@ -177,7 +178,7 @@ void gpu_vm::reset_stats() noexcept {
                   &c.hmm_calls, &c.retries_busy, &c.retries_seq, &c.false_retries, &c.retries_shrink, &c.retries_huge, &c.fault_timeouts, &c.invalidations,
                   &c.ptes_written, &c.ptes_zapped, &c.tlb_invalidations, &c.huge_leaves, &c.groups, &c.grouped_pages, &c.group_fallbacks, &c.bo_faults,
                   &c.evictions, &c.preemptions, &c.bo_restores, &c.migrations_to_vram, &c.migrations_to_ram,
-                  &c.pages_to_vram, &c.pages_to_ram, &c.svm_evictions, &c.migrate_fallbacks})
+                  &c.pages_to_vram, &c.pages_to_ram, &c.svm_evictions, &c.migrate_fallbacks, &c.timeslice_waits})
     a->store(0, std::memory_order_relaxed);
   for (auto& a : c.latency) a.store(0, std::memory_order_relaxed);
 }
@@ -193,6 +194,7 @@ errc gpu_vm::validate(const vm_config& c) noexcept {
     return errc::inval;
   if (c.seq != seq_mode::notifier && c.seq != seq_mode::pgtable) return errc::inval;
   if (c.impl != mirror_impl::page && c.impl != mirror_impl::range) return errc::inval;
+  if (c.migrate_timeslice < std::chrono::nanoseconds::zero()) return errc::inval;
   return errc::ok;
 }
 
@@ -222,6 +224,14 @@ gpu_vm::gpu_vm(key, driver& d, svm::mm& m, vm_config cfg, errc& err)
   if ((err = mm_.add_release(*release_)) != errc::ok) {
     release_.reset();  // a torn-down mm: nothing to mirror
     return;
+  }
+  if (cfg_.mode == vm_mode::fault && cfg_.mirror != mirror_kind::none) {
+    // The device's VRAM as a device-private pool of the mm, owned by this
+    // device, with its pgmap ops (kept alive by the mm family; reused when
+    // the family has it already). A full pool table only disables
+    // migration: the VM works in system memory.
+    pagemap_ = dev_.pagemap(driver::vm_key{});
+    if (auto idx = mm_.attach_pool(dev_.vram().pool(), owner(), pagemap_); idx.ok()) vram_pool_ = *idx;
   }
   auto id = dev_.register_vm(driver::vm_key{}, this);
   if (!id) {
@@ -271,6 +281,8 @@ void gpu_vm::on_mm_release() {
   // and leave the mm alone.
   lock_guard g(lock_);
   released_ = true;
+  // The mm frees its pages itself: only the records go.
+  drop_vram_chunks(false);
   drop_chunks();
   // The mirror's PTEs go (the BO mappings stay: their frames are the
   // aperture's, not the mm's).
@@ -325,6 +337,9 @@ gpu_vm::~gpu_vm() {
     shared_lock_guard g(lock_);
     released = released_;
   }
+  // While the mm lives, this VM's VRAM chunks go back to system memory
+  // (before the notifiers go: the MIGRATE zaps every VM's PTEs of them).
+  if (!released) drop_vram_chunks(true);
   if (!released) drop_chunks();  // (released: the release dropped them, and the mm may be gone)
   if (attached_) (void)dev_.hw().detach_vm(id_);
   lock_guard g(lock_);

@@ -143,7 +143,11 @@ void gpu_vm::flush_tlb(const std::vector<va_range>& flush) {
 
 bool gpu_vm::invalidate(chunk& c, interval_notifier& sub, const mmu_notifier_range& r, std::uint64_t cur_seq) {
   span_scope sp(dev_.trace(), "invalidate", (r.end - r.start) / page_size);
-  if ((r.event == mmu_notifier_event::migrate || r.event == mmu_notifier_event::exclusive) && r.owner == owner()) {
+  // Our own exclusive-access conversion changes nothing we map. Our own
+  // MIGRATE does: it moves pages between system memory and this device's
+  // VRAM, so the frames every VM of the device maps there are about to be
+  // freed or replaced. It zaps like any invalidation (docs/migration.md).
+  if (r.event == mmu_notifier_event::exclusive && r.owner == owner()) {
     mirror_->own_migration(c, sub, cur_seq);
     return true;
   }

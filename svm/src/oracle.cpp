@@ -165,7 +165,7 @@ struct access_oracle::state {
     // Every access lands in exactly one of svm, not_svm, unwatched; checked()
     // is their sum (one RMW per access on the engine's own line).
     engine_counters& k = ctr[c.engine % ctr.size()];
-    if (c.ap != aperture::system || (c.pte & gpu_vm::bo_pte_bit) != 0) {
+    if ((c.pte & gpu_vm::bo_pte_bit) != 0) {
       bump(k.not_svm);
       return;
     }
@@ -184,14 +184,30 @@ struct access_oracle::state {
       record(c, stale_reason::mm_released, cpu, {});
       return;
     }
-    const unsigned dpool = static_cast<unsigned>(c.pfn >> mm_pool_shift);
-    const pfn_t dpfn = c.pfn & ((pfn_t{1} << mm_pool_shift) - 1);
+    unsigned dpool = static_cast<unsigned>(c.pfn >> mm_pool_shift);
+    pfn_t dpfn = c.pfn & ((pfn_t{1} << mm_pool_shift) - 1);
     const bool write = needs_write(c.acc);
+    if (c.ap == aperture::vram) {
+      // An SVM page migrated to VRAM: the device frame is a frame of the
+      // VRAM pool, which the mm has attached as a device-private pool. The
+      // rule is the same, with that pool's index.
+      dpfn = c.pfn;
+      dpool = 0;
+      for (unsigned i = 1, n = e->m->pool_count(); i < n; ++i) {
+        if (e->m->kind_of_pool(i) == pool_kind::device_private &&
+            static_cast<const phys_mem*>(&e->m->pool(i)) == c.mem) {
+          dpool = i;
+          break;
+        }
+      }
+    }
 
     // 1. What the CPU maps now (acquire loads of the CPU PTEs).
     const cpu_translation t = e->m->cpu_translate(cpu);
     stale_reason why;
-    if (t.present) {
+    if (c.ap == aperture::vram && dpool == 0) {
+      why = stale_reason::frame_mismatch;  // VRAM that is no pool of this mm
+    } else if (t.present) {
       if (t.pool == dpool && t.pfn == dpfn) {
         if (!write || t.writable) return;
         why = stale_reason::cpu_read_only;

@@ -7,6 +7,10 @@
 //   bo.cpp          buffer objects, bind/unbind, eviction and return to VRAM
 //   evict.cpp       the device's VRAM manager and its eviction policy
 //   mirror_bind.cpp mirror_unbind/mirror_bind: GPU ranges taken out of the mirror
+//   attrs.cpp       SVM memory attributes (set_attrs, query_attrs)
+//   migrate.cpp     SVM migration to and from VRAM: the fault hook,
+//                   prefetch, SVM chunks as VRAM users, the pgmap ops
+//                   (svm_pagemap) a CPU fault calls (docs/migration.md)
 #pragma once
 
 #include <array>
@@ -21,6 +25,7 @@
 #include <vector>
 
 #include "svm/svm/gpu_vm.h"
+#include "svm/notifier/migrate.h"
 #include "svm/svm/vram.h"
 
 namespace svm {
@@ -61,6 +66,67 @@ struct gpu_vm::bo final : vram_object {
   [[nodiscard]] const void* vm() const noexcept override { return &owner; }
 };
 
+/// An SVM chunk migrated to VRAM: a VRAM user the device's vram_manager may
+/// evict. It does not own the frames (the CPU's device-private entries do);
+/// it names a CPU range of the VM's mm where this device's pages were put.
+/// Created by a migration to VRAM; registered with the vram_manager and the
+/// driver's svm_pagemap until the VM drops it (gc, destruction, the mm's
+/// release). Evicting it moves this device's pages of its range back to
+/// system memory through the mm (no reverse map in this model): under a
+/// TRY-lock of the mm's mmap_lock shared, EBUSY when that is taken. It
+/// never takes vm.lock.
+struct gpu_vm::svm_chunk final : vram_object {
+  svm_chunk(gpu_vm& v, va_range r, std::size_t pages, std::uint64_t now) noexcept
+      : owner(v), cpu(r), resident(pages), migrated_ns(now) {}
+  gpu_vm& owner;
+  const va_range cpu;  ///< CPU VA of the chunk (page aligned)
+  /// Pages of the range this device held when last counted: an upper bound
+  /// (munmap frees pages without telling us). Relaxed: read by the
+  /// manager under its lock (must not lock), written by migrations.
+  std::atomic<std::size_t> resident;
+  /// steady-clock ns of the last migration to VRAM (the timeslice start).
+  std::atomic<std::uint64_t> migrated_ns;
+  errc evict(const evict_context& cx) override;
+  [[nodiscard]] std::size_t resident_frames() const noexcept override {
+    return resident.load(std::memory_order_relaxed);
+  }
+  /// Null: the skip rule of evict_context protects holders of vm.lock, and
+  /// this eviction takes no vm.lock, so even the allocating VM's own
+  /// chunks may go (its own faults evict its least recently used chunks).
+  [[nodiscard]] const void* vm() const noexcept override { return nullptr; }
+};
+
+/// The driver's dev_pagemap_ops for its VRAM pool, attached to every mm a
+/// VM of the driver mirrors. The mm family keeps it alive by shared
+/// ownership (mm::attach_pool's shared_ptr overload), so it outlives the
+/// driver when a fork child still holds device-private pages. It never
+/// uses the driver: migrate_to_ram copies with the CPU (frame_pool's
+/// copy_frame) from the VRAM pool, which it also keeps alive.
+/// It keeps a registry of the live svm_chunk records by mm, under a leaf
+/// lock, to find the chunk (and timeslice) of a CPU fault and to count.
+class svm_pagemap final : public dev_pagemap_ops {
+ public:
+  svm_pagemap(std::shared_ptr<frame_pool> vram, const void* owner) : vram_(std::move(vram)), owner_(owner) {}
+  errc migrate_to_ram(mm& m, va_t addr) SVM_REQUIRES_SHARED(m.mmap_lock()) override;
+  void add(gpu_vm::svm_chunk& c) SVM_EXCLUDES(lock_);
+  void remove(gpu_vm::svm_chunk& c) SVM_EXCLUDES(lock_);
+  /// Pages of `m` in CPU range r moved back to system memory: lower the
+  /// resident counts of the chunks that cover them and, with `count`,
+  /// count the migration (and a timeslice wait) in the VM of the first
+  /// one (under the lock: a VM removes its chunks here before it goes).
+  void moved_to_ram(const mm& m, va_range r, std::size_t pages, bool count, bool waited) SVM_EXCLUDES(lock_);
+  const void* owner() const noexcept { return owner_; }
+  const std::shared_ptr<frame_pool>& vram() const noexcept { return vram_; }
+
+ private:
+  std::shared_ptr<frame_pool> vram_;  // immutable
+  const void* const owner_;
+  static constexpr lock_class lock_class_{"svm_pagemap", lockdep::rank::leaf};
+  /// The registry: leaf, never held around another lock or a sleep.
+  mutable mutex lock_{lock_class_};
+  std::multimap<const mm*, gpu_vm::svm_chunk*> chunks_ SVM_GUARDED_BY(lock_);
+};
+
 /// The VM's counters: relaxed atomics, statistics only.
 struct gpu_vm::counters {
   std::atomic<std::uint64_t> faults_raised{0}, faults_serviced{0}, faults_cancelled{0}, valid_faults{0},
@@ -68,7 +134,7 @@ struct gpu_vm::counters {
       retries_huge{0}, fault_timeouts{0}, invalidations{0}, groups{0}, grouped_pages{0}, group_fallbacks{0},
       ptes_written{0}, ptes_zapped{0}, tlb_invalidations{0}, huge_leaves{0}, bo_faults{0}, evictions{0},
       preemptions{0}, bo_restores{0}, migrations_to_vram{0}, migrations_to_ram{0}, pages_to_vram{0}, pages_to_ram{0},
-      svm_evictions{0}, migrate_fallbacks{0};
+      svm_evictions{0}, migrate_fallbacks{0}, timeslice_waits{0};
   std::array<std::atomic<std::uint64_t>, latency_histogram::buckets> latency{};
 };
 
@@ -197,7 +263,8 @@ class gpu_vm::mirror {
   /// when stale (nothing written).
   virtual bool commit(chunk& c, pt::node& n, std::uint64_t snap, unsigned first, unsigned last, va_range win,
                       std::span<const hmm_pfn> pages, detail::fn_ref<void()> write) = 0;
-  /// Our own migration: nothing of ours goes stale, but advance the
+  /// Our own exclusive-access conversion (MIGRATE of our own zaps like any
+  /// other event): nothing of ours goes stale, but advance the
   /// notifier sequence under the mirror's lock, as the kernel's drivers do.
   virtual void own_migration(chunk& c, interval_notifier& sub, std::uint64_t cur_seq) = 0;
   /// A non-blockable callback: advance the sequence without waiting; false

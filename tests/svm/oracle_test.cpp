@@ -438,7 +438,7 @@ TEST_P(Oracle, WindowsMirrorMapsGpuToCpuAndFlagsUnmirroredPtes) {
 }
 
 // check() driven by hand (no kernel): a VM id registered with no mirror
-// has every SVM access stale; BO PTEs and VRAM never are; an unknown or out
+// has every SVM access stale (in VRAM too); BO PTEs never are; an unknown or out
 // of range VM id is unwatched.
 TEST_P(Oracle, HandMadeChecksFollowTheMirrorKind) {
   constexpr dev::vm_id other = 4000;
@@ -454,8 +454,10 @@ TEST_P(Oracle, HandMadeChecksFollowTheMirrorKind) {
   oracle->check(c);
   c.pte |= gpu_vm::bo_pte_bit;
   oracle->check(c);
-  c.pte = dev::dev_pte::make(aperture::vram, 7, true);
+  c.pte = dev::dev_pte::make(aperture::vram, 7, true) | gpu_vm::bo_pte_bit;  // a VRAM BO
   c.ap = aperture::vram;
+  oracle->check(c);
+  c.pte = dev::dev_pte::make(aperture::vram, 7, true);  // SVM in VRAM: checked by the rule
   oracle->check(c);
   c.ap = aperture::system;
   c.pte = dev::dev_pte::make(aperture::system, 7, true);
@@ -464,12 +466,13 @@ TEST_P(Oracle, HandMadeChecksFollowTheMirrorKind) {
   c.vm = dev::max_vm_id + 5;
   oracle->check(c);
   const oracle_counts n = oracle->counts();
-  EXPECT_EQ(n.checked, 5u);
-  EXPECT_EQ(n.svm_checked, 1u);
+  EXPECT_EQ(n.checked, 6u);
+  EXPECT_EQ(n.svm_checked, 2u);
   EXPECT_EQ(n.not_svm, 2u);
   EXPECT_EQ(n.unwatched, 2u);
-  EXPECT_EQ(n.stale, 1u);
-  ASSERT_EQ(oracle->reports().size(), 1u);
+  EXPECT_EQ(n.stale, 2u);
+  ASSERT_EQ(oracle->reports().size(), 2u);
+  EXPECT_EQ(oracle->reports()[1].reason, stale_reason::not_mirrored);
   const stale_report r = oracle->reports()[0];
   EXPECT_EQ(r.reason, stale_reason::not_mirrored);
   EXPECT_EQ(r.vm, other);

@@ -508,6 +508,17 @@ class mm {
   [[nodiscard]] result<unsigned> attach_pool(std::shared_ptr<frame_pool> p, pool_kind kind,
                                              const void* owner = nullptr, dev_pagemap_ops* ops = nullptr)
       SVM_EXCLUDES(mmap_lock_);
+  /// Attach a device-private pool whose ops the fork family keeps alive:
+  /// the pool set holds `ops` by shared ownership until its last mm goes,
+  /// so a driver may be destroyed while an mm still holds pages of the
+  /// pool. Idempotent per family: if this very pool is already attached as
+  /// device_private with the same owner, returns that index and keeps the
+  /// ops it had (the check and the attach are one step under the family's
+  /// attach lock, so two concurrent callers get one index).
+  /// EINVAL: null pool or null ops; ENOSPC: full.
+  /// Locking: takes mmap_lock exclusive.
+  [[nodiscard]] result<unsigned> attach_pool(std::shared_ptr<frame_pool> p, const void* owner,
+                                             std::shared_ptr<dev_pagemap_ops> ops) SVM_EXCLUDES(mmap_lock_);
   /// The zero page's frame number, the same (frame 0) in every pool.
   [[nodiscard]] static constexpr pfn_t zero_pfn() noexcept { return frame_pool::zero_pfn(); }
 
@@ -551,7 +562,8 @@ class mm {
     std::shared_ptr<frame_pool> pool;
     pool_kind kind = pool_kind::numa;
     const void* owner = nullptr;
-    dev_pagemap_ops* ops = nullptr;  // not owned
+    dev_pagemap_ops* ops = nullptr;  // not owned (unless keep holds it)
+    std::shared_ptr<dev_pagemap_ops> keep;  ///< the shared-ownership overload's ops
   };
   /// Pools and swap shared by a fork family. Slot i is written once, before
   /// `count` is raised past i (release); readers index only below an

@@ -34,6 +34,7 @@
 namespace svm {
 
 class gpu_vm;
+class svm_pagemap;
 
 /// The fault handler's own counters (driver::stats()).
 struct handler_stats {
@@ -149,6 +150,9 @@ class driver {
   /// Drop `id` from the registry; once it returns no handler thread is
   /// inside that VM. Locking: takes the registry lock exclusive.
   void unregister_vm(vm_key, dev::vm_id id) SVM_EXCLUDES(reg_lock_);
+  /// The pgmap ops of the VRAM pool that each VM attaches to its mm
+  /// (docs/migration.md); gpu_vm's only. Immutable.
+  [[nodiscard]] const std::shared_ptr<svm_pagemap>& pagemap(vm_key) const noexcept { return pagemap_; }
 
  private:
   /// The trace sink; release store in set_trace pairs with the acquire load
@@ -162,6 +166,9 @@ class driver {
 
   driver_config cfg_;  // immutable
   std::unique_ptr<vram_manager> vram_;  // immutable; outlives hw_ (declared first)
+  /// The VRAM pool's pgmap ops, shared with the mms that attached the
+  /// pool (they keep it alive past the driver; it never uses the driver).
+  std::shared_ptr<svm_pagemap> pagemap_;  // immutable
   std::unique_ptr<dev::device> hw_;  // immutable after construction
   /// The registry lock (see the file comment): handler threads hold it
   /// shared across a batch; register/unregister take it exclusive.

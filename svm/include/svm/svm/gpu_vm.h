@@ -147,6 +147,40 @@ struct vm_config {
   unsigned fault_retry_floor = 8;
   /// Map 2M device leaves where the CPU maps a 2M huge page over the window.
   bool huge_leaves = true;
+  /// How long a chunk migrated to VRAM stays there before a CPU fault may
+  /// migrate it back (thrashing guard, as xe's timeslice): the CPU fault's
+  /// migrate_to_ram sleeps the rest of it first, holding the mm's
+  /// mmap_lock shared, so a CPU fault waits at most this long (see
+  /// docs/migration.md). 0: no wait. Must be >= 0.
+  std::chrono::nanoseconds migrate_timeslice = std::chrono::milliseconds(5);
+};
+
+/// Where SVM memory should live (svm_attrs::preferred).
+enum class mem_location : std::uint8_t { system, vram };
+/// What a device atomic needs (svm_attrs::atomics): `any` memory, or
+/// `device` memory, so an atomic fault on SVM memory migrates its chunk to
+/// VRAM first (as xe does for device atomics).
+enum class atomic_mode : std::uint8_t { any, device };
+
+/// Memory attributes of a GPU VA range of the SVM mirror (madvise-like;
+/// gpu_vm::set_attrs). The defaults hold wherever nothing was set.
+struct svm_attrs {
+  mem_location preferred = mem_location::system;  ///< vram: a device fault migrates the chunk to VRAM
+  atomic_mode atomics = atomic_mode::any;         ///< device: an atomic fault migrates the chunk to VRAM
+  /// The migration chunk: 4K, 64K or 2M. A fault or prefetch migrates the
+  /// granularity-aligned block around the page, clipped to the CPU VMA and
+  /// to the mirror's range.
+  std::uint64_t granularity = huge_size;
+  friend bool operator==(const svm_attrs&, const svm_attrs&) = default;
+};
+
+/// One piece of gpu_vm::query_attrs(): a GPU VA range with one set of
+/// attributes, and where its pages are now.
+struct attr_range {
+  va_range range;                  ///< GPU VA
+  svm_attrs attrs;                 ///< the attributes there
+  std::uint64_t vram_pages = 0;    ///< pages whose CPU entry is a device-private entry of this device's VRAM
+  std::uint64_t system_pages = 0;  ///< pages the CPU maps present (system memory)
 };
 
 /// A log2 histogram of fault latencies (raise to replay), in ns.
@@ -195,6 +229,7 @@ struct vm_stats {
   std::uint64_t pages_to_ram = 0;     ///< pages those migrations back moved
   std::uint64_t svm_evictions = 0;    ///< SVM chunks evicted to system memory under VRAM pressure
   std::uint64_t migrate_fallbacks = 0;  ///< chunks a fault wanted in VRAM but mapped in system memory (no room, or not migratable)
+  std::uint64_t timeslice_waits = 0;  ///< CPU faults that waited for a chunk's migrate_timeslice before migrating it back
   latency_histogram latency;          ///< raise-to-replay latency of serviced faults
   /// A one-line summary of the main counters (what operator<< prints).
   [[nodiscard]] std::string to_string() const;
@@ -362,6 +397,44 @@ class gpu_vm {
   /// like from the kernel's side.
   [[nodiscard]] fence_ptr preempt_fence() const SVM_EXCLUDES(lock_);
 
+  // ---- SVM memory attributes and migration (attrs.cpp, migrate.cpp) -----
+  /// Set the attributes of GPU VA [gpu_va, gpu_va + size) of the mirror
+  /// (the full-mm mirror, or inside one window), splitting and merging the
+  /// attribute map. They apply to later faults and prefetches; memory
+  /// already migrated stays where it is. Errors, with nothing changed:
+  /// EINVAL (zero or unaligned size or address, a range past the VA width
+  /// or not covered by the mirror, an enum value outside its enumeration,
+  /// a granularity other than 4K, 64K or 2M), EOVERFLOW (the range wraps),
+  /// ENOENT (the mm is gone). Locking: takes lock_ shared, then attrs_lock_.
+  errc set_attrs(va_t gpu_va, std::uint64_t size, const svm_attrs& a) SVM_EXCLUDES(lock_);
+  /// The attributes over GPU VA [gpu_va, gpu_va + size), as ranges of equal
+  /// attributes in address order covering it exactly, each with its
+  /// residency read from the CPU page table now (lock-free: a snapshot).
+  /// Errors as set_attrs (except the attribute checks).
+  [[nodiscard]] result<std::vector<attr_range>> query_attrs(va_t gpu_va, std::uint64_t size) SVM_EXCLUDES(lock_);
+  /// Migrate the chunks of GPU VA [gpu_va, gpu_va + size) now: to VRAM
+  /// (the anonymous private pages, holes included as zero pages; pages
+  /// already there stay) or back to system memory. It does not map device
+  /// PTEs: the next device fault maps what is there. Errors: EINVAL and
+  /// EOVERFLOW as set_attrs, and `to` outside the enum; EFAULT: part of
+  /// the range has no VMA; EPERM: part of it is shared or file-backed
+  /// memory, which cannot move to device memory (checked before anything
+  /// moves); ENOMEM (to vram): VRAM cannot hold the pages that must move
+  /// even after evicting every idle VRAM user of the device. The frames
+  /// for the whole range are allocated before the first chunk moves, so
+  /// that ENOMEM leaves every page where it was (objects evicted on the
+  /// way stay in system memory with their data); only if the CPU faults
+  /// pages in meanwhile can a later chunk find too few frames, and then
+  /// the chunks before it stay in VRAM and the rest in system memory.
+  /// ENOMEM (to system): no system frames; chunks moved so far stay moved.
+  /// EBUSY: a chunk could not be migrated whole (pages mapped more than
+  /// once, swapped, or under another migration); chunks before it stay.
+  /// ENOENT: the mm is gone. Locking: takes lock_ shared across it, the
+  /// mm's mmap_lock shared per chunk (not while allocating VRAM).
+  errc prefetch(va_t gpu_va, std::uint64_t size, mem_location to) SVM_EXCLUDES(lock_);
+  /// The index of the device's VRAM pool in the mm (attached at creation).
+  [[nodiscard]] unsigned vram_pool() const noexcept { return vram_pool_; }
+
   // ---- statistics -------------------------------------------------------
   /// A snapshot of the VM's counters (relaxed loads; takes no lock).
   [[nodiscard]] vm_stats stats() const noexcept;
@@ -370,8 +443,9 @@ class gpu_vm {
   /// Bytes of device page table.
   [[nodiscard]] std::size_t pt_bytes() const { return pt_.stats().bytes; }
 
-  /// The owner token of this VM's device (MIGRATE events it starts itself
-  /// carry it and are ignored).
+  /// The owner token of this VM's device: the owner of its VRAM pool in the
+  /// mm (hmm's dev_private_owner, migrate_vma's pgmap_owner). EXCLUSIVE
+  /// events that carry it are ignored; MIGRATE events zap as any other.
   [[nodiscard]] const void* owner() const noexcept { return &dev_; }
 
   /// Test hooks (deterministic interleavings). Set before concurrent use.
@@ -380,6 +454,13 @@ class gpu_vm {
     std::function<void(va_range window)> after_snapshot = {};
     /// After hmm_range_fault returned, before the commit's locks.
     std::function<void(va_range window)> before_commit = {};
+    /// In a migration to VRAM (fault or prefetch), after the pages were
+    /// collected and their copies queued, before migrate_vma_pages: the
+    /// CPU range, with the mm's mmap_lock held shared.
+    std::function<void(va_range cpu)> during_migrate_copy = {};
+    /// In a fault that wants VRAM, after the VRAM frames were allocated and
+    /// before the mmap_lock is taken for the migration.
+    std::function<void(va_range cpu)> after_vram_alloc = {};
   };
   /// Install `h`, replacing the current hooks (not thread safe: call before
   /// any fault can run).
@@ -556,6 +637,53 @@ class gpu_vm {
   test_hooks hooks_;
 
   std::unique_ptr<mirror> mirror_;  // immutable after construction
+
+  // ---- migration (migrate.cpp, attrs.cpp; docs/migration.md) ----
+  friend class svm_pagemap;
+  struct svm_chunk;
+  struct attr_entry {
+    va_t end;
+    svm_attrs a;
+  };
+  /// The index of the driver's VRAM pool in the mm (attached at creation;
+  /// 0 until then, and when the attach failed: no migration). Immutable
+  /// after construction.
+  unsigned vram_pool_ = 0;
+  /// The driver's VRAM pgmap ops (driver::pagemap); immutable.
+  std::shared_ptr<svm_pagemap> pagemap_;
+  static constexpr lock_class attrs_class{"gpu_vm.attrs", lockdep::rank::leaf};
+  /// Guards the attribute map. Leaf: taken under vm.lock (shared) or alone,
+  /// never around another lock.
+  mutable mutex attrs_lock_{attrs_class};
+  /// Attribute ranges by GPU start (disjoint; adjacent equal ones merged;
+  /// the default attributes are not stored).
+  std::map<va_t, attr_entry> attrs_ SVM_GUARDED_BY(attrs_lock_);
+  static constexpr lock_class vram_chunks_class{"gpu_vm.vram_chunks", lockdep::rank::leaf};
+  /// Guards vram_chunks_ (the map only: records are shared_ptr, so a thread
+  /// copies one out and uses it without the lock). Leaf, never held around
+  /// another lock (vram_manager and the pagemap registry are taken outside it).
+  mutable mutex vram_chunks_lock_{vram_chunks_class};
+  /// The SVM chunks this VM migrated to VRAM, by CPU range.
+  std::map<std::pair<va_t, va_t>, std::shared_ptr<svm_chunk>> vram_chunks_ SVM_GUARDED_BY(vram_chunks_lock_);
+  [[nodiscard]] svm_attrs attrs_at(va_t gva) const SVM_EXCLUDES(attrs_lock_);
+  [[nodiscard]] errc check_attr_range(va_t gpu_va, std::uint64_t size) const SVM_REQUIRES_SHARED(lock_);
+  // The fault hook: migrate the faulting page's chunk to VRAM if its
+  // attributes (or an atomic under atomics == device) ask for it.
+  void migrate_for_fault_locked(va_t gva, va_t cpu, access acc, va_range allowed) SVM_REQUIRES_SHARED(lock_);
+  // Would a fault of `acc` at gva (CPU cpu) migrate? (the group path asks)
+  [[nodiscard]] bool wants_vram(va_t gva, va_t cpu, access acc) const;
+  [[nodiscard]] bool in_vram(va_t cpu) const noexcept;
+  // Migrate CPU range `cr` (page aligned, one VMA) to VRAM, all or nothing,
+  // using `frames` first (allocating more if short; unused ones stay in it).
+  errc migrate_chunk_to_vram(va_range cr, std::vector<pfn_t>& frames, bool may_alloc);
+  // Move this device's pages of CPU range `cr` back to system memory.
+  errc migrate_range_to_ram(va_range cr);
+  void note_vram_chunk(va_range cr, std::size_t resident);
+  void touch_vram_chunk(va_t cpu);
+  // Unregister every record (vram manager, pagemap registry); with
+  // `migrate_back`, move their pages back to system memory first.
+  void drop_vram_chunks(bool migrate_back);
+  void gc_vram_chunks();
 
  public:
   /// Range objects the baseline holds now (tests; 0 for the page mirror).

@@ -3,9 +3,9 @@
 // reports stale accesses.
 //
 // ## The rule
-// An access through an SVM PTE (no gpu_vm::bo_pte_bit, system aperture) of a
-// watched VM, at GPU VA `gva` mirroring CPU VA `cpu`, is fine if the device
-// frame it touches is
+// An access through an SVM PTE (no gpu_vm::bo_pte_bit) of a watched VM, at
+// GPU VA `gva` mirroring CPU VA `cpu`, is fine if the device frame it
+// touches is
 //  (a) the frame the CPU maps at `cpu` now: same pool and pfn (a present
 //      PTE, or a device-private entry of that frame), and for a write or an
 //      atomic the CPU mapping is writable; or
@@ -15,10 +15,19 @@
 // `max_reports` are recorded with the addresses, both frames, their
 // generations, the access kind and why it failed.
 //
-// BO PTEs (bo_pte_bit) and VRAM-aperture accesses are counted as checked but
-// not SVM (not_svm()): checking a BO access against the BO's current backing
-// and its bind/evict state is future work. Accesses of VMs the oracle does
-// not watch are counted in unwatched() and not checked.
+// The frame is named by the aperture: a system-aperture PTE names pool
+// (pfn >> 32) of the mm, frame (pfn & 0xffffffff); a VRAM-aperture PTE (an
+// SVM page migrated to VRAM, docs/migration.md) names a frame of the
+// device's VRAM, which the mm has attached as a device-private pool: its
+// pool is that pool's index, so the access is fine only while the CPU entry
+// at `cpu` is the device-private entry of that very VRAM frame. Once the
+// chunk migrated back and the frame was reused, the access is stale
+// (frame_mismatch, or cpu_not_present).
+//
+// BO PTEs (bo_pte_bit) are counted as checked but not SVM (not_svm()):
+// checking a BO access against the BO's current backing and its bind/evict
+// state is future work. Accesses of VMs the oracle does not watch are
+// counted in unwatched() and not checked.
 //
 // ## Why the check is race-free (no false report, in this order)
 // The check runs on the engine thread inside the access: after translation,
@@ -147,7 +156,7 @@ struct stale_report {
 struct oracle_counts {
   std::uint64_t checked = 0;      ///< every access the validator saw
   std::uint64_t svm_checked = 0;  ///< SVM accesses of watched VMs, checked against the CPU page table
-  std::uint64_t not_svm = 0;      ///< BO or VRAM-aperture accesses (not checked by the rule)
+  std::uint64_t not_svm = 0;      ///< BO accesses (not checked by the rule)
   std::uint64_t unwatched = 0;    ///< accesses of VMs not watched
   std::uint64_t excused = 0;      ///< SVM accesses accepted only by rule (b)
   std::uint64_t stale = 0;        ///< stale accesses (all counted, some reported)
@@ -218,7 +227,7 @@ class access_oracle {
   [[nodiscard]] std::uint64_t checked() const noexcept;
   /// SVM accesses of watched VMs, checked against the CPU page table.
   [[nodiscard]] std::uint64_t svm_checked() const noexcept;
-  /// BO or VRAM accesses (checked-not-SVM).
+  /// BO accesses (checked-not-SVM).
   [[nodiscard]] std::uint64_t not_svm() const noexcept;
   /// Accesses of VMs not watched.
   [[nodiscard]] std::uint64_t unwatched() const noexcept;
