@@ -28,6 +28,11 @@ const char* footer_text() {
   fork-cow             the CPU forks every round; device writes break copy-on-write
   bo-mixed             BOs (VRAM and system) and SVM interleaved in one VM
   evict-pressure       eight BOs overcommit VRAM 2x; the CPU evicts while kernels run
+  migrate-ping-pong    the CPU and the device write the same VRAM-preferred pages in
+                       turn: each round migrates every chunk to VRAM and back
+  vram-overcommit      a VRAM-preferred working set 2x the VRAM beside two VRAM BOs
+  prefetch             a VRAM-preferred region prefetched to VRAM in each timed round
+  vram-fault           the same, migrated by the kernel's own faults (prefetch's baseline)
   host-minor-fault     this machine's kernel: mmap fresh anonymous memory (MADV_NOHUGEPAGE)
                        and touch it page by page, in this process (ns per page)
 
@@ -43,6 +48,9 @@ ratio is the median of the per-repetition ratios:
           (scenario default: first-touch, with 1 engine, 4K windows and --size 64M
           unless given: 16K items a round, so the ramp at each round's start and
           end, when fewer than N faults can be in flight, stays small)
+  prefetch  prefetch against vram-fault          ratio = pages/s prefetched / pages/s faulted
+          (the region starts each round in system memory; --window picks the
+          migration granularity: 4k, 64k, else 2M)
 
 NO ARGUMENTS: the default storm set: every scenario, then the P1-P7 measurements of
 docs/performance.md (--compare host, seq and mirror, thread scaling), a table and the
@@ -132,8 +140,8 @@ std::optional<int> parse_options(int argc, char** argv, options& o) {
   app.add_option("-s,--scenario", scenario, "Run one scenario (see SCENARIOS); default: the default storm set")
       ->check(CLI::IsMember(names));
   std::string compare;
-  app.add_option("-c,--compare", compare, "Compare side by side: seq, mirror, host or waves (see COMPARISONS)")
-      ->check(CLI::IsMember({"seq", "mirror", "host", "waves"}));
+  app.add_option("-c,--compare", compare, "Compare side by side: seq, mirror, host, waves or prefetch (see COMPARISONS)")
+      ->check(CLI::IsMember({"seq", "mirror", "host", "waves", "prefetch"}));
 
   run_config& b = o.base;
   auto* eng = app.add_option("-e,--engines", b.engines, "Device engines (threads running work items), 1..256")

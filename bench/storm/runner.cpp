@@ -137,6 +137,7 @@ run_result run_device(const run_config& c, const runner_options& o) {
   vc.impl = c.mirror;
   vc.window = policy_of(c.effective_window());
   vc.huge_leaves = c.huge_leaves;
+  sc->vm_opts(c, vc);
   auto vm_owner = gpu_vm::create(dev, m, vc);
   if (!vm_owner) {
     r.kernel_errors = 1;

@@ -80,6 +80,9 @@ class scenario {
   /// The simulated hardware (VRAM size) for the config; engines, the fault
   /// buffer and the batch come from the config afterwards.
   [[nodiscard]] virtual dev::device_config hw(const run_config& c) const;
+  /// Adjust the VM's configuration (the runner has set sequence mode,
+  /// mirror, window and huge leaves from the run's knobs).
+  virtual void vm_opts(const run_config&, vm_config&) const {}
   virtual void setup(storm_env& env) = 0;
   virtual void prepare(storm_env& env, std::uint64_t round) = 0;
   virtual dev::kernel_status kernel(storm_env& env, std::uint64_t round) = 0;

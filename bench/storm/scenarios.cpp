@@ -589,6 +589,176 @@ class evict_pressure final : public region_scenario {
   std::uint64_t each_ = page_size;
 };
 
+// ---- device memory: migration to VRAM and back ----------------------------------
+
+/// The migration granularity the window knob asks for: 4K or 64K windows
+/// migrate 4K or 64K chunks, everything else 2M chunks.
+std::uint64_t granularity_of(const run_config& c) {
+  switch (c.effective_window()) {
+    case window_choice::w4k: return page_size;
+    case window_choice::w64k: return std::uint64_t{64} << 10;
+    default: return huge_size;
+  }
+}
+
+/// A region whose preferred location is VRAM (svm_attrs), the rest as
+/// region_scenario.
+class vram_region : public region_scenario {
+ public:
+  void setup(storm_env& env) override {
+    region_scenario::setup(env);
+    if (!base_) return;
+    svm_attrs a;
+    a.preferred = mem_location::vram;
+    a.granularity = granularity_of(env.cfg);
+    (void)check(env, env.vm.set_attrs(base_, pages_ * page_size, a), "set_attrs");
+  }
+};
+
+/// The CPU and the device write the same pages in turn. Each timed round:
+/// the CPU reads every page's device word of the last round and stores a
+/// new CPU word (each CPU fault migrates its chunk back to system memory),
+/// then the device reads the CPU word and stores a device word (each device
+/// fault migrates its chunk to VRAM). No timeslice, so every CPU fault
+/// migrates at once. The last round's device words are checked at teardown.
+class migrate_ping_pong final : public vram_region {
+ public:
+  void vm_opts(const run_config&, vm_config& vc) const override { vc.migrate_timeslice = std::chrono::nanoseconds{0}; }
+  void prepare(storm_env&, std::uint64_t) override {}
+  dev::kernel_status kernel(storm_env& env, std::uint64_t round) override {
+    {
+      trace_scope t(env.trace, "cpu_ping", pages_);
+      if (round > 0 && !cpu_check(env, round - 1)) return {};
+      populate(env, round);
+    }
+    last_ = round;
+    ran_ = true;
+    return region_scenario::kernel(env, round);
+  }
+  void verify(storm_env&, std::uint64_t) override {}
+  void teardown(storm_env& env) override {
+    if (ran_) (void)cpu_check(env, last_);
+  }
+
+ private:
+  bool cpu_check(storm_env& env, std::uint64_t round) {
+    for (std::uint64_t i = 0; i < pages_; ++i) {
+      const va_t p = base_ + i * page_size;
+      auto got = env.m.load<std::uint64_t>(p + w_dev);
+      if (!got.ok()) return check(env, got.error(), "CPU load");
+      const std::uint64_t want = value_of(env.cfg.seed, p, round, by_device);
+      if (*got != want) env.data_error(mismatch("CPU read of a device word", p, *got, want));
+    }
+    return true;
+  }
+  std::uint64_t last_ = 0;
+  bool ran_ = false;
+};
+
+/// An SVM working set twice the VRAM, alongside two VRAM BOs: each round
+/// the device reads the word it wrote the round before on every page and
+/// writes the next (round 0 reads the CPU's), so every chunk migrates in
+/// and evicts the least recently used ones; the BOs take VRAM too and
+/// count every access. The data survives every eviction, checked on the
+/// device each round and by the CPU at the end.
+class vram_overcommit final : public vram_region {
+ public:
+  dev::device_config hw(const run_config& c) const override {
+    dev::device_config h;
+    h.vram_bytes = std::max<std::uint64_t>(4 * huge_size, align_down(c.size / 2, page_size));
+    return h;
+  }
+  void setup(storm_env& env) override {
+    vram_region::setup(env);
+    if (!base_) return;
+    populate(env, 0);
+    each_ = std::max<std::uint64_t>(page_size, align_down(env.cfg.size / 16, page_size));
+    for (int k = 0; k < 2; ++k) {
+      auto id = env.vm.create_bo(each_, placement::vram);
+      if (!check(env, id.ok() ? errc::ok : id.error(), "create_bo")) return;
+      bos_.push_back({*id, bo_base + k * each_, each_});
+      if (!check(env, env.vm.bind(*id, bos_.back().gva, 0, each_), "bind")) return;
+    }
+  }
+  void prepare(storm_env& env, std::uint64_t round) override {
+    for (const bo_slot& b : bos_)
+      if (!bo_fill(env, b, round)) return;
+  }
+  dev::kernel_status kernel(storm_env& env, std::uint64_t round) override {
+    const va_t base = base_;
+    const std::uint64_t seed = env.cfg.seed, bo_pages = 2 * each_ / page_size;
+    storm_env* e = &env;
+    last_ = round;
+    ran_ = true;
+    return env.run_kernel(pages_, [=](dev::work_item& wi) {
+      const va_t p = base + wi.id() * page_size;
+      const va_t b = bo_base + (wi.id() % bo_pages) * page_size;
+      e->cursor.store(wi.id(), std::memory_order_relaxed);
+      const std::uint64_t want =
+          round == 0 ? value_of(seed, p, 0, by_cpu) : value_of(seed, p, round - 1, by_device);
+      const std::uint64_t got = wi.load<std::uint64_t>(p + (round == 0 ? w_cpu : w_dev));
+      if (got != want) e->data_error(mismatch("device read of an evicted page", p, got, want));
+      wi.store<std::uint64_t>(p + w_dev, value_of(seed, p, round, by_device));
+      const std::uint64_t bw = value_of(seed, b, round, by_bo), bg = wi.load<std::uint64_t>(b + w_cpu);
+      if (bg != bw) e->data_error(mismatch("device read of a BO word", b, bg, bw));
+      wi.atomic_add<std::uint64_t>(b + w_ctr, 1);
+    });
+  }
+  void verify(storm_env& env, std::uint64_t) override {
+    const std::uint64_t bo_pages = 2 * each_ / page_size;
+    std::uint64_t first = 0;
+    for (const bo_slot& b : bos_) {
+      bo_check_counters(env, b, [&](std::uint64_t i) {
+        const std::uint64_t g = first + i;
+        return pages_ / bo_pages + (g < pages_ % bo_pages ? 1 : 0);
+      });
+      first += b.size / page_size;
+    }
+  }
+  void teardown(storm_env& env) override {
+    if (!ran_) return;
+    for (std::uint64_t i = 0; i < pages_; ++i) {
+      const va_t p = base_ + i * page_size;
+      auto got = env.m.load<std::uint64_t>(p + w_dev);
+      if (!got.ok()) return (void)check(env, got.error(), "CPU load");
+      const std::uint64_t want = value_of(env.cfg.seed, p, last_, by_device);
+      if (*got != want) env.data_error(mismatch("CPU read of a device word", p, *got, want));
+    }
+  }
+
+ private:
+  std::vector<bo_slot> bos_;
+  std::uint64_t each_ = page_size;
+  std::uint64_t last_ = 0;
+  bool ran_ = false;
+};
+
+/// A VRAM-preferred region that starts each round in system memory (an
+/// untimed prefetch back) and is either prefetched to VRAM inside the timed
+/// round before the kernel runs (`prefetch`), or migrated by the kernel's
+/// own faults (`vram-fault`): `--compare prefetch` puts them side by side.
+class prefetch_or_fault final : public vram_region {
+ public:
+  explicit prefetch_or_fault(bool prefetch) : prefetch_(prefetch) {}
+  void prepare(storm_env& env, std::uint64_t round) override {
+    {
+      trace_scope t(env.trace, "prefetch_system", pages_);
+      if (!check(env, env.vm.prefetch(base_, pages_ * page_size, mem_location::system), "prefetch to system")) return;
+    }
+    populate(env, round);
+  }
+  dev::kernel_status kernel(storm_env& env, std::uint64_t round) override {
+    if (prefetch_) {
+      trace_scope t(env.trace, "prefetch_vram", pages_);
+      if (!check(env, env.vm.prefetch(base_, pages_ * page_size, mem_location::vram), "prefetch to VRAM")) return {};
+    }
+    return region_scenario::kernel(env, round);
+  }
+
+ private:
+  bool prefetch_;
+};
+
 }  // namespace
 
 const std::vector<scenario_info>& scenarios() {
@@ -604,6 +774,10 @@ const std::vector<scenario_info>& scenarios() {
       {"fork-cow", "the CPU forks each round; the device's writes break copy-on-write in the parent", window_choice::largest},
       {"bo-mixed", "BOs (VRAM and system) and SVM interleaved in one VM, BOs rebound each round", window_choice::largest},
       {"evict-pressure", "eight BOs overcommit VRAM twice over; the CPU evicts while the device runs", window_choice::largest},
+      {"migrate-ping-pong", "the CPU and the device write the same VRAM-preferred pages in turn: every round migrates each chunk both ways", window_choice::largest},
+      {"vram-overcommit", "a VRAM-preferred working set twice the VRAM, beside two VRAM BOs: chunks migrate in and evict each other", window_choice::largest},
+      {"prefetch", "a VRAM-preferred region prefetched to VRAM at the start of each timed round, then read and written", window_choice::largest},
+      {"vram-fault", "the same region as prefetch, migrated to VRAM by the kernel's own faults (prefetch's baseline)", window_choice::largest},
       {"host-minor-fault", "the same touch pattern on real memory through this machine's kernel (mmap, MADV_NOHUGEPAGE)", window_choice::largest},
   };
   return list;
@@ -627,6 +801,10 @@ std::unique_ptr<scenario> make_scenario(const std::string& name) {
   if (name == "fork-cow") return std::make_unique<fork_cow>();
   if (name == "bo-mixed") return std::make_unique<bo_mixed>();
   if (name == "evict-pressure") return std::make_unique<evict_pressure>();
+  if (name == "migrate-ping-pong") return std::make_unique<migrate_ping_pong>();
+  if (name == "vram-overcommit") return std::make_unique<vram_overcommit>();
+  if (name == "prefetch") return std::make_unique<prefetch_or_fault>(true);
+  if (name == "vram-fault") return std::make_unique<prefetch_or_fault>(false);
   return nullptr;
 }
 

@@ -78,6 +78,12 @@ void comparison_sides(const options& o, const std::string& name, run_config& a, 
     b.waves = 1;
     a.label = "waves " + std::to_string(a.waves);
     b.label = "waves 1";
+  } else if (name == "prefetch") {
+    a.scenario = "prefetch";
+    b = a;
+    b.scenario = "vram-fault";
+    a.label = "prefetched";
+    b.label = "faulted";
   } else {  // host
     a.scenario = o.scenario.value_or("cpu-populated");
     if (!o.engines_given) a.engines = 1;
@@ -96,6 +102,8 @@ comparison run_comparison(const options& o, const std::string& name, const runne
     return compare(name, "svm ns/page / host ns/page (P1: <= 1.0)", a, b, o.reps, ro, ns_ratio);
   if (name == "seq") return compare(name, "pages/s pgtable / pages/s notifier", a, b, o.reps, ro, pps_ratio);
   if (name == "waves") return compare(name, "pages/s N waves / pages/s 1 wave", a, b, o.reps, ro, pps_ratio);
+  if (name == "prefetch")
+    return compare(name, "pages/s prefetched / pages/s faulted", a, b, o.reps, ro, pps_ratio);
   return compare(name, "pages/s page / pages/s range (P5: >= 2)", a, b, o.reps, ro, pps_ratio);
 }
 
