@@ -12,7 +12,7 @@
 //    (Arg 1, gpu_vm::prefetch) or back to system memory (Arg 0), per page:
 //    setup (collect, unmap, MIGRATE invalidation), copy, finalize.
 //  - BM_Svm_Copy2M: the copy engine alone moving 512 frames system -> VRAM
-//    (one request per frame, as the migration queues them): the copy part
+//    (one scattered request, as the migration queues them): the copy part
 //    of BM_Svm_Migrate2M; the rest is PTE and bookkeeping work.
 //  - BM_Svm_FaultResident2M: a device fault mapping a whole 2M window that
 //    lies in VRAM (Arg 1: 512 aperture::vram PTEs) or in system memory
@@ -182,11 +182,14 @@ void BM_Svm_Copy2M(benchmark::State& st) {
   std::vector<pfn_t> src, dst;
   for (int i = 0; i < 512; ++i) src.push_back(sys.alloc().value());
   if (r.dev.vram().alloc(512, dst) != errc::ok) st.SkipWithError("VRAM alloc failed");
+  std::vector<dev::frame_span> s, d;
+  for (int i = 0; i < 512; ++i) {
+    s.push_back({&sys, src[i]});
+    d.push_back({&vram, dst[i]});
+  }
   std::uint64_t pages = 0;
   for (auto _ : st) {
-    fence_ptr last;
-    for (int i = 0; i < 512; ++i) last = r.dev.hw().copier().copy({&sys, src[i]}, {&vram, dst[i]}, 1).value();
-    (void)last->wait();
+    (void)r.dev.hw().copier().copy_list(s, d).value()->wait();
     pages += 512;
   }
   st.counters["ns_per_page"] = per(static_cast<double>(pages));

@@ -41,6 +41,17 @@ result<fence_ptr> copy_engine::copy(frame_span src, frame_span dst, std::size_t 
   return enqueue({src, dst, pages, 0, nullptr});
 }
 
+result<fence_ptr> copy_engine::copy_list(std::span<const frame_span> src, std::span<const frame_span> dst) {
+  if (src.empty() || src.size() != dst.size()) return errc::inval;
+  request r{{}, {}, src.size(), 0, nullptr};
+  r.list.reserve(src.size());
+  for (std::size_t i = 0; i < src.size(); ++i) {
+    if (!valid_span(src[i], 1) || !valid_span(dst[i], 1)) return errc::inval;
+    r.list.emplace_back(src[i], dst[i]);
+  }
+  return enqueue(std::move(r));
+}
+
 result<fence_ptr> copy_engine::fill(frame_span dst, std::size_t pages, std::uint64_t pattern) {
   if (pages == 0 || !valid_span(dst, pages)) return errc::inval;
   return enqueue({{}, dst, pages, pattern, nullptr});
@@ -63,6 +74,17 @@ void copy_engine::execute(const request& r) noexcept {
   // Published fence -> signal: a signalling critical section (no fence
   // waits, no reservation locks in here).
   fence_sig::section sec("copy_engine copy");
+  auto copy_one = [](std::byte* dst, std::byte* src) {
+    auto* d = reinterpret_cast<std::uint64_t*>(dst);
+    auto* s = reinterpret_cast<std::uint64_t*>(src);
+    for (std::size_t i = 0; i < page_size / 8; ++i)
+      std::atomic_ref<std::uint64_t>(d[i]).store(std::atomic_ref<std::uint64_t>(s[i]).load(std::memory_order_relaxed),
+                                                 std::memory_order_relaxed);
+  };
+  if (!r.list.empty()) {
+    for (const auto& [s, d] : r.list) copy_one(d.mem->frame_data(d.pfn), s.mem->frame_data(s.pfn));
+    return;
+  }
   for (std::size_t p = 0; p < r.pages; ++p) {
     auto* d = reinterpret_cast<std::uint64_t*>(r.dst.mem->frame_data(r.dst.pfn + p));
     if (r.src.mem) {

@@ -13,18 +13,21 @@ using dev::dev_pte;
 
 namespace {
 
-// Copy frame src[i] of `from` to dst[i] of `to` on the copy engine: every
-// request is queued first, then the last fence waited for (the engine runs
-// them in submission order), so a BO costs one round trip, not one a page.
+// Copy frame src[i] of `from` to dst[i] of `to` on the copy engine, as one
+// scattered request (one round trip for the whole BO).
 void copy_frames(dev::copy_engine& ce, phys_mem& from, std::span<const pfn_t> src, phys_mem& to,
                  std::span<const pfn_t> dst) {
-  fence_ptr last;
+  if (src.empty()) return;
+  std::vector<dev::frame_span> s, d;
+  s.reserve(src.size());
+  d.reserve(dst.size());
   for (std::size_t i = 0; i < src.size(); ++i) {
-    auto done = ce.copy({&from, src[i]}, {&to, dst[i]}, 1);
-    SVM_CHECK(done.ok(), "copy engine refused a one-page copy");
-    last = std::move(*done);
+    s.push_back({&from, src[i]});
+    d.push_back({&to, dst[i]});
   }
-  if (last) (void)last->wait();
+  auto done = ce.copy_list(s, d);
+  SVM_CHECK(done.ok(), "copy engine refused a BO copy");
+  (void)(*done)->wait();
 }
 
 }  // namespace

@@ -21,23 +21,15 @@ namespace {
 bool private_anon(const vma_info& v) noexcept { return v.kind == vma_kind::anonymous && !v.shared; }
 
 // Copy `n` frames, each from src[i] to dst[i], with the copy engine when
-// there is one (queue them all, then wait), else with the CPU. A request
-// the engine refuses (shutdown) is done with the CPU.
+// there is one (one scattered request, one fence), else with the CPU. A
+// request the engine refuses or cancels (shutdown) is done with the CPU.
 void copy_frames(dev::copy_engine* ce, std::span<const dev::frame_span> src, std::span<const dev::frame_span> dst) {
-  std::vector<fence_ptr> done;
-  done.reserve(src.size());
-  for (std::size_t i = 0; i < src.size(); ++i) {
-    if (ce) {
-      if (result<fence_ptr> f = ce->copy(src[i], dst[i], 1); f.ok()) {
-        done.push_back(std::move(*f));
-        continue;
-      }
-    }
+  if (src.empty()) return;
+  if (ce) {
+    if (result<fence_ptr> f = ce->copy_list(src, dst); f.ok() && (*f)->wait() == errc::ok) return;
+  }
+  for (std::size_t i = 0; i < src.size(); ++i)
     frame_pool::copy_frame(dst[i].mem->frame_data(dst[i].pfn), src[i].mem->frame_data(src[i].pfn));
-  }
-  for (auto& f : done) {
-    if (f->wait() != errc::ok) SVM_CHECK(false, "copy engine failed a one-page copy");
-  }
 }
 
 // This device's pages (device-private entries of a pool owned by `owner`)
@@ -140,15 +132,19 @@ void svm_pagemap::moved_to_ram(const mm& m, va_range r, std::size_t pages, bool 
   }
 }
 
+std::uint64_t gpu_vm::timeslice_now() const { return hooks_.clock ? hooks_.clock() : now_ns(); }
+
 errc svm_pagemap::migrate_to_ram(mm& m, va_t addr) {
   // The chunk the page belongs to, and the end of its timeslice. A page
   // with no chunk here (a fork child's copy, or a VM that is gone) moves
   // alone.
   va_range r{align_down(addr, page_size), align_down(addr, page_size) + page_size};
   std::uint64_t deadline = 0;
+  std::uint64_t now = 0;
   {
     lock_guard g(lock_);
     std::uint64_t newest = 0;
+    const gpu_vm* timed = nullptr;
     auto [b, e] = chunks_.equal_range(&m);
     for (auto it = b; it != e; ++it) {
       const gpu_vm::svm_chunk& c = *it->second;
@@ -159,7 +155,10 @@ errc svm_pagemap::migrate_to_ram(mm& m, va_t addr) {
       r = c.cpu;
       const auto ts = static_cast<std::uint64_t>(c.owner.cfg_.migrate_timeslice.count());
       deadline = at + ts;
+      timed = &c.owner;
     }
+    // Read under lock_: the chunk's VM (and its clock) cannot go away here.
+    now = timed ? timed->timeslice_now() : now_ns();
   }
   if (const std::optional<vma_info> v = m.find_vma(addr); v && v->start <= addr)
     r = intersect(r, {v->start, v->end});
@@ -168,7 +167,7 @@ errc svm_pagemap::migrate_to_ram(mm& m, va_t addr) {
   // timeslice, since the deadline is that far after a past instant),
   // holding the mmap_lock shared as the fault does; no other lock is held.
   bool waited = false;
-  if (const std::uint64_t now = now_ns(); now < deadline) {
+  if (now < deadline) {
     std::this_thread::sleep_for(std::chrono::nanoseconds(deadline - now));
     waited = true;
   }
@@ -204,7 +203,7 @@ errc gpu_vm::svm_chunk::evict(const evict_context&) {
 }
 
 void gpu_vm::note_vram_chunk(va_range cr, std::size_t resident) {
-  auto rec = std::make_shared<svm_chunk>(*this, cr, resident, now_ns());
+  auto rec = std::make_shared<svm_chunk>(*this, cr, resident, timeslice_now());
   pagemap_->add(*rec);
   dev_.vram().insert(*rec);
   std::shared_ptr<svm_chunk> old;

@@ -1,6 +1,8 @@
 // VRAM pool and copy engine.
 #include <gtest/gtest.h>
 
+#include <vector>
+
 #include "svm/device_sim/copy_engine.h"
 #include "svm/device_sim/vram.h"
 #include "test_support.h"
@@ -100,6 +102,35 @@ TEST(CopyEngine, RejectsBadSpans) {
   EXPECT_EQ(ce.copy({nullptr, 0}, {&v, 0}, 1).error(), errc::inval);
   EXPECT_EQ(ce.copy({&sys, 0}, {&v, 0}, 0).error(), errc::inval);
   EXPECT_EQ(ce.fill({&v, 5}, 1).error(), errc::inval);
+}
+
+// A scattered copy moves each listed frame to its own destination as one
+// request with one fence, and refuses bad lists without queueing anything.
+TEST(CopyEngine, ScatteredCopyMovesEachPairAsOneRequest) {
+  test::watchdog wd;
+  test::test_mem sys(8);
+  vram_pool v(8 * page_size);
+  copy_engine ce;
+  for (pfn_t p : {5u, 1u, 3u})
+    for (std::size_t i = 0; i < page_size; i += 8) sys.set_word(p, i, p * 0x1000'0000 + i);
+  const std::vector<frame_span> src{{&sys, 5}, {&sys, 1}, {&sys, 3}}, dst{{&v, 0}, {&v, 7}, {&v, 2}};
+  auto f = ce.copy_list(src, dst);
+  ASSERT_TRUE(f.ok());
+  ASSERT_EQ((*f)->wait(5s), errc::ok);
+  auto vw = [&](pfn_t p, std::size_t off) {
+    return std::atomic_ref<std::uint64_t>(*reinterpret_cast<std::uint64_t*>(v.frame_data(p) + off)).load();
+  };
+  EXPECT_EQ(vw(0, 8), 5u * 0x1000'0000 + 8);
+  EXPECT_EQ(vw(7, page_size - 8), 1u * 0x1000'0000 + page_size - 8);
+  EXPECT_EQ(vw(2, 0), 3u * 0x1000'0000);
+  EXPECT_EQ(vw(1, 0), 0u);  // not a destination
+  EXPECT_EQ(ce.stats().copies, 1u);
+  EXPECT_EQ(ce.stats().pages, 3u);
+  const std::vector<frame_span> bad{{&sys, 9}};
+  EXPECT_EQ(ce.copy_list(bad, std::span(dst).first(1)).error(), errc::inval);  // source out of range
+  EXPECT_EQ(ce.copy_list(src, std::span(dst).first(2)).error(), errc::inval);  // lengths differ
+  EXPECT_EQ(ce.copy_list({}, {}).error(), errc::inval);
+  EXPECT_EQ(ce.stats().copies, 1u);
 }
 
 TEST(CopyEngine, ManyQueuedCopiesAllComplete) {

@@ -204,20 +204,42 @@ TEST_F(MigrateVram, GranularityMigratesExactlyThatManyPages) {
   EXPECT_EQ(*m->load<std::uint64_t>(base + 2 * M2 + 100 * K4), 0u);
 }
 
-// The timeslice: a CPU fault right after the migration waits it out
-// (counted), one with a zero timeslice does not.
+// The timeslice: a CPU fault before the chunk's timeslice is over waits it
+// out (counted), one after it does not, and one with a zero timeslice never
+// does. The timeslice clock is the test's, so no step depends on how fast
+// the machine runs.
 TEST_F(MigrateVram, CpuFaultWaitsOutTheTimeslice) {
+  auto fake = std::make_shared<std::atomic<std::uint64_t>>(1'000'000'000);
+  const auto use_fake_clock = [&] {
+    gpu_vm::test_hooks h;
+    h.clock = [fake] { return fake->load(); };
+    vm->set_test_hooks(std::move(h));
+  };
   make(with_timeslice(std::chrono::milliseconds(20)));
+  use_fake_clock();
   map_at(*m, base, M2);
   fill(*m, base, 16, 3);
   ASSERT_EQ(vm->set_attrs(base, K64, {.preferred = mem_location::vram, .granularity = K64}), errc::ok);
   EXPECT_TRUE(device_check(*vm, *m, base, 16, 3));
   EXPECT_EQ(vram_pages(*vm, base, K64), 16u);
   EXPECT_EQ(vm->stats().timeslice_waits, 0u);
+  // The clock has not moved: the fault sleeps the whole 20 ms.
+  const auto t0 = std::chrono::steady_clock::now();
+  EXPECT_TRUE(cpu_check(*m, base, 16, 3));
+  EXPECT_GE(std::chrono::steady_clock::now() - t0, std::chrono::milliseconds(20));
+  EXPECT_EQ(vm->stats().timeslice_waits, 1u);
+  EXPECT_EQ(vram_pages(*vm, base, K64), 0u);
+
+  // Back in VRAM; the clock moves past the timeslice: no wait.
+  EXPECT_TRUE(device_check(*vm, *m, base, 16, 3));
+  EXPECT_EQ(vram_pages(*vm, base, K64), 16u);
+  fake->fetch_add(20'000'000);
   EXPECT_TRUE(cpu_check(*m, base, 16, 3));
   EXPECT_EQ(vm->stats().timeslice_waits, 1u);
+  EXPECT_EQ(vram_pages(*vm, base, K64), 0u);
 
   make(with_timeslice(std::chrono::nanoseconds(0)));
+  use_fake_clock();
   map_at(*m, base, M2);
   fill(*m, base, 16, 4);
   ASSERT_EQ(vm->set_attrs(base, K64, {.preferred = mem_location::vram, .granularity = K64}), errc::ok);

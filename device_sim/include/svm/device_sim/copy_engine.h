@@ -6,6 +6,9 @@
 #include <cstddef>
 #include <cstdint>
 #include <deque>
+#include <span>
+#include <utility>
+#include <vector>
 #include <thread>
 
 #include "svm/base/errc.h"
@@ -49,6 +52,13 @@ class copy_engine {
   /// Locking: takes lock_ (leaf); never blocks; may run in a notifier callback.
   [[nodiscard]] result<fence_ptr> copy(frame_span src, frame_span dst, std::size_t pages) SVM_EXCLUDES(lock_);
 
+  /// Queue one scattered copy: frame src[i] to frame dst[i] for every i
+  /// (a migration's pages are rarely contiguous on both sides), as one
+  /// request with one fence. Same contract as copy(); EINVAL also for
+  /// spans of different lengths or an empty list.
+  [[nodiscard]] result<fence_ptr> copy_list(std::span<const frame_span> src, std::span<const frame_span> dst)
+      SVM_EXCLUDES(lock_);
+
   /// Queue a fill of `pages` frames at `dst` with the 8-byte `pattern`
   /// (0 clears). Same contract as copy().
   [[nodiscard]] result<fence_ptr> fill(frame_span dst, std::size_t pages, std::uint64_t pattern = 0) SVM_EXCLUDES(lock_);
@@ -63,6 +73,9 @@ class copy_engine {
     std::size_t pages;
     std::uint64_t pattern;
     fence_ptr done;
+    /// A scattered copy (copy_list): pairs of single frames; src/dst above
+    /// are unused then.
+    std::vector<std::pair<frame_span, frame_span>> list = {};
   };
   static constexpr lock_class lock_class_{"device.copy_engine", lockdep::rank::leaf};
 

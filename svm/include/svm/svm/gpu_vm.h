@@ -461,12 +461,18 @@ class gpu_vm {
     /// In a fault that wants VRAM, after the VRAM frames were allocated and
     /// before the mmap_lock is taken for the migration.
     std::function<void(va_range cpu)> after_vram_alloc = {};
+    /// The clock of the migration timeslice, in nanoseconds: read when a
+    /// chunk lands in VRAM and when a CPU fault asks for it back. Empty: the
+    /// steady clock.
+    std::function<std::uint64_t()> clock = {};
   };
   /// Install `h`, replacing the current hooks (not thread safe: call before
   /// any fault can run).
   void set_test_hooks(test_hooks h) { hooks_ = std::move(h); }
 
  private:
+  /// The timeslice clock: hooks_.clock, or the steady clock (ns).
+  [[nodiscard]] std::uint64_t timeslice_now() const;
   friend class driver;  // calls service()
   /// The passkey of the constructor: private, so only create() makes one.
   struct key {
