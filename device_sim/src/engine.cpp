@@ -101,7 +101,7 @@ inline std::byte* engine::do_access(va_t va, unsigned size, svm::access acc) {
   if (dev.inval_seq_.load(std::memory_order_acquire) != seen_inval) [[unlikely]]
     ack_in_kernel();
   const tlb_entry* t = fast_tlb ? fast_tlb->lookup(vmid, va) : tlb->lookup(vmid, va);
-  if (t && (!needs_write(acc) || dev_pte::is_writable(t->pte))) [[likely]] {
+  if (t && dev_pte::permits(t->pte, acc)) [[likely]] {
     bump(hits);
     return finish(*t, va, acc, true);
   }
@@ -127,7 +127,9 @@ inline std::byte* engine::finish(const tlb_entry& t, va_t va, svm::access acc, b
     // the micro-TLB copy, until the sequence moves.
     l0.vpn = va >> page_shift;
     l0.host = frame;
-    l0.writable = dev_pte::is_writable(t.pte);
+    l0.allowed = dev_pte::allows_atomics(t.pte) ? svm::access::atomic
+                 : dev_pte::is_writable(t.pte)  ? svm::access::write
+                                                : svm::access::read;
     l0.seen_inval = seen_inval;
   }
   return frame + (va & (page_size - 1));
@@ -159,7 +161,7 @@ std::byte* engine::access_slow(va_t va, unsigned, svm::access acc) {
     epoch::quiescent();
     bump(walks);
     const pt::translation tr = vm->table->translate_in_section(va);  // running: inside the epoch section
-    if (dev_pte::is_valid(tr.entry) && (!needs_write(acc) || dev_pte::is_writable(tr.entry))) {
+    if (dev_pte::is_valid(tr.entry) && dev_pte::permits(tr.entry, acc)) {
       const tlb_entry e = make_entry(tr, va);
       tlb->insert(e);  // replaces a read-only entry of the same page after an upgrade
       return finish(e, va, acc, false);

@@ -35,10 +35,45 @@ errc gpu_vm::check_attr_range(va_t gpu_va, std::uint64_t size) const {
 
 errc gpu_vm::set_attrs(va_t gpu_va, std::uint64_t size, const svm_attrs& a) {
   if (!valid_attrs(a)) return errc::inval;
-  shared_lock_guard g(lock_);
+  // Exclusive: a fault in service read the old attributes; none is while
+  // we hold it, and the zap below comes before any new one.
+  lock_guard g(lock_);
   if (const errc e = check_attr_range(gpu_va, size); e != errc::ok) return e;
   const va_t end = gpu_va + size;
-  lock_guard al(attrs_lock_);
+  bool changed = false;
+  {
+    lock_guard al(attrs_lock_);
+    changed = edit_attrs_locked(gpu_va, end, a);
+    std::size_t dev_atomics = 0;
+    for (const auto& [start, ent] : attrs_) dev_atomics += ent.a.atomics == atomic_mode::device ? 1 : 0;
+    device_atomic_ranges_.store(dev_atomics, std::memory_order_relaxed);
+  }
+  if (changed) {
+    std::vector<va_range> flush;
+    zap_gpu({gpu_va, end}, false, flush);
+    flush_tlb(flush);
+  }
+  return errc::ok;
+}
+
+bool gpu_vm::edit_attrs_locked(va_t gpu_va, va_t end, const svm_attrs& a) {
+  // Did any page of the range hold other attributes? (Pages outside every
+  // stored range hold the defaults.)
+  bool changed = false;
+  {
+    va_t at = gpu_va;
+    auto it = attrs_.upper_bound(gpu_va);
+    if (it != attrs_.begin() && std::prev(it)->second.end > gpu_va) --it;
+    for (; at < end && !changed; ++it) {
+      if (it == attrs_.end() || it->first >= end) {
+        changed = a != svm_attrs{};  // a default-valued gap remains
+        break;
+      }
+      if (it->first > at && a != svm_attrs{}) changed = true;  // a default gap before it
+      if (it->second.a != a) changed = true;
+      at = it->second.end;
+    }
+  }
   // Cut [gpu_va, end) out of the map (trimming the ranges across its
   // edges), then insert it unless it holds the defaults, then merge equal
   // neighbours.
@@ -78,7 +113,22 @@ errc gpu_vm::set_attrs(va_t gpu_va, std::uint64_t size, const svm_attrs& a) {
       attrs_.erase(next);
     }
   }
-  return errc::ok;
+  return changed;
+}
+
+bool gpu_vm::atomic_gate(va_range win, std::size_t except, std::span<bool> out) const {
+  lock_guard al(attrs_lock_);
+  auto it = attrs_.upper_bound(win.start);
+  if (it != attrs_.begin()) --it;
+  bool uniform = true;
+  for (std::size_t i = 0; i < out.size(); ++i) {
+    const va_t gva = win.start + i * page_size;
+    while (it != attrs_.end() && it->second.end <= gva) ++it;
+    const bool in = it != attrs_.end() && it->first <= gva && it->second.a.atomics == atomic_mode::device;
+    out[i] = in && i != except;
+    if (i > 0 && out[i] != out[0]) uniform = false;
+  }
+  return uniform;
 }
 
 svm_attrs gpu_vm::attrs_at(va_t gva) const {

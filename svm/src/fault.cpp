@@ -124,8 +124,7 @@ errc gpu_vm::service_page_locked(va_t gva, access acc) {
   if (!to_cpu_locked(gva, cpu, allowed)) return errc::fault;
   // The valid-fault short cut: another fault already mapped it.
   const pt::translation tr = pt_.translate(gva);
-  if (dev_pte::is_valid(tr.entry) && !(tr.entry & bo_pte_bit) &&
-      (!needs_write(acc) || dev_pte::is_writable(tr.entry))) {
+  if (dev_pte::is_valid(tr.entry) && !(tr.entry & bo_pte_bit) && dev_pte::permits(tr.entry, acc)) {
     bump(ctr_->valid_faults);
     return errc::ok;
   }
@@ -178,12 +177,14 @@ bool huge_mappable(std::span<const hmm_pfn> p) {
 
 // The device PTE of an hmm entry: this device's VRAM pool (`vram_pool`,
 // its index in the mm; 0: none) through the VRAM aperture, any other pool
-// through the system aperture.
-std::uint64_t pte_of(hmm_pfn e, unsigned vram_pool) {
+// through the system aperture. `no_atomic`: a system-memory entry gets
+// dev_pte::no_atomic_bit (its range wants device atomics), so an atomic
+// there faults and migrates first; VRAM entries always allow atomics.
+std::uint64_t pte_of(hmm_pfn e, unsigned vram_pool, bool no_atomic = false) {
   if (vram_pool != 0 && hmm_pfn_to_pool(e) == vram_pool)
     return dev_pte::make(aperture::vram, hmm_pfn_to_pfn(e), (e & hmm_pfn_write) != 0);
   return dev_pte::make(aperture::system, mm_device_pfn(hmm_pfn_to_pool(e), hmm_pfn_to_pfn(e)),
-                       (e & hmm_pfn_write) != 0);
+                       (e & hmm_pfn_write) != 0, !no_atomic);
 }
 
 }  // namespace
@@ -355,6 +356,18 @@ errc gpu_vm::service_svm_locked(va_t gva, va_t cpu, access acc, va_range allowed
       bump(ctr_->retries_huge);
       continue;
     }
+    // Which system-memory pages may not take atomics (their range wants
+    // device atomics, and this fault is not the atomic that has to go
+    // through after a migration fell back). A 2M leaf needs one answer for
+    // all its pages: mixed answers map 4K entries.
+    std::array<bool, huge_size / page_size> no_atomic{};
+    if (atomics_gated() && !atomic_gate(win, acc == access::atomic ? self : npages, std::span(no_atomic).first(npages))) {
+      if (huge) {
+        allow_huge = false;
+        bump(ctr_->retries_huge);
+        continue;
+      }
+    }
     bool relink = false;
     std::uint64_t written = 0;
     auto write_ptes = [&] {
@@ -364,14 +377,14 @@ errc gpu_vm::service_svm_locked(va_t gva, va_t cpu, access acc, va_range allowed
         if (pt::is_link(n->entries[idx].load(std::memory_order_relaxed))) {
           relink = true;  // a 4K table appeared there: map with 4K entries
         } else {
-          pt_.set_leaf_locked(*n, idx, pte_of(span[0], vram_pool_));
+          pt_.set_leaf_locked(*n, idx, pte_of(span[0], vram_pool_, no_atomic[0]));
           written = npages;
         }
       } else {
         for (std::size_t i = 0; i < npages; ++i) {
           if (!(span[i] & hmm_pfn_valid)) continue;
           const unsigned idx = pt::entry_index(win.start + i * page_size, 0);
-          const std::uint64_t e = pte_of(span[i], vram_pool_);
+          const std::uint64_t e = pte_of(span[i], vram_pool_, no_atomic[i]);
           if (n->entries[idx].load(std::memory_order_relaxed) != e) {
             pt_.set_leaf_locked(*n, idx, e);
             ++written;
@@ -426,8 +439,7 @@ bool gpu_vm::service_svm_block_locked(std::span<const va_t> pages, std::span<con
   std::uint64_t valid = 0;  // counted only once the block is done here (a fallback counts its own)
   for (std::size_t i = 0; i < pages.size(); ++i) {
     const pt::translation tr = pt_.translate(pages[i]);
-    if (dev_pte::is_valid(tr.entry) && !(tr.entry & bo_pte_bit) &&
-        (!needs_write(accs[i]) || dev_pte::is_writable(tr.entry))) {
+    if (dev_pte::is_valid(tr.entry) && !(tr.entry & bo_pte_bit) && dev_pte::permits(tr.entry, accs[i])) {
       ++valid;
       out[i] = errc::ok;
       continue;
@@ -440,7 +452,10 @@ bool gpu_vm::service_svm_block_locked(std::span<const va_t> pages, std::span<con
     return true;
   }
   // A page that needs migrating to VRAM (or that is ours read-only in VRAM
-  // and written) goes through per-page service, which migrates first.
+  // and written) goes through per-page service, which migrates first; so
+  // does every block while some range asks for device atomics (per-page
+  // service sets the PTEs' atomic permission).
+  if (atomics_gated()) return false;
   for (std::size_t k = 0; k < nneed; ++k) {
     const va_t gva = win.start + need[k] * page_size;
     const va_t cva = gva + static_cast<va_t>(delta);

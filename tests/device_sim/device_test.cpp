@@ -138,6 +138,34 @@ TEST_F(DeviceSim, PermissionUpgradeIsPickedUpOnReplay) {
   EXPECT_EQ(dev->stats().replays, 1u);
 }
 
+// A writable PTE without atomic permission: loads and stores hit (the
+// micro-TLB included), an atomic faults, and the replay picks up the entry
+// the driver granted atomics on.
+TEST_F(DeviceSim, AtomicThroughANoAtomicEntryFaultsOnce) {
+  static_assert(dev_pte::permits(dev_pte::make(aperture::system, 1, true, false), access::write));
+  static_assert(!dev_pte::permits(dev_pte::make(aperture::system, 1, true, false), access::atomic));
+  static_assert(dev_pte::permits(dev_pte::make(aperture::system, 1, true), access::atomic));
+  static_assert(!dev_pte::permits(dev_pte::make(aperture::system, 1, false), access::atomic));
+  static_assert(dev_pte::permits(dev_pte::make(aperture::system, 1, false, false), access::read));
+  make({.engines = 1});
+  ASSERT_EQ(pt.populate(base_va, base_va + page_size, 0,
+                        [](va_t) { return dev_pte::make(aperture::system, 9, true, /*atomics=*/false); }),
+            errc::ok);
+  test::map_on_fault_driver drv(*dev, {{vm, &pt}}, [](const fault_record& r) -> std::optional<std::uint64_t> {
+    EXPECT_EQ(r.acc, access::atomic);
+    return dev_pte::make(aperture::system, 9, true);
+  });
+  auto st = run_kernel(*dev, q, 1, [](work_item& wi) {
+    for (int i = 0; i < 4; ++i) wi.store<std::uint32_t>(base_va + 4 * i, 1);  // TLB and micro-TLB hits
+    (void)wi.atomic_add<std::uint32_t>(base_va, 2);                         // faults, then replays
+    (void)wi.atomic_add<std::uint32_t>(base_va, 4);                         // hits the new entry
+  });
+  ASSERT_TRUE(st.ok()) << errc_name(st.error);
+  EXPECT_EQ(mem.word(9, 0) & 0xffffffffu, 7u);
+  EXPECT_EQ(dev->stats().faults, 1u);
+  EXPECT_EQ(dev->stats().replays, 1u);
+}
+
 TEST_F(DeviceSim, TlbHitsAfterTheFirstMiss) {
   make({.engines = 1});
   map_range(pt, base_va, 2 * page_size, 0, aperture::system, 0);

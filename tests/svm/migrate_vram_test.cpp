@@ -172,9 +172,7 @@ TEST_F(MigrateVram, AtomicDeviceMigratesAtomicAnyDoesNot) {
   fill(*m, base, 1024, 2);
   ASSERT_EQ(vm->set_attrs(base, M2, {.atomics = atomic_mode::device, .granularity = K64}), errc::ok);
   ASSERT_EQ(vm->set_attrs(base + M2, M2, {.atomics = atomic_mode::any, .granularity = K64}), errc::ok);
-  // A read of a device-atomics page does not migrate. (The atomics below
-  // are first touches: an atomic through a valid writable system PTE does
-  // not fault in this model, whose device PTEs have no atomic bit.)
+  // A read of a device-atomics page does not migrate.
   (void)device_read(*vm, *m, base + M2 - K4, 1);
   EXPECT_EQ(vram_pages(*vm, base, 2 * M2), 0u);
   ASSERT_TRUE(run(*vm, 1, [](dev::work_item& wi) { wi.atomic_add<std::uint64_t>(base, 5); }).ok());
@@ -184,6 +182,71 @@ TEST_F(MigrateVram, AtomicDeviceMigratesAtomicAnyDoesNot) {
   EXPECT_EQ(vm->stats().migrations_to_vram, 1u);
   EXPECT_EQ(*m->load<std::uint64_t>(base), word_of(0, 2) + 5);
   EXPECT_EQ(*m->load<std::uint64_t>(base + M2), word_of(512, 2) + 5);
+}
+
+// An atomic on a page the device already maps from system memory: once its
+// range asks for device atomics, the mapping carries no atomic permission,
+// so the atomic faults and migrates first (the read before it did not).
+// Plain stores keep going through system memory.
+TEST_F(MigrateVram, AtomicOnMappedSystemPageFaultsAndMigrates) {
+  vm_config cfg;
+  cfg.window = std::make_shared<fixed_window_policy>(K64);
+  make(cfg);
+  map_at(*m, base, M2);
+  fill(*m, base, 32, 7);
+  // Mapped from system memory, writable, atomics allowed: no fault, no move.
+  ASSERT_TRUE(run(*vm, 1, [](dev::work_item& wi) { wi.atomic_add<std::uint64_t>(base, 1); }).ok());
+  EXPECT_EQ(vram_pages(*vm, base, M2), 0u);
+  const std::uint64_t faults0 = vm->stats().faults_raised;
+  ASSERT_TRUE(run(*vm, 1, [](dev::work_item& wi) { wi.atomic_add<std::uint64_t>(base, 1); }).ok());
+  EXPECT_EQ(vm->stats().faults_raised, faults0) << "an atomic through an atomic-capable PTE faulted";
+
+  // Device atomics from now on: set_attrs zaps the range, a read maps it
+  // again from system memory, without atomic permission.
+  ASSERT_EQ(vm->set_attrs(base, M2, {.atomics = atomic_mode::device, .granularity = K64}), errc::ok);
+  EXPECT_FALSE(dev::dev_pte::is_valid(vm->page_table().translate(base).entry));
+  EXPECT_GT(vm->stats().ptes_zapped, 0u);
+  std::vector<std::uint64_t> got = device_read(*vm, *m, base + K4, 2);
+  EXPECT_EQ(got[0], word_of(1, 7));
+  EXPECT_EQ(vram_pages(*vm, base, M2), 0u);
+  const std::uint64_t e = vm->page_table().translate(base + K4).entry;
+  EXPECT_TRUE(dev::dev_pte::is_valid(e));
+  EXPECT_FALSE(dev::dev_pte::allows_atomics(e));
+  // A plain store through that mapping needs no migration.
+  ASSERT_TRUE(run(*vm, 1, [](dev::work_item& wi) { wi.store<std::uint64_t>(base + 2 * K4, 99); }).ok());
+  EXPECT_EQ(vram_pages(*vm, base, M2), 0u);
+  // The atomic faults and moves the 64K chunk to VRAM before it runs.
+  ASSERT_TRUE(run(*vm, 1, [](dev::work_item& wi) { wi.atomic_add<std::uint64_t>(base + K4, 5); }).ok());
+  EXPECT_EQ(vram_pages(*vm, base, K64), 16u);
+  EXPECT_EQ(vram_pages(*vm, base + K64, M2 - K64), 0u);
+  EXPECT_TRUE(device_pte_in_vram(*vm, base + K4));
+  EXPECT_EQ(*m->load<std::uint64_t>(base), word_of(0, 7) + 2);
+  EXPECT_EQ(*m->load<std::uint64_t>(base + K4), word_of(1, 7) + 5);
+  EXPECT_EQ(*m->load<std::uint64_t>(base + 2 * K4), 99u);
+
+  // Back to any: the zap lets the next fault map system memory with atomics
+  // again (the CPU reads above brought the chunk back).
+  ASSERT_EQ(vm->set_attrs(base, M2, {.granularity = K64}), errc::ok);
+  ASSERT_TRUE(run(*vm, 1, [](dev::work_item& wi) { wi.atomic_add<std::uint64_t>(base + K64, 1); }).ok());
+  EXPECT_EQ(vram_pages(*vm, base + K64, K64), 0u);
+  // The same attributes again change nothing and zap nothing.
+  const std::uint64_t zapped = vm->stats().ptes_zapped;
+  ASSERT_EQ(vm->set_attrs(base, M2, {.granularity = K64}), errc::ok);
+  EXPECT_EQ(vm->stats().ptes_zapped, zapped);
+}
+
+// Device atomics where migration cannot happen (shared memory): the atomic
+// still completes through system memory (counted as a fallback), with no
+// fault loop.
+TEST_F(MigrateVram, DeviceAtomicsOnSharedMemoryFallBackAndComplete) {
+  map_at(*m, base, M2, map::shared);
+  ASSERT_EQ(vm->set_attrs(base, M2, {.atomics = atomic_mode::device, .granularity = K64}), errc::ok);
+  (void)device_read(*vm, *m, base, 1);  // mapped without atomic permission
+  auto st = run(*vm, 64, [](dev::work_item& wi) { wi.atomic_add<std::uint64_t>(base + 8 * (wi.id() % 4), 1); });
+  ASSERT_TRUE(st.ok()) << errc_name(st.error);
+  for (int i = 0; i < 4; ++i) EXPECT_EQ(*m->load<std::uint64_t>(base + 8 * i), 16u);
+  EXPECT_EQ(vram_pages(*vm, base, M2), 0u);
+  EXPECT_GE(vm->stats().migrate_fallbacks, 1u);
 }
 
 // The granularity decides how much one fault moves: exactly that many pages

@@ -270,7 +270,10 @@ std::byte* translate(engine& e, va_t va, unsigned size, access acc);
 struct micro_tlb {
   std::uint64_t vpn = ~std::uint64_t{0};  ///< va >> page_shift of the page; ~0: empty
   std::byte* host = nullptr;              ///< its frame's bytes
-  bool writable = false;
+  /// The strongest access the entry lets through (access's order: prefetch
+  /// < read < write < atomic): read, write (writable) or atomic (writable,
+  /// atomics allowed).
+  access allowed = access::read;
   std::uint64_t seen_inval = 0;           ///< the engine's processed sequence at fill time
   const std::atomic<std::uint64_t>* inval_seq = nullptr;  ///< the device's (immutable)
   const std::atomic<const access_validator*>* oracle = nullptr;  ///< the device's oracle pointer (immutable)
@@ -279,7 +282,7 @@ struct micro_tlb {
   /// The frame bytes for an access of `size` bytes at `va`, or nullptr to
   /// take the full path.
   [[nodiscard]] std::byte* lookup(va_t va, unsigned size, access acc) const noexcept {
-    if ((va >> page_shift) != vpn || (va & (size - 1)) != 0 || (acc != access::read && !writable)) return nullptr;
+    if ((va >> page_shift) != vpn || (va & (size - 1)) != 0 || acc > allowed) return nullptr;
     if (inval_seq->load(std::memory_order_acquire) != seen_inval) return nullptr;
     if (oracle->load(std::memory_order_relaxed) != nullptr) return nullptr;
     hits->store(hits->load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);

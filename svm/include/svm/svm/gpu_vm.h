@@ -401,11 +401,17 @@ class gpu_vm {
   /// Set the attributes of GPU VA [gpu_va, gpu_va + size) of the mirror
   /// (the full-mm mirror, or inside one window), splitting and merging the
   /// attribute map. They apply to later faults and prefetches; memory
-  /// already migrated stays where it is. Errors, with nothing changed:
+  /// already migrated stays where it is. Where the attributes change, the
+  /// mirror's PTEs of the range are zapped (BO PTEs stay), so the next
+  /// device access faults under the new ones: a page mapped in system
+  /// memory migrates on its next access when it now prefers VRAM, and its
+  /// atomics fault (and migrate) when it now asks for device atomics.
+  /// Errors, with nothing changed:
   /// EINVAL (zero or unaligned size or address, a range past the VA width
   /// or not covered by the mirror, an enum value outside its enumeration,
   /// a granularity other than 4K, 64K or 2M), EOVERFLOW (the range wraps),
-  /// ENOENT (the mm is gone). Locking: takes lock_ shared, then attrs_lock_.
+  /// ENOENT (the mm is gone). Locking: takes lock_ exclusive (no fault is
+  /// in service while the attributes change), then attrs_lock_.
   errc set_attrs(va_t gpu_va, std::uint64_t size, const svm_attrs& a) SVM_EXCLUDES(lock_);
   /// The attributes over GPU VA [gpu_va, gpu_va + size), as ranges of equal
   /// attributes in address order covering it exactly, each with its
@@ -658,7 +664,8 @@ class gpu_vm {
   /// The driver's VRAM pgmap ops (driver::pagemap); immutable.
   std::shared_ptr<svm_pagemap> pagemap_;
   static constexpr lock_class attrs_class{"gpu_vm.attrs", lockdep::rank::leaf};
-  /// Guards the attribute map. Leaf: taken under vm.lock (shared) or alone,
+  /// Guards the attribute map. Leaf: taken under vm.lock (shared, or
+  /// exclusive in set_attrs) or alone,
   /// never around another lock.
   mutable mutex attrs_lock_{attrs_class};
   /// Attribute ranges by GPU start (disjoint; adjacent equal ones merged;
@@ -671,6 +678,24 @@ class gpu_vm {
   mutable mutex vram_chunks_lock_{vram_chunks_class};
   /// The SVM chunks this VM migrated to VRAM, by CPU range.
   std::map<std::pair<va_t, va_t>, std::shared_ptr<svm_chunk>> vram_chunks_ SVM_GUARDED_BY(vram_chunks_lock_);
+  /// How many attribute ranges ask for device atomics: nonzero turns on the
+  /// fault path's atomic permission gate. Written under attrs_lock_ with
+  /// lock_ held exclusive; read (relaxed) by faults holding lock_ shared,
+  /// which orders the two.
+  std::atomic<std::size_t> device_atomic_ranges_{0};
+  /// True when faults must decide each system-memory PTE's atomic permission.
+  [[nodiscard]] bool atomics_gated() const noexcept {
+    return vram_pool_ != 0 && device_atomic_ranges_.load(std::memory_order_relaxed) != 0;
+  }
+  /// out[i]: page i of GPU window `win` asks for device atomics (so its
+  /// system-memory PTE gets no atomic permission), except page `except` (the
+  /// atomic being serviced; npages or more: none). True when all out[i] are
+  /// equal.
+  [[nodiscard]] bool atomic_gate(va_range win, std::size_t except, std::span<bool> out) const
+      SVM_EXCLUDES(attrs_lock_);
+  /// Cut [gpu_va, end) out of the map, store `a` there, merge equal
+  /// neighbours; true if any page of the range held other attributes.
+  bool edit_attrs_locked(va_t gpu_va, va_t end, const svm_attrs& a) SVM_REQUIRES(attrs_lock_);
   [[nodiscard]] svm_attrs attrs_at(va_t gva) const SVM_EXCLUDES(attrs_lock_);
   [[nodiscard]] errc check_attr_range(va_t gpu_va, std::uint64_t size) const SVM_REQUIRES_SHARED(lock_);
   // The fault hook: migrate the faulting page's chunk to VRAM if its
