@@ -43,6 +43,7 @@ const char* to_string(rank r) noexcept {
     case rank::driver: return "driver";
     case rank::vm: return "vm";
     case rank::mmap: return "mmap";
+    case rank::rmap: return "rmap";
     case rank::resv: return "resv";
     case rank::notifier: return "notifier";
     case rank::mirror: return "mirror";

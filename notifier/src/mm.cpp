@@ -52,6 +52,7 @@ mm::mm(mm_options o, std::shared_ptr<pool_set> pools)
     : opts_(o),
       pools_(std::move(pools)),
       mmap_lock_(mmap_class_, next_mm_key.fetch_add(1, std::memory_order_relaxed)),
+      rmap_lock_(rmap_class_, next_mm_key.fetch_add(1, std::memory_order_relaxed)),
       vmas_(std::make_unique<vma_tree>()) {
   if (!pools_) {
     pools_ = std::make_shared<pool_set>();
@@ -93,6 +94,7 @@ result<unsigned> mm::attach_pool(std::shared_ptr<frame_pool> p, pool_kind kind, 
                                  dev_pagemap_ops* ops) {
   if (!p || (ops && kind != pool_kind::device_private)) return errc::inval;
   lock_guard g(mmap_lock_);
+  lock_guard rmap_hold(rmap_lock_);  // with every mmap_lock writer (mm.h)
   lock_guard a(pools_->attach_lock);
   const unsigned n = pools_->count.load(std::memory_order_relaxed);
   if (n >= cpu_pte::max_pools) return errc::nospc;
@@ -106,6 +108,7 @@ result<unsigned> mm::attach_pool(std::shared_ptr<frame_pool> p, const void* owne
                                  std::shared_ptr<dev_pagemap_ops> ops) {
   if (!p || !ops) return errc::inval;
   lock_guard g(mmap_lock_);
+  lock_guard rmap_hold(rmap_lock_);  // with every mmap_lock writer (mm.h)
   lock_guard a(pools_->attach_lock);
   const unsigned n = pools_->count.load(std::memory_order_relaxed);
   for (unsigned i = 1; i < n; ++i) {
@@ -286,6 +289,7 @@ void mm::teardown() {
     for (mm_release_ops* s : subs) s->release(*this);
   }
   lock_guard g(mmap_lock_);
+  lock_guard rmap_hold(rmap_lock_);  // with every mmap_lock writer (mm.h)
   if (torn_down_) return;
   torn_down_ = true;
   subs_.mark_dying();

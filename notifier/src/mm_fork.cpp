@@ -33,6 +33,9 @@ result<std::unique_ptr<mm>> mm::fork() {
       mm_impl::insert_vma(*child, c);
     }
   }
+  // With every mmap_lock writer (mm.h); after the child's mmap_lock, which
+  // ranks outside it. Nothing of the parent changed before this point.
+  lock_guard rmap_hold(rmap_lock_);
   // Kernel: vma_needs_copy. Only VMAs with anonymous pages (an anon_vma)
   // and PFN maps need their PTEs copied; the child faults the rest in from
   // the page cache or as fresh anonymous memory, so their PTEs are left

@@ -43,6 +43,7 @@ errc mm::madvise(va_t addr, std::uint64_t length, madvice advice) {
     return hole ? errc::nomem : errc::ok;
   }
   lock_guard g(mmap_lock_);
+  lock_guard rmap_hold(rmap_lock_);  // with every mmap_lock writer (mm.h)
   bool hole = false;
   va_t cur = addr;
   for (vma* v = mm_impl::first_ending_after(*this, addr); v && v->start < end; v = mm_impl::next_vma(*this, v)) {

@@ -50,7 +50,7 @@ std::uint64_t mm_impl::unmigrate(const mm& m, std::uint64_t e) noexcept {
 }
 
 errc mm_impl::migrate_setup(mm& m, migrate_vma& a) {
-  m.mmap_lock_.assert_held_shared();
+  m.assert_stable();  // mmap_lock shared, or the rmap lock (eviction)
   if (a.owner_mm) return errc::inval;
   if (a.start == 0 || !is_aligned(a.start, page_size) || !is_aligned(a.end, page_size) || a.end <= a.start ||
       a.end > m.opts_.mmap_limit)
@@ -120,7 +120,7 @@ errc mm_impl::migrate_setup(mm& m, migrate_vma& a) {
 }
 
 errc mm_impl::migrate_pages(mm& m, migrate_vma& a) {
-  m.mmap_lock_.assert_held_shared();
+  m.assert_stable();  // mmap_lock shared, or the rmap lock (eviction)
   if (a.owner_mm != &m || a.src.size() != a.npages || a.dst.size() != a.npages) return errc::inval;
   const unsigned npools = m.pool_count();
   std::uint64_t filled = 0;

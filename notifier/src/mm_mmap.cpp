@@ -35,6 +35,7 @@ result<va_t> mm::mmap(va_t addr, std::uint64_t length, prot p, map flags, std::s
   if (backing && backing->pool().get() != &pool(0)) return errc::inval;
 
   lock_guard g(mmap_lock_);
+  lock_guard rmap_hold(rmap_lock_);  // with every mmap_lock writer (mm.h)
   if (torn_down_) return errc::nomem;
   va_t at;
   if (fixed) {
@@ -109,6 +110,7 @@ errc mm::munmap(va_t addr, std::uint64_t length) {
   const std::uint64_t len = align_up(length, page_size);
   if (len < length || addr + len < addr || addr + len > opts_.mmap_limit) return errc::inval;
   lock_guard g(mmap_lock_);
+  lock_guard rmap_hold(rmap_lock_);  // with every mmap_lock writer (mm.h)
   return mm_impl::do_munmap(*this, addr, addr + len);
 }
 

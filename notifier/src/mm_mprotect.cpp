@@ -21,6 +21,7 @@ errc mm::mprotect(va_t addr, std::uint64_t length, prot p) {
   if (len < length || addr + len <= addr) return errc::nomem;
   const va_t end = addr + len;
   lock_guard g(mmap_lock_);
+  lock_guard rmap_hold(rmap_lock_);  // with every mmap_lock writer (mm.h)
   const vma* v0 = mm_impl::find_vma(*this, addr);
   if (!v0) return errc::nomem;
   // The mapped prefix of [addr, end): Linux changes it, then reports the hole.

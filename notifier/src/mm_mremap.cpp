@@ -83,6 +83,7 @@ result<va_t> mm::mremap(va_t old_addr, std::uint64_t old_length, std::uint64_t n
     if (new_addr < old_addr + old_len && old_addr < new_addr + new_len) return errc::inval;  // onto itself
   }
   lock_guard g(mmap_lock_);
+  lock_guard rmap_hold(rmap_lock_);  // with every mmap_lock writer (mm.h)
   vma* v = mm_impl::find_vma_mut(*this, old_addr);
   if (!v) return errc::fault;
   if (old_len == 0) {

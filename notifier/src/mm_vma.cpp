@@ -134,8 +134,14 @@ void mm_impl::erase_vma(mm& m, vma* v) {
   delete v;
 }
 
+void mm::assert_stable([[maybe_unused]] lockdep::site s) const {
+#if SVM_LOCK_CHECKS
+  if (!lockdep::is_held(&rmap_lock_)) mmap_lock_.assert_held_shared(s);
+#endif
+}
+
 std::optional<vma_info> mm::find_vma(va_t va) const {
-  mmap_lock_.assert_held_shared();
+  assert_stable();
   const vma* v = mm_impl::find_vma(*this, va);
   if (!v) return std::nullopt;
   return v->info();

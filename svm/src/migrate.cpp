@@ -88,6 +88,19 @@ std::size_t migrate_back_locked(mm& m, va_range r, const void* owner, dev::copy_
   return moved;
 }
 
+// Eviction's walk: under m's rmap lock, which stands in for mmap_lock
+// shared (mm::rmap_read_guard). Clang's analysis cannot say "mmap_lock or
+// the rmap lock", so it is off here; the mm's debug lock checks
+// (mm::assert_stable) verify the hold instead. `left`: this device's pages
+// still in r afterwards.
+std::size_t migrate_back_evicting(mm& m, va_range r, const void* owner, dev::copy_engine* ce, errc& err,
+                                  std::size_t& left) SVM_NO_THREAD_SAFETY_ANALYSIS {
+  mm::rmap_read_guard g(m);
+  const std::size_t moved = migrate_back_locked(m, r, owner, ce, err);
+  left = device_pages(m, r, owner);
+  return moved;
+}
+
 }  // namespace
 
 // ---- the pgmap ops -----------------------------------------------------------
@@ -182,14 +195,13 @@ errc svm_pagemap::migrate_to_ram(mm& m, va_t addr) {
 // ---- SVM chunks as VRAM users ----------------------------------------------------
 
 errc gpu_vm::svm_chunk::evict(const evict_context&) {
-  // No reverse map: reach the pages through the mm, whose mmap_lock the
-  // allocating thread may hold (or wait behind): try it, never wait.
+  // Without mmap_lock, as drm_pagemap's evict_to_ram: the mm's rmap lock
+  // keeps its VMAs still (docs/migration.md), and the record names the
+  // CPU range its pages are in.
   svm::mm& m = owner.mm_;
-  if (!m.mmap_lock().try_lock_shared()) return errc::busy;
   errc err;
-  const std::size_t moved = migrate_back_locked(m, cpu, owner.owner(), &owner.dev_.hw().copier(), err);
-  const std::size_t left = device_pages(m, cpu, owner.owner());
-  m.mmap_lock().unlock_shared();
+  std::size_t left = 0;
+  const std::size_t moved = migrate_back_evicting(m, cpu, owner.owner(), &owner.dev_.hw().copier(), err, left);
   owner.pagemap_->moved_to_ram(m, cpu, moved, false, false);
   resident.store(left, std::memory_order_relaxed);
   if (moved) {
@@ -296,8 +308,8 @@ errc gpu_vm::migrate_chunk_to_vram(va_range cr, std::vector<pfn_t>& frames, bool
     touch_vram_chunk(cr.start);
     return errc::ok;
   }
-  // VRAM first, before the mmap_lock: the allocation may evict, and an
-  // SVM-chunk victim in this very mm needs to try-lock that lock.
+  // VRAM first, before the mmap_lock: the allocation may evict (copy other
+  // chunks out), and this mm's writers should not queue behind that.
   if (frames.size() < need) {
     if (!may_alloc) return errc::nomem;
     evict_context cx;

@@ -409,6 +409,99 @@ TEST_F(MigrateVram, PressureEvictsLruSvmChunkOfAnotherVm) {
   EXPECT_TRUE(device_check(*vm, *m, base, 32, 8));
 }
 
+// VRAM pressure evicts an SVM chunk without its mm's mmap_lock, as
+// drm_pagemap's evict_to_ram does: a thread holding that mmap_lock
+// exclusive across the whole allocation does not stop the eviction (the
+// mm's rmap lock, which only VMA-changing writers take, keeps the VMAs
+// still instead). Under a try-lock of the mmap_lock this create_bo failed
+// with ENOMEM.
+TEST_F(MigrateVram, EvictionNeedsNoMmapLock) {
+  make({}, 32 * K4);
+  m2 = std::make_unique<mm>(mm_options{.frames = 4096});
+  vm2 = gpu_vm::create(*dev, *m2, {}).value();
+  map_at(*m, base, M2);
+  fill(*m, base, 32, 12);
+  ASSERT_EQ(vm->set_attrs(base, M2, {.granularity = K64}), errc::ok);
+  ASSERT_EQ(vm->prefetch(base, 32 * K4, mem_location::vram), errc::ok);
+  ASSERT_EQ(vram_pages(*vm, base, M2), 32u);
+  std::atomic<int> phase{0};
+  std::thread writer([&] {
+    m->mmap_lock().lock();
+    phase = 1;
+    phase.notify_all();
+    while (phase.load() != 2) phase.wait(1);
+    m->mmap_lock().unlock();
+  });
+  while (phase.load() != 1) phase.wait(0);
+  auto bo = vm2->create_bo(16 * K4, placement::vram);
+  const std::uint64_t evictions = vm->stats().svm_evictions;
+  phase = 2;
+  phase.notify_all();
+  writer.join();
+  ASSERT_TRUE(bo.ok()) << errc_name(bo.error());
+  EXPECT_EQ(evictions, 1u);
+  EXPECT_EQ(vram_pages(*vm, base, M2), 16u);
+  EXPECT_TRUE(cpu_check(*m, base, 32, 12));
+  EXPECT_TRUE(device_check(*vm, *m, base, 32, 12));
+}
+
+// The interleaving the rmap lock is for: an munmap of the victim's range
+// while its eviction is between MIGRATE and finalize (paused in a notifier
+// callback, which runs inside migrate_vma_setup) waits for the eviction,
+// then unmaps what came back: nothing is lost or leaked, and the VRAM the
+// chunk held is free again.
+TEST_F(MigrateVram, MunmapWaitsForAnEvictionInProgress) {
+  make({}, 32 * K4);
+  m2 = std::make_unique<mm>(mm_options{.frames = 4096});
+  vm2 = gpu_vm::create(*dev, *m2, {}).value();
+  map_at(*m, base, M2);
+  fill(*m, base, 32, 13);
+  ASSERT_EQ(vm->set_attrs(base, M2, {.granularity = M2}), errc::ok);
+  ASSERT_EQ(vm->prefetch(base, 32 * K4, mem_location::vram), errc::ok);
+  ASSERT_EQ(vram_pages(*vm, base, M2), 32u);
+  const std::size_t used = dev->vram().stats().used_frames;
+
+  struct pausing_ops final : interval_notifier_ops {
+    std::atomic<int> phase{0};  // 0 idle, 1 paused in the eviction's MIGRATE, 2 released
+    bool invalidate(interval_notifier& sub, const mmu_notifier_range& r, std::uint64_t cur) override {
+      sub.set_seq(cur);
+      if (r.event == mmu_notifier_event::migrate && phase.load() == 0) {
+        phase = 1;
+        phase.notify_all();
+        while (phase.load() != 2) phase.wait(1);
+      }
+      return true;
+    }
+  } ops;
+  interval_notifier sub;
+  ASSERT_EQ(sub.insert(*m, base, M2, ops), errc::ok);
+
+  std::thread evictor([&] {
+    auto bo = vm2->create_bo(16 * K4, placement::vram);
+    EXPECT_TRUE(bo.ok());
+  });
+  while (ops.phase.load() != 1) ops.phase.wait(0);
+  // Paused inside the eviction, with the rmap lock held shared.
+  std::atomic<bool> unmapped{false};
+  std::thread unmapper([&] {
+    EXPECT_EQ(m->munmap(base, M2), errc::ok);
+    unmapped = true;
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));  // room to go wrong
+  EXPECT_FALSE(unmapped.load()) << "munmap ran while an eviction held the range";
+  ops.phase = 2;
+  ops.phase.notify_all();
+  evictor.join();
+  unmapper.join();
+  EXPECT_TRUE(unmapped.load());
+  EXPECT_EQ(vm->stats().svm_evictions, 1u);
+  EXPECT_EQ(vm->stats().pages_to_ram, 32u);
+  EXPECT_EQ(dev->vram().stats().used_frames, used - 32 + 16);  // the chunk's frames went, the BO's came
+  EXPECT_EQ(m->mmap(base, M2, prot::read | prot::write, map::private_ | map::anonymous | map::fixed).ok(), true);
+  EXPECT_EQ(*m->load<std::uint64_t>(base), 0u);  // a fresh mapping: nothing of the old range is left
+  sub.remove();
+}
+
 // Creating a VRAM BO evicts SVM chunks to make room.
 TEST_F(MigrateVram, BoCreationEvictsSvmChunks) {
   make({}, 32 * K4);

@@ -5,6 +5,9 @@
 //   rank::driver      svm::device registry   VM table of the fault handler, r/w
 //   rank::vm          gpu_vm::lock_          BO VA tree, reader-writer
 //   rank::mmap        mm::mmap_lock_         VMAs, reader-writer
+//   rank::rmap        mm::rmap_lock_         taken exclusive by every mmap_lock
+//                                            writer, shared by device-memory
+//                                            eviction instead of mmap_lock
 //   rank::resv        reservation locks      wound-wait style, several at once
 //   rank::notifier    mm notifier state      short, never held across a callback
 //   rank::mirror      svm mirror locks       the notifier-wide mode's per-notifier
@@ -48,6 +51,7 @@ enum class rank : std::uint16_t {
   driver = 50,
   vm = 100,
   mmap = 200,
+  rmap = 250,
   resv = 300,
   notifier = 400,
   mirror = 450,

@@ -118,7 +118,8 @@ struct migrate_vma {
 /// swap and PROT_NONE entries, pages already under migration, another
 /// owner's device pages. A 2M mapping is split first. Every collected page
 /// must be finished by migrate_vma_finalize. ENOMEM: no memory for src/dst.
-/// Locking: requires m's mmap_lock shared; takes node locks; raises MIGRATE.
+/// Locking: requires m's mmap_lock shared (or m's rmap lock shared, for
+/// eviction: mm::rmap_read_guard); takes node locks; raises MIGRATE.
 [[nodiscard]] errc migrate_vma_setup(mm& m, migrate_vma& args) SVM_REQUIRES_SHARED(m.mmap_lock());
 
 /// Step 3a: check each collected page against its dst; clear MIGRATE where
@@ -128,7 +129,8 @@ struct migrate_vma {
 /// a hole whose PTE is no longer empty or whose VMA is gone). A hole is
 /// filled now with dst's frame (dst gets migrate_pfn::installed). EINVAL:
 /// `args` was not set up on `m`, or src/dst do not have npages entries.
-/// Locking: requires m's mmap_lock shared (the holes' VMA); takes node locks.
+/// Locking: requires m's mmap_lock shared (the holes' VMA), or m's rmap
+/// lock shared; takes node locks.
 [[nodiscard]] errc migrate_vma_pages(mm& m, migrate_vma& args) SVM_REQUIRES_SHARED(m.mmap_lock());
 
 /// Step 3b: for each page still MIGRATE, replace its migration entry by the

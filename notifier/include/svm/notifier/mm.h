@@ -321,6 +321,38 @@ class mm {
   /// mmap_lock shared until `g` goes; blocks.
   [[nodiscard]] read_lock_holder read_lock(SVM_HERE_DEFAULT) { return read_lock_holder(*this, s); }
 
+  // ---- rmap_lock: device-memory eviction without mmap_lock --------------
+  /// The rmap lock itself (rank rmap, reader-writer), for annotations.
+  [[nodiscard]] shared_mutex& rmap_lock() SVM_RETURN_CAPABILITY(rmap_lock_) { return rmap_lock_; }
+  /// Scoped shared hold of the rmap lock (kernel: the anon_vma read lock an
+  /// rmap walk takes, as migrate_device_range does for drm_pagemap's
+  /// evict_to_ram). Every mmap_lock writer holds the rmap lock exclusive, so
+  /// while this guard lives the VMAs and page-table structure are as stable
+  /// as under mmap_lock shared: find_vma, raw_pte and the migrate_vma steps
+  /// may run (their debug lock checks accept either hold; Clang's analysis
+  /// cannot express "either", so a caller that uses them under this guard
+  /// opts out of it and says why). It never waits for mmap_lock readers,
+  /// only for a writer's VMA change in progress. Rank rmap: it may be taken
+  /// with vm.lock or an mmap_lock held, never under resv, notifier, mirror,
+  /// node or leaf locks.
+  class SVM_SCOPED_CAPABILITY rmap_read_guard {
+   public:
+    /// Take `m`'s rmap lock shared (blocks while a writer holds it).
+    explicit rmap_read_guard(mm& m, SVM_HERE_DEFAULT) SVM_ACQUIRE_SHARED(m.rmap_lock_) : m_(m), s_(s) {
+      m_.rmap_lock_.lock_shared(s);
+    }
+    ~rmap_read_guard() SVM_RELEASE() { m_.rmap_lock_.unlock_shared(s_); }
+    rmap_read_guard(const rmap_read_guard&) = delete;
+    rmap_read_guard& operator=(const rmap_read_guard&) = delete;
+
+   private:
+    mm& m_;
+    lockdep::site s_;
+  };
+  /// Debug builds check that the calling thread holds mmap_lock (shared or
+  /// exclusive) or the rmap lock: what find_vma and migrate_vma need.
+  void assert_stable(SVM_HERE_DEFAULT) const;
+
   // ---- system calls (Linux semantics and error codes) ------------------
   /// mmap. `addr` is a hint unless map::fixed / fixed_noreplace. Exactly one
   /// of map::shared / map::private_; map::anonymous, or a `backing` file with
@@ -454,7 +486,8 @@ class mm {
   [[nodiscard]] errc handle_mm_fault(va_t va, access a) SVM_REQUIRES_SHARED(mmap_lock_);
 
   // ---- queries -----------------------------------------------------------
-  /// The VMA containing `va`. Locking: requires mmap_lock (shared).
+  /// The VMA containing `va`. Locking: requires mmap_lock (shared), or the
+  /// rmap lock (shared; rmap_read_guard, whose users opt out of the analysis).
   [[nodiscard]] std::optional<vma_info> find_vma(va_t va) const SVM_REQUIRES_SHARED(mmap_lock_);
   /// Every VMA, in address order. Locking: takes mmap_lock shared.
   [[nodiscard]] std::vector<vma_info> vmas() SVM_EXCLUDES(mmap_lock_);
@@ -590,6 +623,16 @@ class mm {
   static constexpr lock_class mmap_class_{"mmap_lock", lockdep::rank::mmap};
   /// Keyed per mm (increasing), so that fork may hold parent then child.
   mutable shared_mutex mmap_lock_;
+  static constexpr lock_class rmap_class_{"rmap_lock", lockdep::rank::rmap};
+  /// The stand-in for the kernel's anon_vma lock, which an rmap walk holds
+  /// so that it needs no mmap_lock. Every thread that takes mmap_lock_
+  /// exclusive takes this one exclusive right after it and holds it as
+  /// long; device-memory eviction (evict_device_range) takes it shared
+  /// instead of mmap_lock_. Holding it shared therefore keeps the VMAs and
+  /// the page-table structure as stable as mmap_lock_ shared does, while
+  /// readers of mmap_lock_ (faults, DONTNEED, reclaim, migrations) run beside
+  /// it as they run beside each other. Keyed like mmap_lock_.
+  mutable shared_mutex rmap_lock_;
   /// VMAs by start; owned (allocated with new). Guarded by mmap_lock_:
   /// changed only with it held exclusively.
   struct vma_tree;

@@ -30,8 +30,10 @@
 //     frames back, ENOMEM
 //
 // vram_object::evict runs with no manager lock held and takes only
-// try-locks of its owner (the victim VM's vm.lock, the victim mm's
-// mmap_lock): it never blocks on a lock the allocating thread may hold, so
+// try-locks of its owner (the victim VM's vm.lock), or, for an SVM chunk,
+// the victim mm's rmap lock shared (mm::rmap_read_guard), which only that
+// mm's mmap_lock writers hold, for the length of a VMA change, and which no
+// allocating thread holds: it never blocks on a lock the allocating thread may hold, so
 // an allocation in one VM can evict another VM's BO without a lock-order
 // cycle (the kernel's TTM evicts under a trylock of the victim's
 // reservation for the same reason). A victim it cannot lock now answers
@@ -76,7 +78,8 @@ class vram_object {
   virtual ~vram_object() = default;
   /// Move this object's frames out of VRAM, freeing them. Runs with no
   /// manager lock held, on the allocating thread; must not block on a lock
-  /// the allocating thread may hold (use try-locks; see the file comment).
+  /// the allocating thread may hold (use try-locks, or locks no allocating
+  /// thread holds; see the file comment).
   /// ok: frames were freed (or none were left; the object is then removed
   /// from the policy); EBUSY: cannot now (skipped for this allocation);
   /// any other error: the eviction failed and the object stays as it was.
