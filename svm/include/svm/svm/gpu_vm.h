@@ -166,7 +166,9 @@ enum class atomic_mode : std::uint8_t { any, device };
 /// gpu_vm::set_attrs). The defaults hold wherever nothing was set.
 struct svm_attrs {
   mem_location preferred = mem_location::system;  ///< vram: a device fault migrates the chunk to VRAM
-  atomic_mode atomics = atomic_mode::any;         ///< device: an atomic fault migrates the chunk to VRAM
+  /// device: the range's system-memory PTEs carry no atomic permission, so
+  /// an atomic faults and migrates the chunk to VRAM first.
+  atomic_mode atomics = atomic_mode::any;
   /// The migration chunk: 4K, 64K or 2M. A fault or prefetch migrates the
   /// granularity-aligned block around the page, clipped to the CPU VMA and
   /// to the mirror's range.
