@@ -28,7 +28,7 @@ constexpr std::uint64_t file_pages[2] = {64, 600};
 
 // Totals over all runs; relaxed: statistics, read after the runs.
 std::atomic<std::uint64_t> g_runs{0}, g_ops{0}, g_accesses{0}, g_kernels{0}, g_exhausted{0}, g_faults{0},
-    g_replays{0}, g_cancels{0}, g_checked{0}, g_concurrent{0};
+    g_replays{0}, g_cancels{0}, g_checked{0}, g_concurrent{0}, g_to_vram{0}, g_to_ram{0};
 
 constexpr std::array<std::uint8_t, op_count> arg_bytes = {
     4,  // mmap_anon: fl pg pg n
@@ -209,6 +209,8 @@ runner::runner(const program& p, const run_hooks* h) : prog_(p), hooks_(h), mode
     case 3: vc.window = std::make_shared<fixed_window_policy>(huge_size); break;
   }
   vc.huge_leaves = !(c & 0x80);
+  const bool to_vram = p.vram >= 192;  // SVM placement mode (op_runner.h, byte 1)
+  if (to_vram) vc.migrate_timeslice = std::chrono::nanoseconds(0);  // CPU accesses bring pages back at once
   const bool windows = (c & 0x40) != 0;
   vc.mirror = windows ? mirror_kind::windows : mirror_kind::full_mm;
   vm_ = gpu_vm::create(*dev_, *m_, vc).value();
@@ -225,6 +227,15 @@ runner::runner(const program& p, const run_hooks* h) : prog_(p), hooks_(h), mode
   } else {
     (void)oracle_->watch(*vm_, *m_);
   }
+  if (to_vram) {
+    const svm_attrs at{.preferred = mem_location::vram,
+                       .atomics = (p.vram & 1) ? atomic_mode::device : atomic_mode::any,
+                       .granularity = (p.vram & 2) ? page_size : std::uint64_t{64} << 10};
+    if (vm_->set_attrs(gpu_base_, universe_pages * page_size, at) != errc::ok) {
+      std::fprintf(stderr, "svm_fuzz: set_attrs failed\n");
+      std::abort();
+    }
+  }
 }
 
 runner::~runner() {
@@ -233,6 +244,9 @@ runner::~runner() {
   g_replays.fetch_add(ds.replays, std::memory_order_relaxed);
   g_cancels.fetch_add(ds.cancels, std::memory_order_relaxed);
   g_checked.fetch_add(oracle_->svm_checked(), std::memory_order_relaxed);
+  const vm_stats vs = vm_->stats();
+  g_to_vram.fetch_add(vs.migrations_to_vram, std::memory_order_relaxed);
+  g_to_ram.fetch_add(vs.migrations_to_ram, std::memory_order_relaxed);
   oracle_.reset();
   vm_.reset();
   dev_.reset();
@@ -992,6 +1006,8 @@ run_totals totals() noexcept {
   t.cancels = g_cancels.load(std::memory_order_relaxed);
   t.oracle_checked = g_checked.load(std::memory_order_relaxed);
   t.concurrent = g_concurrent.load(std::memory_order_relaxed);
+  t.migrations_to_vram = g_to_vram.load(std::memory_order_relaxed);
+  t.migrations_to_ram = g_to_ram.load(std::memory_order_relaxed);
   return t;
 }
 
@@ -1001,13 +1017,15 @@ std::string describe(const run_totals& t, const char* prefix) {
   std::snprintf(b, sizeof b,
                 "%s: runs %llu ops %llu kernels %llu (%llu beside a CPU operation) device accesses %llu "
                 "(%.1f per execution, %.1f per kernel) faults %llu replays %llu cancels %llu oracle-checked %llu "
-                "out-of-frames %llu",
+                "out-of-frames %llu migrations to VRAM %llu to system %llu",
                 prefix, static_cast<unsigned long long>(t.runs), static_cast<unsigned long long>(t.ops),
                 static_cast<unsigned long long>(t.kernels), static_cast<unsigned long long>(t.concurrent),
                 static_cast<unsigned long long>(t.accesses), static_cast<double>(t.accesses) / runs,
                 static_cast<double>(t.accesses) / kernels, static_cast<unsigned long long>(t.faults),
                 static_cast<unsigned long long>(t.replays), static_cast<unsigned long long>(t.cancels),
-                static_cast<unsigned long long>(t.oracle_checked), static_cast<unsigned long long>(t.exhausted));
+                static_cast<unsigned long long>(t.oracle_checked), static_cast<unsigned long long>(t.exhausted),
+                static_cast<unsigned long long>(t.migrations_to_vram),
+                static_cast<unsigned long long>(t.migrations_to_ram));
   return b;
 }
 
@@ -1518,6 +1536,23 @@ std::vector<std::pair<std::string, std::vector<std::uint8_t>>> seed_corpus() {
                                 .kernel_during(c_madvise, 0, n512, 2, mixed8, 0, n512, items(8), 2)
                                 .kernel_during(c_madvise, 100, 15, 1, mixed8, 90, n32, items(4), 3)
                                 .kernel_during(c_munmap, 256, 3, 0, ld8, 250, 15, items(4), 1));
+  // The SVM placement mode (byte 1 >= 192: op_runner.h) over seeds that
+  // fork, remap, swap, migrate between pools, press VRAM BOs against SVM
+  // chunks, use device atomics and run kernels beside CPU operations.
+  const std::pair<const char*, std::uint8_t> vram_modes[] = {
+      {"private_fork_cow", 192}, {"mremap_moves", 193},      {"reclaim_swapin", 194},
+      {"migrate_vma_steps", 195}, {"bo_eviction_pressure", 194}, {"device_atomics", 193},
+      {"fork_swap_devpriv", 195}, {"range_many_pages", 192},    {"range_bo_window", 194},
+      {"during_munmap", 194},     {"during_fork", 193},         {"during_mremap", 192}};
+  for (const auto& [name, mode] : vram_modes) {
+    for (std::size_t k = 0, n = out.size(); k < n; ++k) {
+      if (out[k].first != name) continue;
+      std::vector<std::uint8_t> bytes = out[k].second;
+      bytes[1] = mode;
+      out.emplace_back(std::string("vram_") + name, std::move(bytes));
+      break;
+    }
+  }
   return out;
 }
 

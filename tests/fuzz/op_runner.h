@@ -11,7 +11,12 @@
 //            2 fixed 64K, 3 fixed 2M); bit4 engines (0: 1, 1: 2); bit5 THP
 //            (0 madvise, 1 always); bit6 mirror (0 full mm, 1 one window);
 //            bit7 huge device leaves off
-//   byte 1   VRAM size: 16 + (b % 48) pages
+//   byte 1   VRAM size: 16 + (b % 48) pages. b >= 192: SVM placement mode:
+//            the universe's SVM memory prefers VRAM (gpu_vm::set_attrs;
+//            64K chunks, 4K if b bit1; device atomics if b bit0) with no
+//            migration timeslice, so device faults migrate private
+//            anonymous chunks to VRAM, CPU accesses bring them back, and
+//            VRAM BOs and SVM chunks evict each other
 //   then up to max_ops operations, each an opcode byte (taken mod op_count)
 //   followed by its argument bytes:
 //
@@ -195,9 +200,12 @@ struct run_totals {
   std::uint64_t cancels = 0;       ///< stalled accesses cancelled
   std::uint64_t oracle_checked = 0;  ///< SVM accesses the access oracle checked
   std::uint64_t concurrent = 0;    ///< kernels that ran beside a CPU operation (or the CPU stream)
+  std::uint64_t migrations_to_vram = 0;  ///< SVM chunk migrations to VRAM (vm_stats)
+  std::uint64_t migrations_to_ram = 0;   ///< ... and back to system memory
 };
 /// One line of totals (runs, ops, kernels, accesses, accesses per run and
-/// per kernel, faults, replays, cancels, oracle checks), prefixed `prefix`.
+/// per kernel, faults, replays, cancels, oracle checks, migrations),
+/// prefixed `prefix`.
 [[nodiscard]] std::string describe(const run_totals& t, const char* prefix);
 [[nodiscard]] run_totals totals() noexcept;
 

@@ -150,6 +150,27 @@ TEST(FuzzCorpus, SeedsRunToTheEndAndDeviceSeedsReachTheDevice) {
   EXPECT_GE(device_seeds, 8u);
 }
 
+// The seeds in SVM placement mode do migrate: chunks go to VRAM on device
+// faults and come back on CPU accesses (and evictions), and every one of
+// them still agrees with the model.
+TEST(FuzzCorpus, VramModeSeedsMigrateBothWays) {
+  const run_totals before = totals();
+  std::uint64_t seeds = 0;
+  for (const auto& [name, bytes] : seed_corpus()) {
+    if (!name.starts_with("vram_")) continue;
+    ++seeds;
+    const run_result r = run_input(bytes);
+    EXPECT_TRUE(r.ok) << name << ": " << r.message;
+  }
+  const run_totals after = totals();
+  EXPECT_GE(seeds, 12u);
+  EXPECT_GT(after.migrations_to_vram - before.migrations_to_vram, 0u);
+  EXPECT_GT(after.migrations_to_ram - before.migrations_to_ram, 0u);
+  std::printf("[ vram     ] %llu seeds: %llu migrations to VRAM, %llu back\n", static_cast<unsigned long long>(seeds),
+              static_cast<unsigned long long>(after.migrations_to_vram - before.migrations_to_vram),
+              static_cast<unsigned long long>(after.migrations_to_ram - before.migrations_to_ram));
+}
+
 TEST(FuzzCorpus, SeedsCoverEveryOpKind) {
   std::vector<bool> seen(op_count, false);
   for (const auto& [name, bytes] : seed_corpus())
