@@ -124,6 +124,18 @@ class MigrateVram : public ::testing::Test {
       for (const auto& r : *q) n += r.system_pages;
     return n;
   }
+  // A 32-page VRAM filled by 32 pages of m at base (word_of(p, seed)),
+  // migrated in chunks of `gran`, and a second VM (vm2) on an mm of its own.
+  void vram_full_of_m(std::uint64_t seed, std::uint64_t gran) {
+    make({}, 32 * K4);
+    m2 = std::make_unique<mm>(mm_options{.frames = 4096});
+    vm2 = gpu_vm::create(*dev, *m2, {}).value();
+    map_at(*m, base, M2);
+    fill(*m, base, 32, seed);
+    ASSERT_EQ(vm->set_attrs(base, M2, {.granularity = gran}), errc::ok);
+    ASSERT_EQ(vm->prefetch(base, 32 * K4, mem_location::vram), errc::ok);
+    ASSERT_EQ(vram_pages(*vm, base, M2), 32u);
+  }
   static bool device_pte_in_vram(gpu_vm& v, va_t gva) {
     const pt::translation t = v.page_table().translate(gva);
     return dev::dev_pte::is_valid(t.entry) && dev::dev_pte::aperture_of(t.entry) == aperture::vram;
@@ -416,14 +428,8 @@ TEST_F(MigrateVram, PressureEvictsLruSvmChunkOfAnotherVm) {
 // still instead). Under a try-lock of the mmap_lock this create_bo failed
 // with ENOMEM.
 TEST_F(MigrateVram, EvictionNeedsNoMmapLock) {
-  make({}, 32 * K4);
-  m2 = std::make_unique<mm>(mm_options{.frames = 4096});
-  vm2 = gpu_vm::create(*dev, *m2, {}).value();
-  map_at(*m, base, M2);
-  fill(*m, base, 32, 12);
-  ASSERT_EQ(vm->set_attrs(base, M2, {.granularity = K64}), errc::ok);
-  ASSERT_EQ(vm->prefetch(base, 32 * K4, mem_location::vram), errc::ok);
-  ASSERT_EQ(vram_pages(*vm, base, M2), 32u);
+  vram_full_of_m(12, K64);
+  if (HasFatalFailure()) return;
   std::atomic<int> phase{0};
   std::thread writer([&] {
     m->mmap_lock().lock();
@@ -451,14 +457,8 @@ TEST_F(MigrateVram, EvictionNeedsNoMmapLock) {
 // then unmaps what came back: nothing is lost or leaked, and the VRAM the
 // chunk held is free again.
 TEST_F(MigrateVram, MunmapWaitsForAnEvictionInProgress) {
-  make({}, 32 * K4);
-  m2 = std::make_unique<mm>(mm_options{.frames = 4096});
-  vm2 = gpu_vm::create(*dev, *m2, {}).value();
-  map_at(*m, base, M2);
-  fill(*m, base, 32, 13);
-  ASSERT_EQ(vm->set_attrs(base, M2, {.granularity = M2}), errc::ok);
-  ASSERT_EQ(vm->prefetch(base, 32 * K4, mem_location::vram), errc::ok);
-  ASSERT_EQ(vram_pages(*vm, base, M2), 32u);
+  vram_full_of_m(13, M2);
+  if (HasFatalFailure()) return;
   const std::size_t used = dev->vram().stats().used_frames;
 
   struct pausing_ops final : interval_notifier_ops {
