@@ -28,7 +28,7 @@ constexpr std::uint64_t file_pages[2] = {64, 600};
 
 // Totals over all runs; relaxed: statistics, read after the runs.
 std::atomic<std::uint64_t> g_runs{0}, g_ops{0}, g_accesses{0}, g_kernels{0}, g_exhausted{0}, g_faults{0},
-    g_replays{0}, g_cancels{0}, g_checked{0}, g_concurrent{0}, g_to_vram{0}, g_to_ram{0};
+    g_replays{0}, g_cancels{0}, g_checked{0}, g_concurrent{0}, g_to_vram{0}, g_to_ram{0}, g_vram_enomem{0};
 
 constexpr std::array<std::uint8_t, op_count> arg_bytes = {
     4,  // mmap_anon: fl pg pg n
@@ -135,6 +135,7 @@ class runner {
   std::unique_ptr<driver> dev_;
   std::unique_ptr<gpu_vm> vm_;
   std::unique_ptr<access_oracle> oracle_;
+  bool to_vram_ = false;  ///< the SVM placement mode (op_runner.h, byte 1)
   std::string msg_;
   std::uint64_t accesses_ = 0;
   static constexpr int foreign_owner_ = 0;
@@ -209,7 +210,8 @@ runner::runner(const program& p, const run_hooks* h) : prog_(p), hooks_(h), mode
     case 3: vc.window = std::make_shared<fixed_window_policy>(huge_size); break;
   }
   vc.huge_leaves = !(c & 0x80);
-  const bool to_vram = p.vram >= 192;  // SVM placement mode (op_runner.h, byte 1)
+  to_vram_ = p.vram >= 192;
+  const bool to_vram = to_vram_;
   if (to_vram) vc.migrate_timeslice = std::chrono::nanoseconds(0);  // CPU accesses bring pages back at once
   const bool windows = (c & 0x40) != 0;
   vc.mirror = windows ? mirror_kind::windows : mirror_kind::full_mm;
@@ -402,7 +404,19 @@ bool runner::step(std::size_t i, const op_desc& op) {
     }
     case op_kind::bo_create: {
       const std::uint64_t pages = 1 + a[0] % 12;
-      auto got = vm_->create_bo(pages * page_size, (a[1] & 1) ? placement::system : placement::vram);
+      const placement where = (a[1] & 1) ? placement::system : placement::vram;
+      const std::uint64_t vram_used = dev_->vram().stats().used_frames;
+      auto got = vm_->create_bo(pages * page_size, where);
+      if (!got.ok() && got.error() == errc::nomem && to_vram_ && where == placement::vram) {
+        // Placement mode: device pages that eviction cannot reach (a fork
+        // child's, or pages mremap moved out of their chunk: no per-frame
+        // reverse map, docs/migration.md) may hold the VRAM. ENOMEM is then
+        // the answer, and it must change nothing.
+        g_vram_enomem.fetch_add(1, std::memory_order_relaxed);
+        if (dev_->vram().stats().used_frames != vram_used)
+          return fail(i, op, "create_bo: ENOMEM changed the VRAM in use");
+        return true;
+      }
       if (!got.ok()) return fail(i, op, std::string("create_bo failed: ") + errc_name(got.error()));
       const std::uint64_t want = model_.create_bo(pages);
       if (*got != want) return fail(i, op, "create_bo id: svm " + hex(*got) + ", model " + hex(want));
@@ -905,8 +919,16 @@ bool runner::kernel_during(std::size_t i, const op_desc& op) {
 
 run_result runner::run() {
   run_result res;
+  // SVM_FUZZ_VERBOSE: print each operation before it runs (replaying a failure).
+  static const bool verbose = std::getenv("SVM_FUZZ_VERBOSE") != nullptr;
   for (std::size_t i = 0; i < prog_.ops.size(); ++i) {
     ++res.ops;
+    if (verbose) {
+      std::string a;
+      for (std::uint8_t b : prog_.ops[i].args) a += " " + std::to_string(b);
+      std::fprintf(stderr, "svm_fuzz: op #%zu %s args%s (%zu accesses)\n", i, to_string(prog_.ops[i].kind), a.c_str(),
+                   prog_.ops[i].accesses.size());
+    }
     if (!step(i, prog_.ops[i])) {
       // Running out of system frames is not a disagreement: the model has
       // no memory limit. End the run there.
@@ -1008,6 +1030,7 @@ run_totals totals() noexcept {
   t.concurrent = g_concurrent.load(std::memory_order_relaxed);
   t.migrations_to_vram = g_to_vram.load(std::memory_order_relaxed);
   t.migrations_to_ram = g_to_ram.load(std::memory_order_relaxed);
+  t.vram_bo_enomem = g_vram_enomem.load(std::memory_order_relaxed);
   return t;
 }
 
@@ -1017,7 +1040,7 @@ std::string describe(const run_totals& t, const char* prefix) {
   std::snprintf(b, sizeof b,
                 "%s: runs %llu ops %llu kernels %llu (%llu beside a CPU operation) device accesses %llu "
                 "(%.1f per execution, %.1f per kernel) faults %llu replays %llu cancels %llu oracle-checked %llu "
-                "out-of-frames %llu migrations to VRAM %llu to system %llu",
+                "out-of-frames %llu migrations to VRAM %llu to system %llu VRAM BOs refused %llu",
                 prefix, static_cast<unsigned long long>(t.runs), static_cast<unsigned long long>(t.ops),
                 static_cast<unsigned long long>(t.kernels), static_cast<unsigned long long>(t.concurrent),
                 static_cast<unsigned long long>(t.accesses), static_cast<double>(t.accesses) / runs,
@@ -1025,7 +1048,8 @@ std::string describe(const run_totals& t, const char* prefix) {
                 static_cast<unsigned long long>(t.replays), static_cast<unsigned long long>(t.cancels),
                 static_cast<unsigned long long>(t.oracle_checked), static_cast<unsigned long long>(t.exhausted),
                 static_cast<unsigned long long>(t.migrations_to_vram),
-                static_cast<unsigned long long>(t.migrations_to_ram));
+                static_cast<unsigned long long>(t.migrations_to_ram),
+                static_cast<unsigned long long>(t.vram_bo_enomem));
   return b;
 }
 

@@ -16,7 +16,10 @@
 //            64K chunks, 4K if b bit1; device atomics if b bit0) with no
 //            migration timeslice, so device faults migrate private
 //            anonymous chunks to VRAM, CPU accesses bring them back, and
-//            VRAM BOs and SVM chunks evict each other
+//            VRAM BOs and SVM chunks evict each other. In this mode a VRAM
+//            bo_create may answer ENOMEM (device pages that eviction cannot
+//            reach, a fork child's or pages mremap moved out of their chunk,
+//            hold the VRAM: docs/migration.md); it must then change nothing
 //   then up to max_ops operations, each an opcode byte (taken mod op_count)
 //   followed by its argument bytes:
 //
@@ -202,6 +205,7 @@ struct run_totals {
   std::uint64_t concurrent = 0;    ///< kernels that ran beside a CPU operation (or the CPU stream)
   std::uint64_t migrations_to_vram = 0;  ///< SVM chunk migrations to VRAM (vm_stats)
   std::uint64_t migrations_to_ram = 0;   ///< ... and back to system memory
+  std::uint64_t vram_bo_enomem = 0;      ///< VRAM BOs refused in placement mode (see byte 1)
 };
 /// One line of totals (runs, ops, kernels, accesses, accesses per run and
 /// per kernel, faults, replays, cancels, oracle checks, migrations),
