@@ -360,8 +360,9 @@ errc gpu_vm::service_svm_locked(va_t gva, va_t cpu, access acc, va_range allowed
     // device atomics, and this fault is not the atomic that has to go
     // through after a migration fell back). A 2M leaf needs one answer for
     // all its pages: mixed answers map 4K entries.
-    std::array<bool, huge_size / page_size> no_atomic{};
-    if (atomics_gated() && !atomic_gate(win, acc == access::atomic ? self : npages, std::span(no_atomic).first(npages))) {
+    std::array<bool, huge_size / page_size> no_atomic;  // filled (and read) only when gated
+    const bool gated = atomics_gated();
+    if (gated && !atomic_gate(win, acc == access::atomic ? self : npages, std::span(no_atomic).first(npages))) {
       if (huge) {
         allow_huge = false;
         bump(ctr_->retries_huge);
@@ -377,14 +378,14 @@ errc gpu_vm::service_svm_locked(va_t gva, va_t cpu, access acc, va_range allowed
         if (pt::is_link(n->entries[idx].load(std::memory_order_relaxed))) {
           relink = true;  // a 4K table appeared there: map with 4K entries
         } else {
-          pt_.set_leaf_locked(*n, idx, pte_of(span[0], vram_pool_, no_atomic[0]));
+          pt_.set_leaf_locked(*n, idx, pte_of(span[0], vram_pool_, gated && no_atomic[0]));
           written = npages;
         }
       } else {
         for (std::size_t i = 0; i < npages; ++i) {
           if (!(span[i] & hmm_pfn_valid)) continue;
           const unsigned idx = pt::entry_index(win.start + i * page_size, 0);
-          const std::uint64_t e = pte_of(span[i], vram_pool_, no_atomic[i]);
+          const std::uint64_t e = pte_of(span[i], vram_pool_, gated && no_atomic[i]);
           if (n->entries[idx].load(std::memory_order_relaxed) != e) {
             pt_.set_leaf_locked(*n, idx, e);
             ++written;

@@ -924,10 +924,9 @@ run_result runner::run() {
   for (std::size_t i = 0; i < prog_.ops.size(); ++i) {
     ++res.ops;
     if (verbose) {
-      std::string a;
-      for (std::uint8_t b : prog_.ops[i].args) a += " " + std::to_string(b);
-      std::fprintf(stderr, "svm_fuzz: op #%zu %s args%s (%zu accesses)\n", i, to_string(prog_.ops[i].kind), a.c_str(),
-                   prog_.ops[i].accesses.size());
+      std::fprintf(stderr, "svm_fuzz: op #%zu %s args", i, to_string(prog_.ops[i].kind));
+      for (std::uint8_t b : prog_.ops[i].args) std::fprintf(stderr, " %u", static_cast<unsigned>(b));
+      std::fprintf(stderr, " (%zu accesses)\n", prog_.ops[i].accesses.size());
     }
     if (!step(i, prog_.ops[i])) {
       // Running out of system frames is not a disagreement: the model has
