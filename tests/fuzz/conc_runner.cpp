@@ -27,7 +27,7 @@ constexpr std::size_t cpu_rec_bytes = 4, dev_rec_bytes = 5;  // argument bytes a
 
 // Totals over all runs; relaxed: statistics, read after the runs.
 std::atomic<std::uint64_t> g_runs{0}, g_ops{0}, g_accesses{0}, g_kernels{0}, g_faults{0}, g_replays{0},
-    g_cancels{0}, g_checked{0}, g_concurrent{0};
+    g_cancels{0}, g_checked{0}, g_concurrent{0}, g_to_vram{0}, g_to_ram{0};
 
 struct rec {
   std::uint8_t op = 0;
@@ -143,6 +143,7 @@ class conc_runner {
   std::string cpu_err_, dev_err_, err_;  ///< owned by their stream's thread; read after the join
   std::uint64_t accesses_ = 0, kernels_ = 0, kernels_beside_ = 0;
   bool beside_ = false;  ///< the phase runs its two streams at once (set between phases)
+  bool to_vram_ = false;  ///< the SVM placement mode (conc_runner.h, byte 1); immutable
   static constexpr int foreign_owner_ = 0;  // the device-private pool's owner (not the VM)
 };
 
@@ -173,6 +174,8 @@ conc_runner::conc_runner(const conc_program& p, const run_hooks* h)
   // A fault on S must never fail; a generous bound keeps a loaded machine
   // (sanitizers, parallel builds) from turning descheduling into EBUSY.
   vc.fault_timeout = std::chrono::seconds(10);
+  to_vram_ = p.vram >= 192;
+  if (to_vram_) vc.migrate_timeslice = std::chrono::nanoseconds(0);
   vm_ = gpu_vm::create(*dev_, *m_, vc).value();
   oracle_ = std::make_unique<access_oracle>(*dev_);
   (void)oracle_->watch(*vm_, *m_);
@@ -187,6 +190,16 @@ conc_runner::conc_runner(const conc_program& p, const run_hooks* h)
   (void)cm_.mmap_fixed(cm_.parent, page_at(0), s_pages * page_size, rw, false, -1, 0);
   (void)cm_.mmap_fixed(cm_.parent, page_at(c_first), 64 * page_size, rw, false, -1, 0);
   (void)dm_.mmap_fixed(dm_.parent, page_at(0), s_pages * page_size, rw, false, -1, 0);
+  if (to_vram_) {
+    // S and C prefer VRAM: both streams then race against migrations.
+    const svm_attrs at{.preferred = mem_location::vram,
+                       .atomics = (p.vram & 1) ? atomic_mode::device : atomic_mode::any,
+                       .granularity = (p.vram & 2) ? page_size : std::uint64_t{64} << 10};
+    if (vm_->set_attrs(page_at(0), page_at(512) - page_at(0), at) != errc::ok) {
+      std::fprintf(stderr, "svm_fuzz_conc: set_attrs failed\n");
+      std::abort();
+    }
+  }
 }
 
 conc_runner::~conc_runner() {
@@ -195,6 +208,9 @@ conc_runner::~conc_runner() {
   g_replays.fetch_add(ds.replays, std::memory_order_relaxed);
   g_cancels.fetch_add(ds.cancels, std::memory_order_relaxed);
   g_checked.fetch_add(oracle_->svm_checked(), std::memory_order_relaxed);
+  const vm_stats vs = vm_->stats();
+  g_to_vram.fetch_add(vs.migrations_to_vram, std::memory_order_relaxed);
+  g_to_ram.fetch_add(vs.migrations_to_ram, std::memory_order_relaxed);
   oracle_.reset();
   vm_.reset();
   dev_.reset();
@@ -398,7 +414,12 @@ bool conc_runner::dev_step(std::size_t ph, std::size_t k, const rec& r) {
     case 2: return kernel(ph, k, r, region::b);
     case 3: {
       const std::uint64_t pages = 1 + a[0] % 8;
-      auto got = vm_->create_bo(pages * page_size, (a[1] & 1) ? placement::system : placement::vram);
+      const placement at = (a[1] & 1) ? placement::system : placement::vram;
+      auto got = vm_->create_bo(pages * page_size, at);
+      // Placement mode: SVM pages hold VRAM too, and those under a CPU
+      // migration or out of eviction's reach cannot make room (a fork
+      // child's, pages mremap moved): a VRAM BO may be refused.
+      if (!got.ok() && got.error() == errc::nomem && to_vram_ && at == placement::vram) return true;
       if (!got.ok()) return cmp_e(got.error(), errc::ok);
       const std::uint64_t want = dm_.create_bo(pages);
       if (*got == want) return true;
@@ -527,6 +548,8 @@ run_totals concurrent_totals() noexcept {
   t.cancels = g_cancels.load(std::memory_order_relaxed);
   t.oracle_checked = g_checked.load(std::memory_order_relaxed);
   t.concurrent = g_concurrent.load(std::memory_order_relaxed);
+  t.migrations_to_vram = g_to_vram.load(std::memory_order_relaxed);
+  t.migrations_to_ram = g_to_ram.load(std::memory_order_relaxed);
   return t;
 }
 
@@ -652,6 +675,12 @@ std::vector<std::pair<std::string, std::vector<std::uint8_t>>> conc_seed_corpus(
           .phase({s::thp(0, 15, true)}, {s::k_s(0, 63, its(4), st8, 1)}, true)
           .phase({s::reclaim(0, 15), s::reclaim(16, 15)}, {s::k_s(0, 63, its(4), mix8, 2)})
           .phase({s::fork(), s::reclaim(0, 15, 1)}, {s::k_s(0, 63, its(8), mix8, 3)}));
+  // The same seeds in the SVM placement mode (byte 1 >= 192: conc_runner.h).
+  for (std::size_t k = 0, n = out.size(); k < n; ++k) {
+    std::vector<std::uint8_t> bytes = out[k].second;
+    bytes[1] = static_cast<std::uint8_t>(192 + k % 4);
+    out.emplace_back("vram_" + out[k].first, std::move(bytes));
+  }
   return out;
 }
 

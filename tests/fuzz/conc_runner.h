@@ -29,7 +29,12 @@
 //   byte 0   config: bit0 seq_mode (0 pgtable, 1 notifier); bit1 mirror_impl
 //            (0 page, 1 range); bits2-3 window policy (as op_runner.h);
 //            bit4 engines (0: 1, 1: 2); bit5 THP (0 madvise, 1 always)
-//   byte 1   VRAM size: 16 + (b % 48) pages
+//   byte 1   VRAM size: 16 + (b % 48) pages. b >= 192: SVM placement mode:
+//            S and C prefer VRAM (64K chunks, 4K if b bit1; device atomics if
+//            b bit0; no migration timeslice), so kernels migrate S's pages
+//            to VRAM while the CPU's fetch_adds, reclaims, forks and
+//            migrations bring them back, and every invariant must still
+//            hold; a VRAM bo_create may be refused (ENOMEM)
 //   then up to max_phases phases: a schedule byte s (s&7 CPU records, (s>>3)&7
 //   device records; bit6 set: run the two chunks one after the other, CPU
 //   first unless bit7, else run them at once on two threads), then the CPU

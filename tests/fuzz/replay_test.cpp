@@ -171,6 +171,27 @@ TEST(FuzzCorpus, VramModeSeedsMigrateBothWays) {
               static_cast<unsigned long long>(after.migrations_to_ram - before.migrations_to_ram));
 }
 
+// The concurrent seeds in placement mode migrate too, while the CPU stream
+// runs beside the kernels, and every invariant holds.
+TEST(FuzzCorpus, ConcurrentVramModeSeedsMigrateBothWays) {
+  const run_totals before = concurrent_totals();
+  std::uint64_t seeds = 0;
+  for (const auto& [name, bytes] : conc_seed_corpus()) {
+    if (!name.starts_with("vram_")) continue;
+    ++seeds;
+    const run_result r = run_concurrent(bytes);
+    EXPECT_TRUE(r.ok) << name << ": " << r.message;
+  }
+  const run_totals after = concurrent_totals();
+  EXPECT_GE(seeds, 6u);
+  EXPECT_GT(after.migrations_to_vram - before.migrations_to_vram, 0u);
+  EXPECT_GT(after.migrations_to_ram - before.migrations_to_ram, 0u);
+  std::printf("[ vram     ] %llu concurrent seeds: %llu migrations to VRAM, %llu back\n",
+              static_cast<unsigned long long>(seeds),
+              static_cast<unsigned long long>(after.migrations_to_vram - before.migrations_to_vram),
+              static_cast<unsigned long long>(after.migrations_to_ram - before.migrations_to_ram));
+}
+
 TEST(FuzzCorpus, SeedsCoverEveryOpKind) {
   std::vector<bool> seen(op_count, false);
   for (const auto& [name, bytes] : seed_corpus())
