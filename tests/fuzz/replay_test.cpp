@@ -150,46 +150,44 @@ TEST(FuzzCorpus, SeedsRunToTheEndAndDeviceSeedsReachTheDevice) {
   EXPECT_GE(device_seeds, 8u);
 }
 
+// Run the vram_ seeds of `corpus` with `run` (whose process totals `totals`
+// reads): each must pass, at least `min_seeds` exist, and together they
+// migrate chunks to VRAM and back.
+template <class Run, class Totals>
+void expect_vram_seeds_migrate(const std::vector<std::pair<std::string, std::vector<std::uint8_t>>>& corpus, Run run,
+                               Totals totals_of, std::uint64_t min_seeds, const char* what) {
+  const run_totals before = totals_of();
+  std::uint64_t seeds = 0;
+  for (const auto& [name, bytes] : corpus) {
+    if (!name.starts_with("vram_")) continue;
+    ++seeds;
+    const run_result r = run(bytes);
+    EXPECT_TRUE(r.ok) << name << ": " << r.message;
+  }
+  const run_totals after = totals_of();
+  EXPECT_GE(seeds, min_seeds);
+  EXPECT_GT(after.migrations_to_vram - before.migrations_to_vram, 0u);
+  EXPECT_GT(after.migrations_to_ram - before.migrations_to_ram, 0u);
+  std::printf("[ vram     ] %llu %s: %llu migrations to VRAM, %llu back\n", static_cast<unsigned long long>(seeds), what,
+              static_cast<unsigned long long>(after.migrations_to_vram - before.migrations_to_vram),
+              static_cast<unsigned long long>(after.migrations_to_ram - before.migrations_to_ram));
+}
+
 // The seeds in SVM placement mode do migrate: chunks go to VRAM on device
 // faults and come back on CPU accesses (and evictions), and every one of
 // them still agrees with the model.
 TEST(FuzzCorpus, VramModeSeedsMigrateBothWays) {
-  const run_totals before = totals();
-  std::uint64_t seeds = 0;
-  for (const auto& [name, bytes] : seed_corpus()) {
-    if (!name.starts_with("vram_")) continue;
-    ++seeds;
-    const run_result r = run_input(bytes);
-    EXPECT_TRUE(r.ok) << name << ": " << r.message;
-  }
-  const run_totals after = totals();
-  EXPECT_GE(seeds, 12u);
-  EXPECT_GT(after.migrations_to_vram - before.migrations_to_vram, 0u);
-  EXPECT_GT(after.migrations_to_ram - before.migrations_to_ram, 0u);
-  std::printf("[ vram     ] %llu seeds: %llu migrations to VRAM, %llu back\n", static_cast<unsigned long long>(seeds),
-              static_cast<unsigned long long>(after.migrations_to_vram - before.migrations_to_vram),
-              static_cast<unsigned long long>(after.migrations_to_ram - before.migrations_to_ram));
+  expect_vram_seeds_migrate(
+      seed_corpus(), [](const std::vector<std::uint8_t>& b) { return run_input(b); }, [] { return totals(); }, 12,
+      "seeds");
 }
 
 // The concurrent seeds in placement mode migrate too, while the CPU stream
 // runs beside the kernels, and every invariant holds.
 TEST(FuzzCorpus, ConcurrentVramModeSeedsMigrateBothWays) {
-  const run_totals before = concurrent_totals();
-  std::uint64_t seeds = 0;
-  for (const auto& [name, bytes] : conc_seed_corpus()) {
-    if (!name.starts_with("vram_")) continue;
-    ++seeds;
-    const run_result r = run_concurrent(bytes);
-    EXPECT_TRUE(r.ok) << name << ": " << r.message;
-  }
-  const run_totals after = concurrent_totals();
-  EXPECT_GE(seeds, 6u);
-  EXPECT_GT(after.migrations_to_vram - before.migrations_to_vram, 0u);
-  EXPECT_GT(after.migrations_to_ram - before.migrations_to_ram, 0u);
-  std::printf("[ vram     ] %llu concurrent seeds: %llu migrations to VRAM, %llu back\n",
-              static_cast<unsigned long long>(seeds),
-              static_cast<unsigned long long>(after.migrations_to_vram - before.migrations_to_vram),
-              static_cast<unsigned long long>(after.migrations_to_ram - before.migrations_to_ram));
+  expect_vram_seeds_migrate(
+      conc_seed_corpus(), [](const std::vector<std::uint8_t>& b) { return run_concurrent(b); },
+      [] { return concurrent_totals(); }, 6, "concurrent seeds");
 }
 
 TEST(FuzzCorpus, SeedsCoverEveryOpKind) {
