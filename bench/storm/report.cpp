@@ -74,6 +74,7 @@ nlohmann::json to_json(const run_result& r) {
       {"svm_evictions", r.svm_evictions},
       {"bo_restores", r.bo_restores},
       {"migrate_fallbacks", r.migrate_fallbacks},
+      {"retries_in_place", r.retries_in_place},
       {"bytes_copied", r.bytes_copied},
       {"migrations_per_s", r.migrations_per_s},
       {"evictions_per_s", r.evictions_per_s},
@@ -162,13 +163,14 @@ void print_table(std::FILE* out, const std::vector<const run_result*>& runs) {
     if (r.migrations_to_vram + r.migrations_to_ram + r.evictions + r.svm_evictions + r.bo_restores)
       std::fprintf(out,
                    "  %-34s migrations %llu to VRAM (%llu pages), %llu back (%llu pages), %.0f/s; %.1f MiB copied; "
-                   "evictions %llu BO + %llu SVM, %.0f/s; BOs back %llu; fallbacks %llu\n",
+                   "evictions %llu BO + %llu SVM, %.0f/s; BOs back %llu; fallbacks %llu; retried in place %llu\n",
                    "", static_cast<unsigned long long>(r.migrations_to_vram),
                    static_cast<unsigned long long>(r.pages_to_vram), static_cast<unsigned long long>(r.migrations_to_ram),
                    static_cast<unsigned long long>(r.pages_to_ram), r.migrations_per_s,
                    static_cast<double>(r.bytes_copied) / (1 << 20), static_cast<unsigned long long>(r.evictions),
                    static_cast<unsigned long long>(r.svm_evictions), r.evictions_per_s,
-                   static_cast<unsigned long long>(r.bo_restores), static_cast<unsigned long long>(r.migrate_fallbacks));
+                   static_cast<unsigned long long>(r.bo_restores), static_cast<unsigned long long>(r.migrate_fallbacks),
+                   static_cast<unsigned long long>(r.retries_in_place));
   }
 }
 

@@ -254,6 +254,7 @@ run_result run_device(const run_config& c, const runner_options& o) {
   r.svm_evictions = s.svm_evictions;
   r.bo_restores = s.bo_restores;
   r.migrate_fallbacks = s.migrate_fallbacks;
+  r.retries_in_place = s.retries_in_place;
   r.latency = s.latency;
   r.pages_mapped = s.ptes_written;
   r.cpu_ops = env.cpu_ops.load();
@@ -336,6 +337,7 @@ void merge_into(run_result& a, const run_result& b) {
   a.svm_evictions += b.svm_evictions;
   a.bo_restores += b.bo_restores;
   a.migrate_fallbacks += b.migrate_fallbacks;
+  a.retries_in_place += b.retries_in_place;
   a.pages_mapped += b.pages_mapped;
   for (unsigned i = 0; i < latency_histogram::buckets; ++i) a.latency.count[i] += b.latency.count[i];
   if (b.pt_bytes > a.pt_bytes) {

@@ -94,6 +94,7 @@ struct run_result {
   std::uint64_t svm_evictions = 0;      ///< SVM chunks evicted to system memory under VRAM pressure
   std::uint64_t bo_restores = 0;        ///< evicted VRAM BOs brought back by a device access
   std::uint64_t migrate_fallbacks = 0;  ///< chunks wanted in VRAM but mapped in system memory
+  std::uint64_t retries_in_place = 0;   ///< retried accesses mapped where their memory lay, not migrated again
   std::uint64_t bytes_copied = 0;       ///< (pages_to_vram + pages_to_ram) * 4K
   double migrations_per_s = 0;          ///< (migrations_to_vram + migrations_to_ram) / wall_s
   double evictions_per_s = 0;           ///< (evictions + svm_evictions) / wall_s

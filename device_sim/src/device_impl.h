@@ -429,7 +429,7 @@ struct engine {
   std::byte* access_slow(va_t va, unsigned size, svm::access acc);
   std::byte* finish(const tlb_entry& t, va_t va, svm::access acc, bool hit);
   tlb_entry make_entry(const pt::translation& tr, va_t va);
-  std::uint32_t raise_fault(va_t va, svm::access acc);
+  std::uint32_t raise_fault(va_t va, svm::access acc, std::uint32_t retries = 0);
   [[noreturn]] void abort_kernel(errc error, va_t va, errc reason, svm::access acc);
 };
 

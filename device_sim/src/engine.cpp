@@ -154,6 +154,9 @@ std::byte* translate(engine& e, va_t va, unsigned size, svm::access acc) { retur
 
 std::byte* engine::access_slow(va_t va, unsigned, svm::access acc) {
   bump(slow);
+  // Faults of this access so far that a replay did not resolve: each next
+  // record says so (fault_record::retries).
+  std::uint32_t retries = 0;
   for (;;) {
     // A replay after a cancel of the kernel: stop here.
     if (cur->aborted.load(std::memory_order_seq_cst)) throw kernel_abort{};
@@ -166,13 +169,14 @@ std::byte* engine::access_slow(va_t va, unsigned, svm::access acc) {
       tlb->insert(e);  // replaces a read-only entry of the same page after an upgrade
       return finish(e, va, acc, false);
     }
-    const std::uint32_t st = raise_fault(va, acc);
+    const std::uint32_t st = raise_fault(va, acc, retries);
     if (st == f_cancel) {
       bump(cancels);
       abort_kernel(errc::canceled, va, static_cast<errc>(cur_wave->cancel_reason.load(std::memory_order_relaxed)),
                    acc);
     }
     bump(replays);
+    ++retries;
     // Replayed: retranslate from the page table (the loop walks again; an
     // access that still misses faults again). Another wave may have run in
     // between: the loop's first steps re-establish everything.
@@ -210,7 +214,7 @@ bool engine::prefetch(va_t va) {
 // the buffer is full), then park the wave until replay or cancel. The
 // engine runs its other waves meanwhile. No translation and no page-table
 // node pointer is held across a park: the caller walks again afterwards.
-std::uint32_t engine::raise_fault(va_t va, svm::access acc) {
+std::uint32_t engine::raise_fault(va_t va, svm::access acc, std::uint32_t retries) {
   wave& w = *cur_wave;
   if (cur->aborted.load(std::memory_order_relaxed)) throw kernel_abort{};  // already failed: no point
   const std::uint64_t token = ++fault_serial;
@@ -233,7 +237,7 @@ std::uint32_t engine::raise_fault(va_t va, svm::access acc) {
   bump(faults);
   dev.fault_raised();
   w.fault_gva.store(va, std::memory_order_relaxed);
-  const fault_record rec{vmid, va, acc, index, now_ns(), token, w.index};
+  const fault_record rec{vmid, va, acc, index, now_ns(), token, w.index, retries};
   for (;;) {
     const push_result r = dev.faults_.try_push(rec);
     if (r == push_result::pushed) break;

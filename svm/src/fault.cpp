@@ -50,18 +50,32 @@ std::uint64_t gpu_vm::service(std::span<dev::fault_record> recs) {
   std::vector<va_t> pages;
   std::vector<access> accs;
   std::vector<std::uint32_t> ends;
+  // The forward-progress rule: a page may migrate for this batch unless
+  // every record of it is a retried access (fault_record::retries), one
+  // whose earlier service something undid before the access ran (another
+  // fault's migration evicted it, say). Those map where the memory lies,
+  // so a working set larger than VRAM cannot make faults undo each other
+  // forever: each access faults for the first time once, and only first
+  // faults move memory (docs/migration.md).
+  std::vector<std::uint8_t> may_migrate;
   pages.reserve(recs.size());
   accs.reserve(recs.size());
   ends.reserve(recs.size());
+  may_migrate.reserve(recs.size());
   std::uint64_t coalesced = 0;
   for (std::size_t i = 0; i < recs.size();) {
     const va_t page = recs[i].page();
     access acc = recs[i].acc;
+    bool first = recs[i].retries == 0;
     std::size_t j = i + 1;
-    for (; j < recs.size() && recs[j].page() == page; ++j) acc = std::max(acc, recs[j].acc);
+    for (; j < recs.size() && recs[j].page() == page; ++j) {
+      acc = std::max(acc, recs[j].acc);
+      first = first || recs[j].retries == 0;
+    }
     coalesced += j - i - 1;
     pages.push_back(page);
     accs.push_back(acc);
+    may_migrate.push_back(first ? 1 : 0);
     ends.push_back(static_cast<std::uint32_t>(j));
     i = j;
   }
@@ -74,10 +88,12 @@ std::uint64_t gpu_vm::service(std::span<dev::fault_record> recs) {
     while (l < pages.size() && align_down(pages[l], huge_size) == blk) ++l;
     ++groups;
     if (l - k == 1)
-      res[k] = mirror_->service_page(pages[k], accs[k]);
+      res[k] = mirror_->service_page(pages[k], accs[k], may_migrate[k] != 0);
     else
       mirror_->service_block(std::span<const va_t>(pages).subspan(k, l - k),
-                             std::span<const access>(accs).subspan(k, l - k), std::span(res).subspan(k, l - k));
+                             std::span<const access>(accs).subspan(k, l - k),
+                             std::span<const std::uint8_t>(may_migrate).subspan(k, l - k),
+                             std::span(res).subspan(k, l - k));
     k = l;
   }
   bump(ctr_->groups, groups);
@@ -115,7 +131,7 @@ std::uint64_t gpu_vm::service(std::span<dev::fault_record> recs) {
   return coalesced;
 }
 
-errc gpu_vm::service_page_locked(va_t gva, access acc) {
+errc gpu_vm::service_page_locked(va_t gva, access acc, bool may_migrate) {
   if (const gpuva* m = tree_.find(gva)) return service_bo_locked(*m, gva, acc);
   if (cfg_.mode == vm_mode::long_running) return errc::fault;
   if (released_) return errc::fault;  // the mm is gone: nothing to mirror
@@ -129,7 +145,7 @@ errc gpu_vm::service_page_locked(va_t gva, access acc) {
     return errc::ok;
   }
   // The window must avoid every BO mapping.
-  return service_svm_locked(gva, cpu, acc, bo_hole_locked(gva, allowed));
+  return service_svm_locked(gva, cpu, acc, bo_hole_locked(gva, allowed), may_migrate);
 }
 
 va_range gpu_vm::bo_hole_locked(va_t gva, va_range allowed) const {
@@ -139,7 +155,8 @@ va_range gpu_vm::bo_hole_locked(va_t gva, va_range allowed) const {
   return allowed;
 }
 
-void gpu_vm::service_block_locked(std::span<const va_t> pages, std::span<const access> accs, std::span<errc> out) {
+void gpu_vm::service_block_locked(std::span<const va_t> pages, std::span<const access> accs,
+                                  std::span<const std::uint8_t> may_migrate, std::span<errc> out) {
   // One window for the block: every page SVM, mirrored by the same window,
   // and no BO mapping among them. Otherwise page by page.
   bool done = false;
@@ -148,10 +165,10 @@ void gpu_vm::service_block_locked(std::span<const va_t> pages, std::span<const a
   if (cfg_.mode != vm_mode::long_running && !released_ && to_cpu_locked(pages.front(), cpu, allowed)) {
     const va_range span_gpu{pages.front(), pages.back() + page_size};
     if (span_gpu.end <= allowed.end && tree_.is_free(span_gpu))
-      done = service_svm_block_locked(pages, accs, cpu, bo_hole_locked(pages.front(), allowed), out);
+      done = service_svm_block_locked(pages, accs, may_migrate, cpu, bo_hole_locked(pages.front(), allowed), out);
   }
   if (done) return;
-  for (std::size_t i = 0; i < pages.size(); ++i) out[i] = service_page_locked(pages[i], accs[i]);
+  for (std::size_t i = 0; i < pages.size(); ++i) out[i] = service_page_locked(pages[i], accs[i], may_migrate[i] != 0);
 }
 
 namespace {
@@ -189,7 +206,7 @@ std::uint64_t pte_of(hmm_pfn e, unsigned vram_pool, bool no_atomic = false) {
 
 }  // namespace
 
-errc gpu_vm::service_svm_locked(va_t gva, va_t cpu, access acc, va_range allowed) {
+errc gpu_vm::service_svm_locked(va_t gva, va_t cpu, access acc, va_range allowed, bool may_migrate) {
   const std::int64_t delta = static_cast<std::int64_t>(cpu - gva);  // cpu = gva + delta
   chunk* c = get_chunk(cpu);
   if (!c) return errc::fault;
@@ -202,7 +219,7 @@ errc gpu_vm::service_svm_locked(va_t gva, va_t cpu, access acc, va_range allowed
   const va_range chunk_gpu{c->cpu.start - static_cast<va_t>(delta), c->cpu.end - static_cast<va_t>(delta)};
   allowed = intersect(allowed, chunk_gpu);
   // Memory whose attributes want VRAM moves there first (migrate.cpp).
-  migrate_for_fault_locked(gva, cpu, acc, allowed);
+  migrate_for_fault_locked(gva, cpu, acc, allowed, may_migrate);
 
   // The retry bound (vm_config::fault_timeout): give up only when the
   // clock has passed the deadline AND the window itself was invalidated
@@ -415,8 +432,9 @@ errc gpu_vm::service_svm_locked(va_t gva, va_t cpu, access acc, va_range allowed
   }
 }
 
-bool gpu_vm::service_svm_block_locked(std::span<const va_t> pages, std::span<const access> accs, va_t cpu,
-                                      va_range allowed, std::span<errc> out) {
+bool gpu_vm::service_svm_block_locked(std::span<const va_t> pages, std::span<const access> accs,
+                                      std::span<const std::uint8_t> may_migrate, va_t cpu, va_range allowed,
+                                      std::span<errc> out) {
   const va_t front = pages.front();
   const std::int64_t delta = static_cast<std::int64_t>(cpu - front);
   chunk* c = get_chunk(cpu);
@@ -460,7 +478,7 @@ bool gpu_vm::service_svm_block_locked(std::span<const va_t> pages, std::span<con
   for (std::size_t k = 0; k < nneed; ++k) {
     const va_t gva = win.start + need[k] * page_size;
     const va_t cva = gva + static_cast<va_t>(delta);
-    if (wants_vram(gva, cva, accs[need_at[k]])) return false;
+    if (may_migrate[need_at[k]] && wants_vram(gva, cva, accs[need_at[k]])) return false;
     if (needs_write(accs[need_at[k]]) && in_vram(cva) && !cpu_pte::is_writable(mm_.raw_pte(cva).entry)) return false;
   }
 

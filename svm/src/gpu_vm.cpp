@@ -167,6 +167,7 @@ vm_stats gpu_vm::stats() const noexcept {
   s.pages_to_ram = ld(c.pages_to_ram);
   s.svm_evictions = ld(c.svm_evictions);
   s.migrate_fallbacks = ld(c.migrate_fallbacks);
+  s.retries_in_place = ld(c.retries_in_place);
   s.timeslice_waits = ld(c.timeslice_waits);
   for (unsigned i = 0; i < latency_histogram::buckets; ++i) s.latency.count[i] = ld(c.latency[i]);
   return s;
@@ -178,7 +179,7 @@ void gpu_vm::reset_stats() noexcept {
                   &c.hmm_calls, &c.retries_busy, &c.retries_seq, &c.false_retries, &c.retries_shrink, &c.retries_huge, &c.fault_timeouts, &c.invalidations,
                   &c.ptes_written, &c.ptes_zapped, &c.tlb_invalidations, &c.huge_leaves, &c.groups, &c.grouped_pages, &c.group_fallbacks, &c.bo_faults,
                   &c.evictions, &c.preemptions, &c.bo_restores, &c.migrations_to_vram, &c.migrations_to_ram,
-                  &c.pages_to_vram, &c.pages_to_ram, &c.svm_evictions, &c.migrate_fallbacks, &c.timeslice_waits})
+                  &c.pages_to_vram, &c.pages_to_ram, &c.svm_evictions, &c.migrate_fallbacks, &c.retries_in_place, &c.timeslice_waits})
     a->store(0, std::memory_order_relaxed);
   for (auto& a : c.latency) a.store(0, std::memory_order_relaxed);
 }

@@ -378,7 +378,7 @@ bool gpu_vm::wants_vram(va_t gva, va_t cpu, access acc) const {
   return want && !in_vram(cpu);
 }
 
-void gpu_vm::migrate_for_fault_locked(va_t gva, va_t cpu, access acc, va_range allowed) {
+void gpu_vm::migrate_for_fault_locked(va_t gva, va_t cpu, access acc, va_range allowed, bool may_migrate) {
   if (vram_pool_ == 0) return;
   if (in_vram(cpu)) {
     const pt::translation t = mm_.raw_pte(align_down(cpu, page_size));
@@ -395,6 +395,12 @@ void gpu_vm::migrate_for_fault_locked(va_t gva, va_t cpu, access acc, va_range a
     }
   }
   if (!wants_vram(gva, cpu, acc)) return;
+  if (!may_migrate) {
+    // A retried access: its memory stays where it is for this fault (the
+    // forward-progress rule, gpu_vm::service).
+    bump(ctr_->retries_in_place);
+    return;
+  }
   const std::uint64_t gran = attrs_at(gva).granularity;
   const va_range g = intersect({align_down(gva, gran), align_down(gva, gran) + gran}, allowed);
   const va_t delta = cpu - gva;  // modular

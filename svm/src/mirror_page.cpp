@@ -6,15 +6,15 @@
 
 namespace svm {
 
-errc gpu_vm::page_mirror::service_page(va_t gva, access acc) {
+errc gpu_vm::page_mirror::service_page(va_t gva, access acc, bool may_migrate) {
   shared_lock_guard g(vm_.lock_);
-  return vm_.service_page_locked(gva, acc);
+  return vm_.service_page_locked(gva, acc, may_migrate);
 }
 
 void gpu_vm::page_mirror::service_block(std::span<const va_t> pages, std::span<const access> accs,
-                                        std::span<errc> out) {
+                                        std::span<const std::uint8_t> may_migrate, std::span<errc> out) {
   shared_lock_guard g(vm_.lock_);
-  vm_.service_block_locked(pages, accs, out);
+  vm_.service_block_locked(pages, accs, may_migrate, out);
 }
 
 std::uint64_t gpu_vm::page_mirror::read_begin(chunk& c, pt::node& n, va_range cwin) {

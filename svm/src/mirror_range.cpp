@@ -4,7 +4,7 @@
 
 namespace svm {
 
-errc gpu_vm::range_mirror::service_page(va_t gva, access acc) {
+errc gpu_vm::range_mirror::service_page(va_t gva, access acc, bool may_migrate) {
   // The baseline is VM-locked: its faults hold vm.lock exclusively across
   // the whole service (lookup, hmm_range_fault, commit), as the range-based
   // drivers hold their VM or svms lock, so handler threads of one VM take
@@ -12,7 +12,7 @@ errc gpu_vm::range_mirror::service_page(va_t gva, access acc) {
   // vm.lock: a callback may run inside this very fault's hmm_range_fault
   // (a copy-on-write break).
   lock_guard g(vm_.lock_);
-  return vm_.service_page_locked(gva, acc);
+  return vm_.service_page_locked(gva, acc, may_migrate);
 }
 
 std::uint64_t gpu_vm::range_mirror::read_begin(chunk& c, pt::node&, va_range) { return c.sub.read_begin(); }

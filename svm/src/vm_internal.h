@@ -134,7 +134,7 @@ struct gpu_vm::counters {
       retries_huge{0}, fault_timeouts{0}, invalidations{0}, groups{0}, grouped_pages{0}, group_fallbacks{0},
       ptes_written{0}, ptes_zapped{0}, tlb_invalidations{0}, huge_leaves{0}, bo_faults{0}, evictions{0},
       preemptions{0}, bo_restores{0}, migrations_to_vram{0}, migrations_to_ram{0}, pages_to_vram{0}, pages_to_ram{0},
-      svm_evictions{0}, migrate_fallbacks{0}, timeslice_waits{0};
+      svm_evictions{0}, migrate_fallbacks{0}, retries_in_place{0}, timeslice_waits{0};
   std::array<std::atomic<std::uint64_t>, latency_histogram::buckets> latency{};
 };
 
@@ -239,14 +239,17 @@ class gpu_vm::mirror {
   /// One 4K page's fault, with the strongest access among its records:
   /// takes vm.lock (shared for the page mirror, exclusive for the
   /// VM-locked baseline) around gpu_vm::service_page_locked.
-  virtual errc service_page(va_t gva, access acc) = 0;
+  /// `may_migrate` false: every record of the page is a retried access
+  /// (fault_record::retries), serviced where its memory lies.
+  virtual errc service_page(va_t gva, access acc, bool may_migrate) = 0;
   /// The faults of one 2M block: distinct pages in ascending order, each
   /// with its strongest access; out[i] gets page i's outcome. The default
   /// services them one by one (the VM-locked baseline keeps per-fault
   /// ranges); the page mirror services them through one window under one
   /// vm.lock shared.
-  virtual void service_block(std::span<const va_t> pages, std::span<const access> accs, std::span<errc> out) {
-    for (std::size_t i = 0; i < pages.size(); ++i) out[i] = service_page(pages[i], accs[i]);
+  virtual void service_block(std::span<const va_t> pages, std::span<const access> accs,
+                             std::span<const std::uint8_t> may_migrate, std::span<errc> out) {
+    for (std::size_t i = 0; i < pages.size(); ++i) out[i] = service_page(pages[i], accs[i], may_migrate[i] != 0);
   }
   /// True when faults snapshot the device page-table node's sequence
   /// (seq_mode::pgtable), so zaps must advance node sequences.
@@ -289,8 +292,9 @@ class gpu_vm::mirror {
 class gpu_vm::page_mirror final : public gpu_vm::mirror {
  public:
   page_mirror(gpu_vm& vm, seq_mode seq) noexcept : mirror(vm), seq_(seq) {}
-  errc service_page(va_t gva, access acc) override;
-  void service_block(std::span<const va_t> pages, std::span<const access> accs, std::span<errc> out) override;
+  errc service_page(va_t gva, access acc, bool may_migrate) override;
+  void service_block(std::span<const va_t> pages, std::span<const access> accs,
+                     std::span<const std::uint8_t> may_migrate, std::span<errc> out) override;
   [[nodiscard]] bool node_seq() const noexcept override { return seq_ == seq_mode::pgtable; }
   std::uint64_t read_begin(chunk& c, pt::node& n, va_range cwin) override;
   void guard_walk(hmm_range& range, pt::node& n, std::uint64_t snap, unsigned first, unsigned last) override;
@@ -315,7 +319,7 @@ class gpu_vm::page_mirror final : public gpu_vm::mirror {
 class gpu_vm::range_mirror final : public gpu_vm::mirror {
  public:
   explicit range_mirror(gpu_vm& vm) noexcept : mirror(vm) {}
-  errc service_page(va_t gva, access acc) override;
+  errc service_page(va_t gva, access acc, bool may_migrate) override;
   [[nodiscard]] bool node_seq() const noexcept override { return false; }
   std::uint64_t read_begin(chunk& c, pt::node& n, va_range cwin) override;
   void guard_walk(hmm_range& range, pt::node& n, std::uint64_t snap, unsigned first, unsigned last) override;

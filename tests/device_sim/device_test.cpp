@@ -244,25 +244,44 @@ TEST_F(DeviceSim, FaultRecordsCarryVmAddressAccessEngineAndTime) {
   EXPECT_EQ(mem.word(2, 0) >> 32, 1u);
 }
 
+// A replay that does not resolve the access makes it fault again, and the
+// new record counts the retries (fault_record::retries); the wave's next
+// access starts again from 0.
 TEST_F(DeviceSim, ReplayOfAStillMissingPageFaultsAgainAndStaleRecordsAreIgnored) {
   make({.engines = 1});
-  auto c = dev->submit(q, 1, [](work_item& wi) { (void)wi.load<std::uint64_t>(base_va); });
+  auto c = dev->submit(q, 1, [](work_item& wi) {
+    (void)wi.load<std::uint64_t>(base_va);
+    (void)wi.load<std::uint64_t>(base_va + page_size);
+  });
   ASSERT_TRUE(c.ok());
   auto first = fetch_n(1);
+  ASSERT_EQ(first.size(), 1u);
+  EXPECT_EQ(first[0].retries, 0u);
   ASSERT_EQ(dev->replay(first), 1u);  // nothing mapped: the access faults again
   auto second = fetch_n(1);
   ASSERT_EQ(second.size(), 1u);
   EXPECT_EQ(second[0].gva, base_va);
+  EXPECT_EQ(second[0].retries, 1u);
   EXPECT_NE(second[0].token, first[0].token);
   EXPECT_EQ(dev->replay(first), 0u);           // stale: ignored
   EXPECT_EQ(dev->cancel(first, errc::fault), 0u);
+  ASSERT_EQ(dev->replay(second), 1u);          // still nothing mapped
+  auto third = fetch_n(1);
+  ASSERT_EQ(third.size(), 1u);
+  EXPECT_EQ(third[0].retries, 2u);
   map_range(pt, base_va, page_size, 0, aperture::system, 0);
-  EXPECT_EQ(dev->replay(second), 1u);
-  EXPECT_EQ(dev->replay(second), 0u);          // already replayed
+  EXPECT_EQ(dev->replay(third), 1u);
+  EXPECT_EQ(dev->replay(third), 0u);           // already replayed
+  auto next = fetch_n(1);                      // the second load, a new access
+  ASSERT_EQ(next.size(), 1u);
+  EXPECT_EQ(next[0].gva, base_va + page_size);
+  EXPECT_EQ(next[0].retries, 0u);
+  map_range(pt, base_va + page_size, page_size, 0, aperture::system, 1);
+  EXPECT_EQ(dev->replay(next), 1u);
   EXPECT_TRUE(c->wait(10s).ok());
   auto s = dev->stats();
-  EXPECT_EQ(s.faults, 2u);
-  EXPECT_EQ(s.replays, 2u);
+  EXPECT_EQ(s.faults, 4u);
+  EXPECT_EQ(s.replays, 4u);
 }
 
 TEST_F(DeviceSim, CancelAbortsTheKernelAndTheNextKernelOnTheQueueRunsNormally) {

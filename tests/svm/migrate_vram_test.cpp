@@ -8,7 +8,10 @@
 #include <atomic>
 #include <chrono>
 #include <cstring>
+#include <condition_variable>
 #include <future>
+#include <mutex>
+#include <set>
 #include <thread>
 #include <vector>
 
@@ -677,6 +680,78 @@ TEST_F(MigrateVram, EvictionRacingFaultOnTheChunk) {
   EXPECT_EQ(vm->stats().svm_evictions, 1u);
   EXPECT_EQ(vram_pages(*vm, base, M2), 0u);
   EXPECT_TRUE(cpu_check(*m, base, 16, 18));
+}
+
+// The forward-progress rule (docs/migration.md). VRAM holds one 64K chunk;
+// two work items fault on chunks A and B in one batch (the only handler
+// thread is held in a fault of another VM until both records are in the
+// buffer). A migrates, then B's migration evicts A, and both items are
+// replayed: the item on A finds no translation and faults again. That
+// retried access is mapped where A now lies, in system memory; migrating
+// A again would evict B under its item, and so on for as long as the two
+// items keep faulting (the livelock the fuzzer found).
+TEST_F(MigrateVram, ARetriedAccessIsMappedWhereItsMemoryLies) {
+  oracle.reset();
+  vm.reset();
+  dev.reset();
+  m = std::make_unique<mm>(mm_options{.frames = 4096});
+  m2 = std::make_unique<mm>(mm_options{.frames = 1024});
+  std::mutex parked_lock;
+  std::set<std::pair<unsigned, unsigned>> parked;  // (engine, wave) that pushed a fault
+  std::condition_variable parked_cv;
+  dev::device_config hw{};
+  hw.engines = 2;
+  hw.vram_bytes = K64;
+  hw.test_hook = [&](const char* point, unsigned engine, unsigned wave) {
+    if (std::strcmp(point, "before_park") != 0) return;
+    std::lock_guard g(parked_lock);
+    parked.insert({engine, wave});
+    parked_cv.notify_all();
+  };
+  dev = driver::create(driver_config{.hw = hw}).value();
+  vm = gpu_vm::create(*dev, *m, with_timeslice(std::chrono::nanoseconds(0))).value();
+  vm2 = gpu_vm::create(*dev, *m2, {}).value();
+  oracle = std::make_unique<access_oracle>(*dev);
+  ASSERT_EQ(oracle->watch(*vm, *m), errc::ok);
+  ASSERT_EQ(oracle->watch(*vm2, *m2), errc::ok);
+  map_at(*m, base, 2 * K64);
+  fill(*m, base, 32, 21);
+  ASSERT_EQ(vm->set_attrs(base, 2 * K64, {.preferred = mem_location::vram, .granularity = K64}), errc::ok);
+  map_at(*m2, base, K4);
+
+  // VM2's fault holds the handler until three faults are in the buffer:
+  // its own and the two of VM1's kernel.
+  std::promise<void> holding;
+  bool once = false;
+  gpu_vm::test_hooks h2;
+  h2.after_snapshot = [&](va_range) {
+    if (once) return;
+    once = true;
+    holding.set_value();
+    std::unique_lock g(parked_lock);
+    parked_cv.wait(g, [&] { return parked.size() >= 3; });
+  };
+  vm2->set_test_hooks(std::move(h2));
+  auto k2 = dev->submit(*vm2, 1, [](dev::work_item& wi) { wi.store<std::uint64_t>(base, 5); });
+  ASSERT_TRUE(k2.ok());
+  holding.get_future().wait();
+  std::uint64_t got[2] = {0, 0};
+  auto k1 = dev->submit(*vm, 2, [&](dev::work_item& wi) {
+    got[wi.id()] = wi.load<std::uint64_t>(base + wi.id() * K64);  // item 0: chunk A, item 1: chunk B
+  });
+  ASSERT_TRUE(k1.ok());
+  EXPECT_TRUE(k2->wait(std::chrono::seconds(60)).ok());
+  ASSERT_TRUE(k1->wait(std::chrono::seconds(60)).ok());
+  EXPECT_EQ(got[0], word_of(0, 21));
+  EXPECT_EQ(got[1], word_of(16, 21));
+
+  const vm_stats s = vm->stats();
+  EXPECT_EQ(s.migrations_to_vram, 2u);  // A, then B (which evicted A); never A again
+  EXPECT_EQ(s.svm_evictions, 1u);
+  EXPECT_EQ(s.retries_in_place, 1u);    // the item on A, mapped in system memory
+  EXPECT_EQ(vram_pages(*vm, base, K64), 0u);
+  EXPECT_EQ(vram_pages(*vm, base + K64, K64), 16u);
+  EXPECT_TRUE(cpu_check(*m, base, 32, 21));
 }
 
 // fork while a migration runs (it waits for the mmap_lock): both sides

@@ -38,6 +38,11 @@ struct fault_record {
   /// longer the engine's outstanding fault is ignored (a stale duplicate).
   std::uint64_t token = 0;
   std::uint32_t wave = 0;          ///< the wave (of that engine) parked on it
+  /// How often this same access already faulted, was replayed and still
+  /// found no usable translation (0: its first fault). The driver maps a
+  /// retried access where its memory lies instead of migrating it again,
+  /// so that one fault cannot undo another's forever (docs/migration.md).
+  std::uint32_t retries = 0;
 
   /// The faulting address rounded down to its 4K page.
   [[nodiscard]] va_t page() const noexcept { return align_down(gva, page_size); }

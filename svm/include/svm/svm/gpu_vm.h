@@ -231,6 +231,9 @@ struct vm_stats {
   std::uint64_t pages_to_ram = 0;     ///< pages those migrations back moved
   std::uint64_t svm_evictions = 0;    ///< SVM chunks evicted to system memory under VRAM pressure
   std::uint64_t migrate_fallbacks = 0;  ///< chunks a fault wanted in VRAM but mapped in system memory (no room, or not migratable)
+  /// Faults that wanted VRAM but were retried accesses (dev::fault_record::retries):
+  /// mapped where the memory lay, not migrated again (the forward-progress rule).
+  std::uint64_t retries_in_place = 0;
   std::uint64_t timeslice_waits = 0;  ///< CPU faults that waited for a chunk's migrate_timeslice before migrating it back
   latency_histogram latency;          ///< raise-to-replay latency of serviced faults
   /// A one-line summary of the main counters (what operator<< prints).
@@ -511,19 +514,24 @@ class gpu_vm {
   // shared. Returns how many records were coalesced into another of the
   // same page (the driver counts them).
   std::uint64_t service(std::span<dev::fault_record> recs);
-  errc service_page_locked(va_t gva, access acc) SVM_REQUIRES_SHARED(lock_);
-  errc service_svm_locked(va_t gva, va_t cpu_va, access acc, va_range allowed) SVM_REQUIRES_SHARED(lock_);
+  // `may_migrate` false: a retried access (fault_record::retries) is
+  // mapped where its memory lies, never migrated (the forward-progress
+  // rule, docs/migration.md).
+  errc service_page_locked(va_t gva, access acc, bool may_migrate) SVM_REQUIRES_SHARED(lock_);
+  errc service_svm_locked(va_t gva, va_t cpu_va, access acc, va_range allowed, bool may_migrate)
+      SVM_REQUIRES_SHARED(lock_);
   // The faults of one 2M block (distinct pages, ascending): one window,
   // one pin, one snapshot, one hmm_range_fault and one commit for them all
   // where that gives what per-page service would; otherwise page by page.
-  void service_block_locked(std::span<const va_t> pages, std::span<const access> accs, std::span<errc> out)
-      SVM_REQUIRES_SHARED(lock_);
+  void service_block_locked(std::span<const va_t> pages, std::span<const access> accs,
+                            std::span<const std::uint8_t> may_migrate, std::span<errc> out) SVM_REQUIRES_SHARED(lock_);
   // The one-window part of service_block_locked: false when the block
   // needs per-page service (nothing was changed), true when `out` is set.
   // A block whose sequence moves group_retry_limit times is handed back to
   // per-page service (vm_stats::group_fallbacks).
-  bool service_svm_block_locked(std::span<const va_t> pages, std::span<const access> accs, va_t cpu_va,
-                                va_range allowed, std::span<errc> out) SVM_REQUIRES_SHARED(lock_);
+  bool service_svm_block_locked(std::span<const va_t> pages, std::span<const access> accs,
+                                std::span<const std::uint8_t> may_migrate, va_t cpu_va, va_range allowed,
+                                std::span<errc> out) SVM_REQUIRES_SHARED(lock_);
   // `allowed` trimmed to the hole between the BO mappings around gva.
   va_range bo_hole_locked(va_t gva, va_range allowed) const SVM_REQUIRES_SHARED(lock_);
   errc service_bo_locked(const gpuva& m, va_t gva, access acc) SVM_REQUIRES_SHARED(lock_);
@@ -701,8 +709,11 @@ class gpu_vm {
   [[nodiscard]] svm_attrs attrs_at(va_t gva) const SVM_EXCLUDES(attrs_lock_);
   [[nodiscard]] errc check_attr_range(va_t gpu_va, std::uint64_t size) const SVM_REQUIRES_SHARED(lock_);
   // The fault hook: migrate the faulting page's chunk to VRAM if its
-  // attributes (or an atomic under atomics == device) ask for it.
-  void migrate_for_fault_locked(va_t gva, va_t cpu, access acc, va_range allowed) SVM_REQUIRES_SHARED(lock_);
+  // attributes (or an atomic under atomics == device) ask for it; with
+  // `may_migrate` false (a retried access) only a write to a read-only
+  // page of ours moves it back, and nothing moves to VRAM.
+  void migrate_for_fault_locked(va_t gva, va_t cpu, access acc, va_range allowed, bool may_migrate)
+      SVM_REQUIRES_SHARED(lock_);
   // Would a fault of `acc` at gva (CPU cpu) migrate? (the group path asks)
   [[nodiscard]] bool wants_vram(va_t gva, va_t cpu, access acc) const;
   [[nodiscard]] bool in_vram(va_t cpu) const noexcept;
