@@ -490,6 +490,13 @@ void engine::run() {
     const std::uint32_t seen = wake_word.load(std::memory_order_seq_cst);
     collect_wakes();
     if (!ready.empty()) {
+      if (dev.cfg_.test_hook) [[unlikely]] {
+        // A test may hold the woken wave here. The engine is stalled
+        // meanwhile, so a shootdown does not wait for it (go_running
+        // rechecks the invalidations before the wave touches the TLB).
+        go_idle(mode_stalled);
+        dev.cfg_.test_hook("before_resume", index, ready.front()->index);
+      }
       go_running();
       wave* w = ready.front();
       ready.pop_front();

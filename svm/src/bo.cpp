@@ -356,7 +356,16 @@ void gpu_vm::restore_bos(std::span<const dev::fault_record> recs) {
     auto it = bos_.find(m->bo());
     if (it == bos_.end()) continue;
     bo& b = *it->second;
-    if (b.where == placement::system && b.home == placement::vram) (void)restore_bo_locked(b);
+    if (b.where == placement::system && b.home == placement::vram) {
+      // The forward-progress rule (service): a retried access maps the BO
+      // where it lies. Restoring it again could evict another VM's BO under
+      // that VM's own retried access, and so on without end.
+      if (r.retries != 0) {
+        detail::bump(ctr_->retries_in_place);
+        continue;
+      }
+      (void)restore_bo_locked(b);
+    }
     if (evicted_bos_.load(std::memory_order_relaxed) == 0) return;
   }
 }

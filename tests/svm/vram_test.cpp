@@ -7,10 +7,13 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstring>
 #include <functional>
 #include <future>
 #include <memory>
+#include <mutex>
+#include <set>
 #include <thread>
 #include <vector>
 
@@ -256,6 +259,94 @@ TEST(VramBo, AnotherVmsIdleBoIsEvictedAndComesBackOnItsNextAccess) {
   EXPECT_EQ(e.dev->vram().stats().used_frames, 32u);
   ASSERT_EQ(e.b->bo_read(*ob, 0, back), errc::ok);
   EXPECT_EQ(back, pb);
+}
+
+// The forward-progress rule for BOs (docs/migration.md). VRAM holds one BO;
+// both VMs' BOs were evicted. A kernel of each VM faults on its BO in one
+// batch (the only handler thread is held in a third VM's fault until both
+// records are in the buffer). The VM serviced first restores its BO and
+// replays its item, which the engine holds ("before_resume") until the
+// other VM's service is done: that one restores its own BO, evicting the
+// first. The held item then faults again, and that retried access maps
+// its BO in system memory instead of restoring it and evicting the other
+// again.
+TEST(VramBo, ARetriedAccessMapsTheBoWhereItLies) {
+  std::mutex lk;
+  std::condition_variable cv;
+  std::set<unsigned> parked;            // waves that pushed a fault (one engine)
+  std::atomic<gpu_vm*> va{nullptr}, vb{nullptr};
+  auto both_serviced = [&] {
+    gpu_vm* a = va.load();
+    gpu_vm* b = vb.load();
+    return a && b && a->stats().faults_serviced >= 1 && b->stats().faults_serviced >= 1;
+  };
+  dev::device_config hw{.engines = 1, .vram_bytes = 16 * page_size};
+  hw.test_hook = [&](const char* point, unsigned, unsigned wave) {
+    if (std::strcmp(point, "before_park") == 0) {
+      std::lock_guard g(lk);
+      parked.insert(wave);
+      cv.notify_all();
+    } else if (std::strcmp(point, "before_resume") == 0) {
+      while (!both_serviced()) std::this_thread::sleep_for(1ms);
+    }
+  };
+  auto m = std::make_unique<mm>(mm_options{.frames = 4096});
+  auto dev = driver::create(driver_config{.hw = hw}).value();
+  auto a = gpu_vm::create(*dev, *m).value();
+  auto b = gpu_vm::create(*dev, *m).value();
+  auto c = gpu_vm::create(*dev, *m).value();
+  auto ba = a->create_bo(16 * page_size, placement::vram);
+  ASSERT_TRUE(ba.ok());
+  ASSERT_EQ(a->bo_write(*ba, 0, words(16, 3)), errc::ok);
+  ASSERT_EQ(a->bind(*ba, bo_va, 0, 16 * page_size), errc::ok);
+  auto bb = b->create_bo(16 * page_size, placement::vram);  // evicts a's BO
+  ASSERT_TRUE(bb.ok());
+  ASSERT_EQ(b->bo_write(*bb, 0, words(16, 4)), errc::ok);
+  ASSERT_EQ(b->bind(*bb, bo_va, 0, 16 * page_size), errc::ok);
+  ASSERT_EQ(b->evict(*bb), errc::ok);
+  ASSERT_EQ(*a->bo_placement(*ba), placement::system);
+  const va_t held_va = 0x10'0000'0000;
+  ASSERT_TRUE(m->mmap(held_va, page_size, prot::read | prot::write, map::private_ | map::anonymous | map::fixed).ok());
+
+  // c's fault holds the handler until three faults are in the buffer.
+  std::promise<void> holding;
+  bool once = false;
+  gpu_vm::test_hooks h;
+  h.after_snapshot = [&](va_range) {
+    if (once) return;
+    once = true;
+    holding.set_value();
+    std::unique_lock g(lk);
+    cv.wait(g, [&] { return parked.size() >= 3; });
+  };
+  c->set_test_hooks(std::move(h));
+  auto kc = dev->submit(*c, 1, [held_va](dev::work_item& wi) { wi.store<std::uint64_t>(held_va, 1); });
+  ASSERT_TRUE(kc.ok());
+  holding.get_future().wait();
+  va = a.get();
+  vb = b.get();
+  std::uint64_t got_a = 0, got_b = 0;
+  auto ka = dev->submit(*a, 1, [&got_a](dev::work_item& wi) { got_a = wi.load<std::uint64_t>(bo_va + 8); });
+  auto kb = dev->submit(*b, 1, [&got_b](dev::work_item& wi) { got_b = wi.load<std::uint64_t>(bo_va + 8); });
+  ASSERT_TRUE(ka.ok() && kb.ok());
+  EXPECT_TRUE(kc->wait(60s).ok());
+  ASSERT_TRUE(ka->wait(60s).ok());
+  ASSERT_TRUE(kb->wait(60s).ok());
+  EXPECT_EQ(got_a, 3 * 1000003 + 1);
+  EXPECT_EQ(got_b, 4 * 1000003 + 1);
+
+  // One restore each; the one evicted under its item retried in place.
+  const vm_stats sa = a->stats(), sb = b->stats();
+  EXPECT_EQ(sa.bo_restores, 1u);
+  EXPECT_EQ(sb.bo_restores, 1u);
+  EXPECT_EQ(sa.retries_in_place + sb.retries_in_place, 1u);
+  const placement pa = *a->bo_placement(*ba), pb = *b->bo_placement(*bb);
+  EXPECT_NE(pa, pb) << "exactly one BO in VRAM";
+  EXPECT_EQ(sa.retries_in_place == 1 ? pa : pb, placement::system);
+  c.reset();
+  b.reset();
+  a.reset();
+  dev.reset();
 }
 
 // An explicit eviction in a fault VM: the next device access brings the BO

@@ -176,8 +176,11 @@ struct device_config {
 
   /// Test hook (deterministic interleaving tests): called on the engine
   /// thread at named points of the fault path with the engine and wave:
-  /// "before_park" (a wave saw its fault pending and is about to park).
-  /// It may block (the engine then runs nothing else). Null: off.
+  /// "before_park" (a wave saw its fault pending and is about to park);
+  /// "before_resume" (the scheduler is about to resume a woken wave: a
+  /// replayed or cancelled one; the engine counts as stalled meanwhile, so
+  /// TLB shootdowns do not wait for it). It may block (the engine then
+  /// runs nothing else). Null: off.
   std::function<void(const char* point, unsigned engine, unsigned wave)> test_hook{};
 
   /// ok, or EINVAL when a field is outside its range (see each field; the

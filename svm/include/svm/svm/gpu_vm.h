@@ -231,8 +231,9 @@ struct vm_stats {
   std::uint64_t pages_to_ram = 0;     ///< pages those migrations back moved
   std::uint64_t svm_evictions = 0;    ///< SVM chunks evicted to system memory under VRAM pressure
   std::uint64_t migrate_fallbacks = 0;  ///< chunks a fault wanted in VRAM but mapped in system memory (no room, or not migratable)
-  /// Faults that wanted VRAM but were retried accesses (dev::fault_record::retries):
-  /// mapped where the memory lay, not migrated again (the forward-progress rule).
+  /// Faults that wanted VRAM (an SVM chunk to migrate, an evicted VRAM BO to
+  /// restore) but were retried accesses (dev::fault_record::retries): mapped
+  /// where the memory lay, not moved again (the forward-progress rule).
   std::uint64_t retries_in_place = 0;
   std::uint64_t timeslice_waits = 0;  ///< CPU faults that waited for a chunk's migrate_timeslice before migrating it back
   latency_histogram latency;          ///< raise-to-replay latency of serviced faults
@@ -564,7 +565,8 @@ class gpu_vm {
   // Bring an evicted VRAM BO of a fault VM back (ENOMEM: it stays in
   // system memory and faults map it there).
   errc restore_bo_locked(bo& b) SVM_REQUIRES(lock_);
-  // Before servicing `recs`: restore the evicted BOs they touch.
+  // Before servicing `recs`: restore the evicted BOs their first faults
+  // touch (a retried access maps the BO where it lies, as in service()).
   void restore_bos(std::span<const dev::fault_record> recs) SVM_EXCLUDES(lock_);
   /// Evicted VRAM BOs of a fault VM waiting to return (relaxed; a hint
   /// that lets service() skip restore_bos()).
