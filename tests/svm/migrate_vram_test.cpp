@@ -8,15 +8,13 @@
 #include <atomic>
 #include <chrono>
 #include <cstring>
-#include <condition_variable>
 #include <future>
-#include <mutex>
-#include <set>
 #include <thread>
 #include <vector>
 
 #include "svm/svm/gpu_vm.h"
 #include "svm/svm/oracle.h"
+#include "handler_hold.h"
 
 namespace svm::test {
 namespace {
@@ -696,18 +694,11 @@ TEST_F(MigrateVram, ARetriedAccessIsMappedWhereItsMemoryLies) {
   dev.reset();
   m = std::make_unique<mm>(mm_options{.frames = 4096});
   m2 = std::make_unique<mm>(mm_options{.frames = 1024});
-  std::mutex parked_lock;
-  std::set<std::pair<unsigned, unsigned>> parked;  // (engine, wave) that pushed a fault
-  std::condition_variable parked_cv;
+  handler_hold hold;
   dev::device_config hw{};
   hw.engines = 2;
   hw.vram_bytes = K64;
-  hw.test_hook = [&](const char* point, unsigned engine, unsigned wave) {
-    if (std::strcmp(point, "before_park") != 0) return;
-    std::lock_guard g(parked_lock);
-    parked.insert({engine, wave});
-    parked_cv.notify_all();
-  };
+  hw.test_hook = hold.device_hook();
   dev = driver::create(driver_config{.hw = hw}).value();
   vm = gpu_vm::create(*dev, *m, with_timeslice(std::chrono::nanoseconds(0))).value();
   vm2 = gpu_vm::create(*dev, *m2, {}).value();
@@ -721,20 +712,10 @@ TEST_F(MigrateVram, ARetriedAccessIsMappedWhereItsMemoryLies) {
 
   // VM2's fault holds the handler until three faults are in the buffer:
   // its own and the two of VM1's kernel.
-  std::promise<void> holding;
-  bool once = false;
-  gpu_vm::test_hooks h2;
-  h2.after_snapshot = [&](va_range) {
-    if (once) return;
-    once = true;
-    holding.set_value();
-    std::unique_lock g(parked_lock);
-    parked_cv.wait(g, [&] { return parked.size() >= 3; });
-  };
-  vm2->set_test_hooks(std::move(h2));
+  hold.arm(*vm2, 3);
   auto k2 = dev->submit(*vm2, 1, [](dev::work_item& wi) { wi.store<std::uint64_t>(base, 5); });
   ASSERT_TRUE(k2.ok());
-  holding.get_future().wait();
+  hold.wait_held();
   std::uint64_t got[2] = {0, 0};
   auto k1 = dev->submit(*vm, 2, [&](dev::work_item& wi) {
     got[wi.id()] = wi.load<std::uint64_t>(base + wi.id() * K64);  // item 0: chunk A, item 1: chunk B

@@ -7,13 +7,10 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
-#include <condition_variable>
 #include <cstring>
 #include <functional>
 #include <future>
 #include <memory>
-#include <mutex>
-#include <set>
 #include <thread>
 #include <vector>
 
@@ -21,6 +18,7 @@
 #include "svm/svm/driver.h"
 #include "svm/svm/gpu_vm.h"
 #include "svm/svm/vram.h"
+#include "handler_hold.h"
 
 namespace svm::test {
 namespace {
@@ -271,9 +269,7 @@ TEST(VramBo, AnotherVmsIdleBoIsEvictedAndComesBackOnItsNextAccess) {
 // its BO in system memory instead of restoring it and evicting the other
 // again.
 TEST(VramBo, ARetriedAccessMapsTheBoWhereItLies) {
-  std::mutex lk;
-  std::condition_variable cv;
-  std::set<unsigned> parked;            // waves that pushed a fault (one engine)
+  handler_hold hold;
   std::atomic<gpu_vm*> va{nullptr}, vb{nullptr};
   auto both_serviced = [&] {
     gpu_vm* a = va.load();
@@ -281,15 +277,10 @@ TEST(VramBo, ARetriedAccessMapsTheBoWhereItLies) {
     return a && b && a->stats().faults_serviced >= 1 && b->stats().faults_serviced >= 1;
   };
   dev::device_config hw{.engines = 1, .vram_bytes = 16 * page_size};
-  hw.test_hook = [&](const char* point, unsigned, unsigned wave) {
-    if (std::strcmp(point, "before_park") == 0) {
-      std::lock_guard g(lk);
-      parked.insert(wave);
-      cv.notify_all();
-    } else if (std::strcmp(point, "before_resume") == 0) {
+  hw.test_hook = hold.device_hook([&](const char* point, unsigned, unsigned) {
+    if (std::strcmp(point, "before_resume") == 0)
       while (!both_serviced()) std::this_thread::sleep_for(1ms);
-    }
-  };
+  });
   auto m = std::make_unique<mm>(mm_options{.frames = 4096});
   auto dev = driver::create(driver_config{.hw = hw}).value();
   auto a = gpu_vm::create(*dev, *m).value();
@@ -305,24 +296,14 @@ TEST(VramBo, ARetriedAccessMapsTheBoWhereItLies) {
   ASSERT_EQ(b->bind(*bb, bo_va, 0, 16 * page_size), errc::ok);
   ASSERT_EQ(b->evict(*bb), errc::ok);
   ASSERT_EQ(*a->bo_placement(*ba), placement::system);
-  const va_t held_va = 0x10'0000'0000;
+  constexpr va_t held_va = 0x10'0000'0000;
   ASSERT_TRUE(m->mmap(held_va, page_size, prot::read | prot::write, map::private_ | map::anonymous | map::fixed).ok());
 
   // c's fault holds the handler until three faults are in the buffer.
-  std::promise<void> holding;
-  bool once = false;
-  gpu_vm::test_hooks h;
-  h.after_snapshot = [&](va_range) {
-    if (once) return;
-    once = true;
-    holding.set_value();
-    std::unique_lock g(lk);
-    cv.wait(g, [&] { return parked.size() >= 3; });
-  };
-  c->set_test_hooks(std::move(h));
-  auto kc = dev->submit(*c, 1, [held_va](dev::work_item& wi) { wi.store<std::uint64_t>(held_va, 1); });
+  hold.arm(*c, 3);
+  auto kc = dev->submit(*c, 1, [](dev::work_item& wi) { wi.store<std::uint64_t>(held_va, 1); });
   ASSERT_TRUE(kc.ok());
-  holding.get_future().wait();
+  hold.wait_held();
   va = a.get();
   vb = b.get();
   std::uint64_t got_a = 0, got_b = 0;
