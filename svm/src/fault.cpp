@@ -132,7 +132,7 @@ std::uint64_t gpu_vm::service(std::span<dev::fault_record> recs) {
 }
 
 errc gpu_vm::service_page_locked(va_t gva, access acc, bool may_migrate) {
-  if (const gpuva* m = tree_.find(gva)) return service_bo_locked(*m, gva, acc);
+  if (const gpuva* m = tree_.find(gva)) return service_bo_locked(*m, gva, acc, may_migrate);
   if (cfg_.mode == vm_mode::long_running) return errc::fault;
   if (released_) return errc::fault;  // the mm is gone: nothing to mirror
   va_t cpu;
@@ -165,7 +165,7 @@ void gpu_vm::service_block_locked(std::span<const va_t> pages, std::span<const a
   if (cfg_.mode != vm_mode::long_running && !released_ && to_cpu_locked(pages.front(), cpu, allowed)) {
     const va_range span_gpu{pages.front(), pages.back() + page_size};
     if (span_gpu.end <= allowed.end && tree_.is_free(span_gpu))
-      done = service_svm_block_locked(pages, accs, may_migrate, cpu, bo_hole_locked(pages.front(), allowed), out);
+      done = service_svm_block_locked(pages, accs, cpu, bo_hole_locked(pages.front(), allowed), out);
   }
   if (done) return;
   for (std::size_t i = 0; i < pages.size(); ++i) out[i] = service_page_locked(pages[i], accs[i], may_migrate[i] != 0);
@@ -218,8 +218,12 @@ errc gpu_vm::service_svm_locked(va_t gva, va_t cpu, access acc, va_range allowed
   // A window never leaves the chunk whose notifier guards it.
   const va_range chunk_gpu{c->cpu.start - static_cast<va_t>(delta), c->cpu.end - static_cast<va_t>(delta)};
   allowed = intersect(allowed, chunk_gpu);
-  // Memory whose attributes want VRAM moves there first (migrate.cpp).
-  migrate_for_fault_locked(gva, cpu, acc, allowed, may_migrate);
+  // Memory whose attributes want VRAM moves there first (migrate.cpp). A
+  // retried access that stayed put maps its own page only: a wider window
+  // would keep the rest of the chunk in system memory until something
+  // invalidates it, where its next first fault can still migrate it.
+  if (migrate_for_fault_locked(gva, cpu, acc, allowed, may_migrate))
+    allowed = intersect(allowed, {align_down(gva, page_size), align_down(gva, page_size) + page_size});
 
   // The retry bound (vm_config::fault_timeout): give up only when the
   // clock has passed the deadline AND the window itself was invalidated
@@ -432,9 +436,8 @@ errc gpu_vm::service_svm_locked(va_t gva, va_t cpu, access acc, va_range allowed
   }
 }
 
-bool gpu_vm::service_svm_block_locked(std::span<const va_t> pages, std::span<const access> accs,
-                                      std::span<const std::uint8_t> may_migrate, va_t cpu, va_range allowed,
-                                      std::span<errc> out) {
+bool gpu_vm::service_svm_block_locked(std::span<const va_t> pages, std::span<const access> accs, va_t cpu,
+                                      va_range allowed, std::span<errc> out) {
   const va_t front = pages.front();
   const std::int64_t delta = static_cast<std::int64_t>(cpu - front);
   chunk* c = get_chunk(cpu);
@@ -478,7 +481,7 @@ bool gpu_vm::service_svm_block_locked(std::span<const va_t> pages, std::span<con
   for (std::size_t k = 0; k < nneed; ++k) {
     const va_t gva = win.start + need[k] * page_size;
     const va_t cva = gva + static_cast<va_t>(delta);
-    if (may_migrate[need_at[k]] && wants_vram(gva, cva, accs[need_at[k]])) return false;
+    if (wants_vram(gva, cva, accs[need_at[k]])) return false;
     if (needs_write(accs[need_at[k]]) && in_vram(cva) && !cpu_pte::is_writable(mm_.raw_pte(cva).entry)) return false;
   }
 
@@ -579,13 +582,18 @@ bool gpu_vm::service_svm_block_locked(std::span<const va_t> pages, std::span<con
   }
 }
 
-errc gpu_vm::service_bo_locked(const gpuva& m, va_t gva, access) {
+errc gpu_vm::service_bo_locked(const gpuva& m, va_t gva, access, bool may_migrate) {
   bump(ctr_->bo_faults);
   auto it = bos_.find(m.bo());
   if (it == bos_.end()) return errc::fault;
   const bo& b = *it->second;
-  // Map the 2M block around the fault that this mapping covers.
-  const va_range blk = intersect({align_down(gva, huge_size), align_down(gva, huge_size) + huge_size}, m.range());
+  // Map the 2M block around the fault that this mapping covers. A retried
+  // access to an evicted VRAM BO (restore_bos left it in system memory for
+  // that access) maps its own page only, so that the BO's next first fault
+  // still brings it back.
+  va_range blk = intersect({align_down(gva, huge_size), align_down(gva, huge_size) + huge_size}, m.range());
+  if (!may_migrate && b.where == placement::system && b.home == placement::vram)
+    blk = intersect(blk, {align_down(gva, page_size), align_down(gva, page_size) + page_size});
   const aperture ap = b.where == placement::vram ? aperture::vram : aperture::system;
   const errc e = pt_.populate(blk.start, blk.end, 0, [&](va_t va) {
     const pfn_t f = b.frames[m.bo_offset_at(va) / page_size];

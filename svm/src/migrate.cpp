@@ -378,8 +378,8 @@ bool gpu_vm::wants_vram(va_t gva, va_t cpu, access acc) const {
   return want && !in_vram(cpu);
 }
 
-void gpu_vm::migrate_for_fault_locked(va_t gva, va_t cpu, access acc, va_range allowed, bool may_migrate) {
-  if (vram_pool_ == 0) return;
+bool gpu_vm::migrate_for_fault_locked(va_t gva, va_t cpu, access acc, va_range allowed, bool may_migrate) {
+  if (vram_pool_ == 0) return false;
   if (in_vram(cpu)) {
     const pt::translation t = mm_.raw_pte(align_down(cpu, page_size));
     if (needs_write(acc) && !cpu_pte::is_writable(t.entry)) {
@@ -388,18 +388,19 @@ void gpu_vm::migrate_for_fault_locked(va_t gva, va_t cpu, access acc, va_range a
       // Bring it back; the fill then breaks the COW on the CPU side. Not
       // to VRAM again in this fault: it would come back read-only.
       (void)migrate_range_to_ram({align_down(cpu, page_size), align_down(cpu, page_size) + page_size});
-      return;
+      return false;
     } else {
       touch_vram_chunk(cpu);
-      return;
+      return false;
     }
   }
-  if (!wants_vram(gva, cpu, acc)) return;
+  if (!wants_vram(gva, cpu, acc)) return false;
   if (!may_migrate) {
     // A retried access: its memory stays where it is for this fault (the
-    // forward-progress rule, gpu_vm::service).
+    // forward-progress rule, gpu_vm::service), and the caller maps this
+    // one page, so the rest of the chunk still migrates on its next fault.
     bump(ctr_->retries_in_place);
-    return;
+    return true;
   }
   const std::uint64_t gran = attrs_at(gva).granularity;
   const va_range g = intersect({align_down(gva, gran), align_down(gva, gran) + gran}, allowed);
@@ -408,11 +409,11 @@ void gpu_vm::migrate_for_fault_locked(va_t gva, va_t cpu, access acc, va_range a
   {
     mm::read_guard rd(mm_);
     const std::optional<vma_info> v = mm_.find_vma(cpu);
-    if (!v || v->start > cpu) return;  // the fill reports the fault
+    if (!v || v->start > cpu) return false;  // the fill reports the fault
     cr = intersect(cr, {v->start, v->end});
     if (!private_anon(*v)) {
       bump(ctr_->migrate_fallbacks);  // shared or file memory stays in system memory
-      return;
+      return false;
     }
   }
   std::vector<pfn_t> frames;
@@ -421,6 +422,7 @@ void gpu_vm::migrate_for_fault_locked(va_t gva, va_t cpu, access acc, va_range a
   // No room (nothing evictable), or not migratable whole: the fault maps
   // system memory.
   if (e != errc::ok) bump(ctr_->migrate_fallbacks);
+  return false;
 }
 
 // ---- migration back, prefetch -----------------------------------------------------

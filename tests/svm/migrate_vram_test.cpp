@@ -732,6 +732,13 @@ TEST_F(MigrateVram, ARetriedAccessIsMappedWhereItsMemoryLies) {
   EXPECT_EQ(s.retries_in_place, 1u);    // the item on A, mapped in system memory
   EXPECT_EQ(vram_pages(*vm, base, K64), 0u);
   EXPECT_EQ(vram_pages(*vm, base + K64, K64), 16u);
+
+  // The retried access mapped its own page only: the next first fault on
+  // another page of A migrates the chunk after all (a wider window would
+  // have kept A in system memory for good).
+  EXPECT_EQ(device_read(*vm, *m, base + K4, 1)[0], word_of(1, 21));
+  EXPECT_EQ(vm->stats().migrations_to_vram, 3u);
+  EXPECT_EQ(vram_pages(*vm, base, K64), 16u);
   EXPECT_TRUE(cpu_check(*m, base, 32, 21));
 }
 

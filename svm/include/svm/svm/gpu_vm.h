@@ -530,12 +530,13 @@ class gpu_vm {
   // needs per-page service (nothing was changed), true when `out` is set.
   // A block whose sequence moves group_retry_limit times is handed back to
   // per-page service (vm_stats::group_fallbacks).
-  bool service_svm_block_locked(std::span<const va_t> pages, std::span<const access> accs,
-                                std::span<const std::uint8_t> may_migrate, va_t cpu_va, va_range allowed,
-                                std::span<errc> out) SVM_REQUIRES_SHARED(lock_);
+  bool service_svm_block_locked(std::span<const va_t> pages, std::span<const access> accs, va_t cpu_va,
+                                va_range allowed, std::span<errc> out) SVM_REQUIRES_SHARED(lock_);
   // `allowed` trimmed to the hole between the BO mappings around gva.
   va_range bo_hole_locked(va_t gva, va_range allowed) const SVM_REQUIRES_SHARED(lock_);
-  errc service_bo_locked(const gpuva& m, va_t gva, access acc) SVM_REQUIRES_SHARED(lock_);
+  // `may_migrate` false: see service_page_locked (an evicted VRAM BO then
+  // gets the faulting page mapped alone).
+  errc service_bo_locked(const gpuva& m, va_t gva, access acc, bool may_migrate) SVM_REQUIRES_SHARED(lock_);
   /// GPU VA -> CPU VA of the mirror, and the GPU range the mirror allows
   /// around it; false if the VA is not mirrored.
   bool to_cpu_locked(va_t gva, va_t& cpu, va_range& gpu_allowed) const SVM_REQUIRES_SHARED(lock_);
@@ -713,8 +714,10 @@ class gpu_vm {
   // The fault hook: migrate the faulting page's chunk to VRAM if its
   // attributes (or an atomic under atomics == device) ask for it; with
   // `may_migrate` false (a retried access) only a write to a read-only
-  // page of ours moves it back, and nothing moves to VRAM.
-  void migrate_for_fault_locked(va_t gva, va_t cpu, access acc, va_range allowed, bool may_migrate)
+  // page of ours moves it back, and nothing moves to VRAM. True when the
+  // page wanted VRAM and stayed put for that reason: the fault then maps
+  // that one page only.
+  bool migrate_for_fault_locked(va_t gva, va_t cpu, access acc, va_range allowed, bool may_migrate)
       SVM_REQUIRES_SHARED(lock_);
   // Would a fault of `acc` at gva (CPU cpu) migrate? (the group path asks)
   [[nodiscard]] bool wants_vram(va_t gva, va_t cpu, access acc) const;
